@@ -1,0 +1,99 @@
+"""Shared plumbing for every op: backend choice, padding, input checks.
+
+The backend is chosen here and nowhere else:
+  * ``impl="xla"``      the plain-jnp path (also what "auto" falls back to when no kernel applies);
+  * ``impl="pallas"``   the portable Pallas kernel: compiled by Mosaic on TPU, run in interpret
+                        mode on CPU (the tests), and — until a Hopper kernel exists for an op —
+                        the kernel on GPU;
+  * ``impl=None``       auto: "pallas" on TPU/GPU/CPU-interpret when the op has a kernel for the
+                        call, otherwise "xla".
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("pallas", "xla")
+
+
+def platform() -> str:
+    """The platform of the default backend: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str | None) -> str:
+    """Turn the user's ``impl`` argument into "pallas" or "xla", with a clear error otherwise."""
+    if impl is None:
+        return "pallas"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None (auto), got {impl!r}")
+    return impl
+
+
+def interpret_params() -> Any:
+    """``interpret=`` argument for ``pl.pallas_call``: interpret on CPU, compile elsewhere."""
+    return platform() == "cpu"
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pad_axis(x: jax.Array, size: int, axis: int, value: float | int = 0) -> jax.Array:
+    """Pad ``x`` along ``axis`` at the end up to ``size`` with ``value`` (no-op if already there)."""
+    extra = size - x.shape[axis]
+    if extra < 0:
+        raise ValueError(f"cannot pad axis {axis} of length {x.shape[axis]} down to {size}")
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
+    if not hasattr(x, "shape") or len(x.shape) != rank:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"{name} must have rank {rank} with layout {layout}, got shape {shape}")
+
+
+def check_float(name: str, x: jax.Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype (float32 or bfloat16), got {x.dtype}")
+
+
+def check_shape(name: str, x: jax.Array, expected: Sequence[int], layout: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({layout}), got {tuple(x.shape)}")
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int, int]:
+    """Validate [B, T, H, D] q/k/v with GQA (q heads a multiple of k/v heads).
+
+    Returns (B, T, Hq, Hkv, K, V).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, x, 4, "[batch, time, heads, head_dim]")
+        check_float(name, x)
+    B, T, Hq, K = q.shape
+    if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
+        raise ValueError(f"q, k, v must share [batch, time]; got q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[3] != K:
+        raise ValueError(f"q and k must share head_dim; got q {q.shape}, k {k.shape}")
+    Hkv = k.shape[2]
+    if v.shape[2] != Hkv:
+        raise ValueError(f"k and v must have the same number of heads; got k {k.shape}, v {v.shape}")
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for GQA")
+    return B, T, Hq, Hkv, K, v.shape[3]
+
+
+def check_segment_ids(segment_ids: jax.Array | None, B: int, T: int) -> None:
+    if segment_ids is None:
+        return
+    check_rank("segment_ids", segment_ids, 2, "[batch, time]")
+    check_shape("segment_ids", segment_ids, (B, T), "[batch, time]")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
