@@ -1,0 +1,1 @@
+"""Training: absl entry point (``python -m attnlab.train``), jitted step, checkpoints, metrics."""

@@ -1,0 +1,121 @@
+"""The pretraining loop: data -> jitted step -> metrics -> periodic checkpoints, resumable.
+
+Step k (1-based) consumes the k-th batch of the Grain iterator; a checkpoint at step s holds
+the state after s updates and the iterator after s batches, so a run restarted from it
+repeats the uninterrupted run's steps s+1, s+2, ... exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+import attnlab.layers  # noqa: F401  (registers the attention layers)
+from attnlab.data import build_train_iterator, vocab_size
+from attnlab.train.checkpoint import Checkpointer
+from attnlab.train.metrics import MetricsWriter, Progress, save_config
+from attnlab.train.sharding import batch_sharding, check_batch_size, global_batch, make_mesh
+from attnlab.train.step import make_trainer
+
+
+def resolve_config(config: Any) -> Any:
+    """Fill derived fields (model.vocab_size from the data) and check the ones the loop uses."""
+    config = config.copy_and_resolve_references()
+    if config.model.get("vocab_size") is None:
+        config.model.vocab_size = int(vocab_size(config.data))
+    for field in ("steps", "batch_size", "seq_len", "log_every"):
+        if int(config.train[field]) < 1:
+            raise ValueError(f"train.{field} must be >= 1, got {config.train[field]}")
+    return config
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An Event set by SIGTERM while inside the block (handler installed from the main thread only)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> dict[str, float]:
+    """Train (or resume) the run in ``workdir``; returns the last logged metrics.
+
+    SIGTERM (or a preemption notice on a multi-process run) makes the loop save a checkpoint
+    at the current step and return early.
+    """
+    config = resolve_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
+    mesh = make_mesh(config.mesh, devices)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    local_batch = check_batch_size(int(tc.batch_size), mesh, process_count)
+    trainer = make_trainer(config, mesh)
+    data_iterator = build_train_iterator(
+        config.data, seq_len=int(tc.seq_len), batch_size=local_batch, seed=int(tc.seed),
+        workdir=workdir, process_index=process_index, process_count=process_count)
+    checkpointer = Checkpointer(workdir, every=int(tc.checkpoint_every), keep=int(tc.keep))
+    is_writer = process_index == 0
+    last: dict[str, float] = {}
+    with jax.set_mesh(mesh), _sigterm_flag() as sigterm:
+        state, rest = trainer.init()
+        start = checkpointer.latest_step() or 0
+        if start:
+            logging.info("resuming from the checkpoint at step %d in %s", start, checkpointer.directory)
+            state = checkpointer.restore(start, trainer.abstract_state(), data_iterator)
+        if is_writer:
+            save_config(workdir, config.to_json_best_effort(indent=2))
+        writer = MetricsWriter(workdir, start) if is_writer else None
+        progress = Progress(int(tc.steps), start)
+        step_fn = trainer.jit_step()
+        sharding = batch_sharding(mesh)
+        tokens_per_step = int(tc.batch_size) * int(tc.seq_len)
+        pending: list[dict[str, jax.Array]] = []
+        window_start, window_step = time.perf_counter(), start
+        step = start
+        try:
+            while step < int(tc.steps):
+                state, metrics = step_fn(state, rest, global_batch(next(data_iterator), sharding))
+                step += 1
+                pending.append(metrics)
+                if step == start + 1:
+                    jax.block_until_ready(metrics)
+                    progress.mark_first_step_done(step)
+                    window_start, window_step = time.perf_counter(), step  # compile excluded
+                stop = sigterm.is_set() or (process_count > 1 and checkpointer.reached_preemption(step))
+                if step % int(tc.log_every) == 0 or step == int(tc.steps) or stop:
+                    host = jax.device_get(pending)
+                    pending.clear()
+                    now = time.perf_counter()
+                    last = {"loss": float(np.mean([m["loss"] for m in host])),
+                            "lr": float(host[-1]["lr"]), "grad_norm": float(host[-1]["grad_norm"]),
+                            "tokens_per_s": tokens_per_step * (step - window_step) / (now - window_start)}
+                    window_start, window_step = now, step
+                    if writer is not None:
+                        writer.write(step, last)
+                    progress.log(f"step {step}/{tc.steps}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
+                                 f"tok/s {last['tokens_per_s']:.0f}  left {progress.time_left(step)}")
+                else:
+                    progress.bar(step, None)
+                checkpointer.save(step, state, data_iterator, force=stop or step == int(tc.steps))
+                if stop:
+                    logging.warning("stop requested: saved step %d and exiting", step)
+                    break
+        finally:
+            checkpointer.close()
+            if writer is not None:
+                writer.close()
+    return last
