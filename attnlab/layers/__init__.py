@@ -1,0 +1,23 @@
+"""Attention layers: one Flax NNX module per family, all with the registry's call contract.
+
+Importing this package registers every layer (see ``attnlab.layers.registry``):
+
+    S softmax          SoftmaxAttention        W sliding_window   SlidingWindowAttention
+    L linear           LinearAttention         R retnet           RetNet
+    T lightning        LightningAttention      G gla              GatedLinearAttention
+    M mamba2           Mamba2Like              D deltanet         DeltaNet
+    E gated_deltanet   GatedDeltaNet
+"""
+from attnlab.layers.registry import (attention_name, available_attention, expand_pattern,
+                                     make_attention, register_attention)
+from attnlab.layers.softmax import SlidingWindowAttention, SoftmaxAttention
+from attnlab.layers.linear import LinearAttention
+from attnlab.layers.gated import GatedLinearAttention, LightningAttention, Mamba2Like, RetNet
+from attnlab.layers.delta import DeltaNet, GatedDeltaNet
+
+__all__ = [
+    "attention_name", "available_attention", "expand_pattern", "make_attention",
+    "register_attention",
+    "SoftmaxAttention", "SlidingWindowAttention", "LinearAttention", "RetNet",
+    "LightningAttention", "GatedLinearAttention", "Mamba2Like", "DeltaNet", "GatedDeltaNet",
+]
