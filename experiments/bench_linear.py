@@ -1,0 +1,123 @@
+"""Issue 4 benchmark: chunkwise gated linear recurrence, attnlab against jla and fla (H100, bf16).
+
+    S_t = diag(exp(gk_t)) · exp(g_t) · S_{t-1} + k_tᵀ v_t,   o_t = scale · q_t S_t
+
+Gate kinds: "none" (linear attention), "g" (one log-decay per head and step: simple GLA /
+RetNet / SSD), "gk" (one per key channel: GLA). B·T = 32768 tokens (T = 65536 runs with
+B = 1), H = 16, K = V = 128. Implementations: attnlab ``impl="xla"`` and ``impl="pallas"``,
+jax-linear-attention 0.1.0 Mosaic GPU (``simple_gla`` with g = 0 for "none", ``simple_gla``,
+``gla``), flash-linear-attention 0.6.0 Triton (``chunk_linear_attn``, ``chunk_simple_gla``,
+``chunk_gla``). FLOPs are those of the chunked algorithm with chunk C = 64, per token and head
+2·C·(K + V) (intra-chunk scores and outputs) + 4·K·V (state read-out and update); forward+backward
+counts 3x. Bytes: inputs read and outputs written once (forward+backward adds do, the
+gradients, and the forward's reads again).
+
+    python -m experiments.bench_linear --out experiments/results [--T 4096 ...] [--gates g gk]
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_common as bc
+from experiments.references import gated_linear_reference
+
+H, K, V, CHUNK = 16, 128, 128, 64
+GATES = ("none", "g", "gk")
+JLA_KIND = {"none": "simple_gla", "g": "simple_gla", "gk": "gla"}
+
+
+def make_inputs(gate: str, B: int, T: int):
+    def make(seed: int, check: bool):
+        b, t = (1, min(T, 1024)) if check else (B, T)
+        ks = jax.random.split(jax.random.key(seed), 6)
+        q, k, v, do = (jax.random.normal(ks[i], (b, t, H, d), jnp.bfloat16) for i, d in enumerate((K, K, V, V)))
+        gates = ()
+        if gate == "g":
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, H)) + 4.0),)
+        elif gate == "gk":
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, H, K)) + 4.0),)
+        return (q, k, v, *gates, do)
+    return make
+
+
+def reference_for(gate: str):
+    scale = K**-0.5
+    if gate == "none":
+        return lambda q, k, v: gated_linear_reference(q, k, v, scale=scale)
+    if gate == "g":
+        return lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale)
+    return lambda q, k, v, gk: gated_linear_reference(q, k, v, gk=gk, scale=scale)
+
+
+def attnlab_fn(gate: str, impl: str):
+    from pallas_kernels.linear import chunk_gated_linear_attention as op
+
+    scale = K**-0.5
+    if gate == "none":
+        return lambda q, k, v: op(q, k, v, scale=scale, impl=impl)[0]
+    if gate == "g":
+        return lambda q, k, v, g: op(q, k, v, g=g, scale=scale, impl=impl)[0]
+    return lambda q, k, v, gk: op(q, k, v, gk=gk, scale=scale, impl=impl)[0]
+
+
+def jla_fn(gate: str):
+    from jla.ops import linear_attention
+
+    scale = K**-0.5
+    if gate == "none":
+        return lambda q, k, v: linear_attention("simple_gla", q, k, v, g=jnp.zeros(q.shape[:3], jnp.float32),
+                                                scale=scale, impl="mosaic_gpu")[0]
+    return lambda q, k, v, g: linear_attention(JLA_KIND[gate], q, k, v, g=g, scale=scale, impl="mosaic_gpu")[0]
+
+
+def fla_fn(gate: str):
+    scale = K**-0.5
+    if gate == "none":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        return lambda q, k, v: chunk_linear_attn(q, k, v, scale=scale, normalize=False)[0]
+    if gate == "g":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g, scale=scale)[0]
+    from fla.ops.gla import chunk_gla
+
+    return lambda q, k, v, gk: chunk_gla(q, k, v, g=gk, scale=scale)[0]
+
+
+IMPLS = {  # name -> (framework, builder)
+    "attnlab xla": ("jax", lambda gate: attnlab_fn(gate, "xla")),
+    "attnlab pallas": ("jax", lambda gate: attnlab_fn(gate, "pallas")),
+    "jla mosaic_gpu": ("jax", jla_fn),
+    "fla triton": ("torch", fla_fn),
+}
+PEERS = ("fla triton", "jla mosaic_gpu")
+
+
+def counts(case: str, problem: bc.Problem, B: int, T: int) -> tuple[dict, dict]:
+    per_token = 2 * CHUNK * (K + V) + 4 * K * V
+    fwd = float(per_token * B * T * H)
+    return {"fwd": fwd, "fwd+bwd": 3 * fwd}, bc.io_bytes(problem)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    bc.add_common_args(ap)
+    ap.add_argument("--T", type=int, nargs="+", default=[4096, 1024, 16384, 65536])
+    ap.add_argument("--gates", nargs="+", default=list(GATES), choices=GATES)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    args = ap.parse_args()
+
+    def problem_for(gate: str, B: int, T: int) -> bc.Problem:
+        names = ("q", "k", "v") + (() if gate == "none" else (gate,))
+        return bc.Problem.build(names, make_inputs(gate, B, T), reference_for(gate))
+
+    points = [(gate, T) for T in args.T for gate in args.gates]
+    bc.run_sweep("bench_linear", args, points, IMPLS, problem_for, counts, PEERS)
+
+
+if __name__ == "__main__":
+    main()

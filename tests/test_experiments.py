@@ -1,0 +1,92 @@
+"""The benchmark oracles against independent float64 formulas, and the harness's correctness gate."""
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import bench_common as bc
+from experiments.references import delta_rule_reference, gated_linear_reference, softmax_reference
+
+B, T, H, K, V = 2, 19, 3, 8, 5
+
+
+def _rand(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def _gates(seed, *shape):
+    return -np.random.default_rng(seed).uniform(0.01, 1.0, shape)
+
+
+@pytest.mark.parametrize("kind", ["none", "g", "gk", "both"])
+def test_gated_linear_reference_matches_dense_form(kind):
+    q, k, v = _rand(0, B, T, H, K), _rand(1, B, T, H, K), _rand(2, B, T, H, V)
+    g = _gates(3, B, T, H) if kind in ("g", "both") else np.zeros((B, T, H))
+    gk = _gates(4, B, T, H, K) if kind in ("gk", "both") else np.zeros((B, T, H, K))
+    # dense form: o_t = scale Σ_{s<=t} Σ_c q_tc k_sc exp(G_tc − G_sc) v_s, G = cumsum(g + gk)
+    G = np.cumsum(gk + g[..., None], axis=1)
+    dec = np.exp(G[:, :, None] - G[:, None, :])  # [B, t, s, H, K]
+    scores = np.einsum("bthc,bshc,btshc->bhts", q, k, dec) * np.tril(np.ones((T, T)))
+    want = K**-0.5 * np.einsum("bhts,bshv->bthv", scores, v)
+    got = gated_linear_reference(q, k, v, g=None if kind in ("none", "gk") else jnp.asarray(g),
+                                 gk=None if kind in ("none", "g") else jnp.asarray(gk))
+    assert bc.rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_reference_matches_loop(gated):
+    q, k, v = _rand(5, B, T, H, K), _rand(6, B, T, H, K), _rand(7, B, T, H, V)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = np.random.default_rng(8).uniform(0.1, 0.9, (B, T, H))
+    g = _gates(9, B, T, H) if gated else np.zeros((B, T, H))
+    S = np.zeros((B, H, K, V))
+    want = np.zeros((B, T, H, V))
+    for t in range(T):
+        S = S * np.exp(g[:, t])[..., None, None]
+        u = v[:, t] - np.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + beta[:, t][..., None, None] * np.einsum("bhk,bhv->bhkv", k[:, t], u)
+        want[:, t] = K**-0.5 * np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    got = delta_rule_reference(q, k, v, beta, g=jnp.asarray(g) if gated else None)
+    assert bc.rel_err(got, want) < 1e-5
+
+
+def test_softmax_reference_matches_dense_with_empty_rows():
+    q, k, v = _rand(10, B, T, 4, K), _rand(11, B, T, 2, K), _rand(12, B, T, 2, V)  # GQA 4:2
+    visible = lambda i, j: (j <= i) & (j > i - 5) & (i != 3)  # row 3 sees nothing
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = np.asarray(visible(i, j))
+    kk, vv = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
+    s = np.where(allowed, np.einsum("bqhd,bkhd->bhqk", q, kk) * K**-0.5, -np.inf)
+    p = np.exp(s - np.max(np.where(allowed, s, -1e30), axis=-1, keepdims=True))
+    p = np.where(allowed, p, 0) / np.maximum(np.sum(np.where(allowed, p, 0), -1, keepdims=True), 1e-300)
+    want = np.einsum("bhqk,bkhd->bqhd", p, vv)
+    got = softmax_reference(q, k, v, visible, block_q=8)
+    assert np.all(np.asarray(got)[:, 3] == 0)
+    assert bc.rel_err(got, want) < 1e-5
+
+
+def _problem():
+    def make(seed, check):
+        ks = jax.random.split(jax.random.key(seed), 4)
+        t = 8 if check else T
+        return tuple(jax.random.normal(kk, (B, t, H, K), jnp.bfloat16) for kk in ks)
+
+    ref = lambda q, k, v: gated_linear_reference(q, k, v)
+    return bc.Problem.build(("q", "k", "v"), make, ref, rotations=2), ref
+
+
+@pytest.mark.parametrize("variant, status", [("exact", "ok"), ("scaled", "wrong"), ("nan", "wrong")])
+def test_harness_gate_passes_the_oracle_and_fails_wrong_outputs(tmp_path, variant, status):
+    problem, ref = _problem()
+    f = {"exact": lambda q, k, v: ref(q, k, v).astype(q.dtype),
+         "scaled": lambda q, k, v: 1.05 * ref(q, k, v),
+         "nan": lambda q, k, v: ref(q, k, v).at[:, -1].set(jnp.nan)}[variant]
+    bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
+    template = bc.Row("t", "c", variant, "", B, T, H, K, K)
+    bc.run_impl(bench, problem, f, "jax", template, {"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(problem))
+    assert [r.status for r in bench.rows] == [status, status]
+    assert all(r.ms is not None and r.ms > 0 for r in bench.rows)
+    assert set(bench.rows[1].err) == {"o", "dq", "dk", "dv"}
+    assert (tmp_path / "t.json").exists() and (tmp_path / "t.csv").exists()
