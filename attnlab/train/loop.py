@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from absl import logging
 
 import attnlab.layers  # noqa: F401  (registers the attention layers)
 from attnlab.data import build_train_iterator, vocab_size
@@ -73,13 +72,13 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
     with jax.set_mesh(mesh), _sigterm_flag() as sigterm:
         state, rest = trainer.init()
         start = checkpointer.latest_step() or 0
+        progress = Progress(int(tc.steps), start)
         if start:
-            logging.info("resuming from the checkpoint at step %d in %s", start, checkpointer.directory)
+            progress.log(f"resuming from the checkpoint at step {start} in {checkpointer.directory}")
             state = checkpointer.restore(start, trainer.abstract_state(), data_iterator)
         if is_writer:
             save_config(workdir, config.to_json_best_effort(indent=2))
         writer = MetricsWriter(workdir, start) if is_writer else None
-        progress = Progress(int(tc.steps), start)
         step_fn = trainer.jit_step()
         sharding = batch_sharding(mesh)
         tokens_per_step = int(tc.batch_size) * int(tc.seq_len)
@@ -112,7 +111,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
                     progress.bar(step, None)
                 checkpointer.save(step, state, data_iterator, force=stop or step == int(tc.steps))
                 if stop:
-                    logging.warning("stop requested: saved step %d and exiting", step)
+                    progress.log(f"stop requested: saved the checkpoint of step {step}, exiting")
                     break
         finally:
             checkpointer.close()

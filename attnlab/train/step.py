@@ -69,7 +69,7 @@ class Trainer:
         (loss, count), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], rest, batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": self.schedule(state["step"]), "loss_tokens": count}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
