@@ -35,31 +35,41 @@ def init_kv_cache(batch_size: int, max_len: int, num_kv_heads: int, head_dim: in
             "index": jnp.zeros((), jnp.int32)}
 
 
-def attend_kv_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
-                    window: int | None, soft_cap: float | None, scale: float
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Append t new keys/values at slot ``cache["index"]`` and let the t new queries attend.
+def append_kv_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array
+                    ) -> dict[str, jax.Array]:
+    """Write t new (rotated) keys/values [B, t, Hkv, D] at slot ``cache["index"]`` and advance it.
 
-    Query at slot p sees cached slots s <= p (and s > p - window). q [B, t, H, D], k/v
-    [B, t, Hkv, D] (already rotated). The cache must have room: index + t <= max_len.
+    The cache must have room (index + t <= max_len); inside jit this cannot be checked.
     """
-    B, t, H, D = q.shape
     index = cache["index"]
     k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    return {"k": k_cache, "v": v_cache, "index": index + k.shape[1]}
+
+
+def attend_kv_cache(q: jax.Array, cache: dict[str, jax.Array], start: jax.Array, *,
+                    window: int | None = None, soft_cap: float | None = None, scale: float,
+                    key_mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention of t new queries q [B, t, H, D] (cache slots start .. start + t - 1) over
+    an already-appended cache: query slot p sees slots s <= p, s > p - window when a window is
+    set, and where ``key_mask`` [B, H, t, max_len] is True when given."""
+    B, t, H, D = q.shape
+    k_cache, v_cache = cache["k"], cache["v"]
     hkv = k_cache.shape[2]
     qg = q.reshape(B, t, hkv, H // hkv, D)
     s = jnp.einsum("bthgd,bshd->bhgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
-    q_slot = index + jnp.arange(t)[:, None]
+    q_slot = start + jnp.arange(t)[:, None]
     k_slot = jnp.arange(k_cache.shape[1])[None, :]
     allowed = k_slot <= q_slot
     if window is not None:
         allowed = allowed & (k_slot > q_slot - window)
+    if key_mask is not None:
+        allowed = allowed & key_mask.reshape(B, hkv, H // hkv, t, -1)
     p = jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1)
     o = jnp.einsum("bhgts,bshd->bthgd", p, v_cache.astype(jnp.float32)).reshape(B, t, H, D)
-    return o.astype(q.dtype), {"k": k_cache, "v": v_cache, "index": index + t}
+    return o.astype(q.dtype)
 
 
 def decode_positions(positions: jax.Array | None, index: jax.Array, batch: int,
@@ -128,8 +138,10 @@ class SoftmaxAttention(nnx.Module):
                positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         B, t, _ = x.shape
         q, k, v = self._project(x, decode_positions(positions, cache["index"], B, t))
-        o, cache = attend_kv_cache(q, k, v, cache, window=self.window, soft_cap=self.soft_cap,
-                                   scale=self.head_dim ** -0.5)
+        start = cache["index"]
+        cache = append_kv_cache(cache, k, v)
+        o = attend_kv_cache(q, cache, start, window=self.window, soft_cap=self.soft_cap,
+                            scale=self.head_dim ** -0.5)
         return self._merge(o), cache
 
 
