@@ -23,7 +23,7 @@ from absl import flags
 
 from attnlab.data.config import SOURCES, check_choice, check_int
 from attnlab.data.corpus_store import load_meta, prepare_corpus, shard_paths
-from attnlab.data.mqar import mqar_dataset
+from attnlab.data.mqar import mqar_batches
 from attnlab.data.tokenizers import make_tokenizer
 
 _SEED_RANGE = 2**32
@@ -56,8 +56,8 @@ def _window_to_example(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _text_dataset(data_config: Any, *, seq_len: int, seed: int, workdir: str, process_index: int,
-                  process_count: int) -> grain.IterDataset:
+def _text_batches(data_config: Any, *, seq_len: int, batch_size: int, seed: int, workdir: str,
+                  process_index: int, process_count: int) -> grain.IterDataset:
     directory = prepare_corpus(data_config, workdir)
     meta = load_meta(directory)
     documents = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_paths(directory, meta)))
@@ -68,7 +68,7 @@ def _text_dataset(data_config: Any, *, seq_len: int, seed: int, workdir: str, pr
     documents = documents[process_index::process_count].shuffle(seed=seed).repeat().map(decode)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         documents.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
-    return rows.map(_window_to_example)
+    return rows.map(_window_to_example).batch(batch_size, drop_remainder=True)
 
 
 def build_train_iterator(data_config: Any, *, seq_len: int, batch_size: int, seed: int, workdir: str,
@@ -88,12 +88,11 @@ def build_train_iterator(data_config: Any, *, seq_len: int, batch_size: int, see
     data_seed = (int(seed) + check_int("data.seed_offset", data_config.seed_offset, 0)) % _SEED_RANGE
     num_workers = check_int("data.num_workers", data_config.num_workers, 0)
     if check_choice("data.source", data_config.source, SOURCES) == "mqar":
-        rows = mqar_dataset(data_config.mqar, seq_len=seq_len, seed=data_seed,
-                            process_index=process_index, process_count=process_count)
+        batches = mqar_batches(data_config.mqar, seq_len=seq_len, batch_size=batch_size, seed=data_seed,
+                               process_index=process_index, process_count=process_count)
     else:
-        rows = _text_dataset(data_config, seq_len=seq_len, seed=data_seed, workdir=workdir,
-                             process_index=process_index, process_count=process_count)
-    batches = rows.batch(batch_size, drop_remainder=True)
+        batches = _text_batches(data_config, seq_len=seq_len, batch_size=batch_size, seed=data_seed,
+                                workdir=workdir, process_index=process_index, process_count=process_count)
     if num_workers:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: outside an absl app, the defaults
             flags.FLAGS.mark_as_parsed()
