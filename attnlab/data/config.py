@@ -20,7 +20,7 @@ def default_data_config() -> config_dict.ConfigDict:
     tokenizer     "byte" | "<sentencepiece>.model" | "tiktoken:<file or name>"
     max_docs      keep at most this many documents (0 = all)
     max_bytes     keep at most this many UTF-8 bytes of text (0 = all); the default keeps the
-                  CPU demo small (the whole stdlib is tens of MB)
+                  CPU demo small (the whole stdlib source is about 12 MB)
     seed_offset   added to the train seed to give the data seed (shuffle order, MQAR samples)
     num_workers   Grain worker processes (0 = read in the training process)
     mqar.*        vocab_size (keys from [1, V/2), values from [V/2, V), 0 = padding),

@@ -5,7 +5,7 @@ process (``[process_index::process_count]``), shuffled with a new permutation ea
 repeated forever, concatenated and split into windows of ``seq_len + 1`` tokens (a document
 can continue into the next row). A window ``w`` with segment ids ``s`` (documents numbered
 from 1 within the row, 0 = padding) and positions ``p`` (restarting at 0 at each document
-start in the row) becomes
+start in the row, and at the row start for a continued document) becomes
 
     inputs = w[:-1]   targets = w[1:]   segment_ids = s[:-1]   positions = p[:-1]
     loss_mask[t] = 1  iff  s[t] != 0 and s[t+1] == s[t]   (no target across a boundary)
