@@ -18,9 +18,8 @@ library's own ``.py`` source of the running interpreter ("stdlib": real code and
 about 12 MB without its tests on CPython 3.11, capped to 4 MB by default; licensed under the
 Python Software Foundation License, PSF-2.0). For English prose, ``pydoc_data.topics``
 ("pydoc": the help topics of the Python documentation, about 0.5 MB, also PSF licence) ships
-with every Python too. "files" reads the
-user's own text files (their licence is the user's business). Prepared corpora record their
-licence in ``meta.json``. MQAR ("mqar" source) is synthetic and uses no data at all.
+with every Python too. "files" reads the user's own text files (their licence is the user's
+business). Prepared corpora record their licence in ``meta.json``. MQAR ("mqar" source) is synthetic and uses no data at all.
 
 Prepare a corpus ahead of time with ``python -m attnlab.data.prepare --corpus=stdlib --out=DIR``
 and point ``data.path`` at DIR; with ``data.path`` unset the iterator prepares the corpus once
