@@ -12,9 +12,10 @@ from pallas_kernels.sparse.masks import (BlockSparse, Causal, ChunkedCausal, Den
 from pallas_kernels.sparse.mask_info import BlockMap, BlockSizes, make_block_map
 from pallas_kernels.sparse.ops import flash_attention, implementations, register_implementation
 from pallas_kernels.sparse.reference import attention_reference
+from pallas_kernels.sparse.selection import select_blocks
 
 __all__ = [
     "BlockMap", "BlockSizes", "BlockSparse", "Causal", "ChunkedCausal", "Dense", "Full", "Local",
     "Mask", "attention_reference", "flash_attention", "implementations", "make_block_map",
-    "register_implementation",
+    "register_implementation", "select_blocks",
 ]

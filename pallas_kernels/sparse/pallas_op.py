@@ -18,16 +18,22 @@ from pallas_kernels.sparse.kernel_bwd import backward
 from pallas_kernels.sparse.kernel_fwd import forward
 from pallas_kernels.sparse.kernel_util import KernelConfig
 from pallas_kernels.sparse.mask_info import BlockMap, BlockSizes, default_block_sizes, make_block_map
-from pallas_kernels.sparse.masks import Mask
+from pallas_kernels.sparse.masks import BlockSparse, Mask
 
 
-def pallas_accepts(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | BlockMap, **_: Any) -> str | None:
+def pallas_accepts(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | BlockMap,
+                   block_sizes: BlockSizes | None, **_: Any) -> str | None:
     """None when the portable kernel can run this call, else the reason."""
     if common.platform() not in ("cpu", "tpu"):
         return (f"the portable kernel runs on TPU (Mosaic) and CPU (interpret), not "
                 f"{common.platform()}; a GPU kernel registers separately")
     if isinstance(mask, BlockMap):
         return _block_map_mismatch(mask, q.shape[0], q.shape[1], q.shape[2])
+    bq, bk = block_sizes or default_block_sizes(mask, q.shape[1])
+    for leaf in mask.leaves():
+        if isinstance(leaf, BlockSparse) and leaf.on_device and not leaf.aligned(bq, bk):
+            return (f"a device BlockSparse with blocks ({leaf.block_q}, {leaf.block_k}) needs kernel "
+                    f"blocks dividing them, got ({bq}, {bk})")
     return None
 
 
