@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import round_up
-from pallas_kernels.sparse.masks import EMPTY, FULL, PARTIAL, And, BlockSparse, Mask, Or, _xp
+from pallas_kernels.sparse.masks import EMPTY, FULL, PARTIAL, And, BlockSparse, Mask, Or, array_module
 
 SKIP = EMPTY
 PAD_ONLY = 3  # a FULL block that holds padded keys: mask only k >= T (and segments)
@@ -109,7 +109,7 @@ def make_block_map(mask: Mask, seq_len: int, block_sizes: BlockSizes | tuple[int
     Tp = meta.padded_len
     nq, nk = Tp // bq, Tp // bk
     classes = mask.block_classes(nq, nk, bq, bk)
-    xp = _xp(classes)
+    xp = array_module(classes)
     if xp is jnp and rule.kind == "tile":
         raise ValueError("a device-built block map cannot use packed tiles: use BlockSparse blocks "
                          "that are multiples of the kernel blocks, combined with formula masks only")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-def _xp(*arrays: Any) -> Any:
+def array_module(*arrays: Any) -> Any:
     """jnp if any argument is a jax array (or tracer), else NumPy."""
     return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
@@ -93,7 +93,7 @@ class FormulaMask(Mask):
         raise NotImplementedError
 
     def values(self, q_pos: Any, k_pos: Any) -> Any:
-        xp = _xp(q_pos, k_pos)
+        xp = array_module(q_pos, k_pos)
         q = xp.asarray(q_pos)[:, None]
         k = xp.asarray(k_pos)[None, :]
         return xp.broadcast_to(self.element(q, k), (q.shape[0], k.shape[1]))[None, None]
@@ -223,10 +223,10 @@ class Dense(Mask):
 
     def values(self, q_pos: Any, k_pos: Any) -> Any:
         """Positions past the array's size are masked (padding)."""
-        xp = _xp(q_pos, k_pos, self.mask)
+        xp = array_module(q_pos, k_pos, self.mask)
         n = self.mask.shape[-1]
         inside = (q_pos < n)[:, None] & (k_pos < n)[None, :]
-        return self.mask[:, :, xp.minimum(q_pos, n - 1)][:, :, :, xp.minimum(k_pos, n - 1)] & inside
+        return xp.asarray(self.mask)[:, :, xp.minimum(q_pos, n - 1)][:, :, :, xp.minimum(k_pos, n - 1)] & inside
 
     def _host(self) -> np.ndarray:
         try:
@@ -277,9 +277,9 @@ class BlockSparse(Mask):
 
         Query blocks past the mask's last row attend to nothing.
         """
-        xp = _xp(q_block, self.kv_blocks)
+        xp = array_module(q_block, self.kv_blocks)
         rows = self.kv_blocks.shape[2]
-        return self.kv_blocks[:, :, xp.minimum(q_block, rows - 1)], q_block < rows
+        return xp.asarray(self.kv_blocks)[:, :, xp.minimum(q_block, rows - 1)], q_block < rows
 
     def values(self, q_pos: Any, k_pos: Any) -> Any:
         slots, in_rows = self._rows(q_pos // self.block_q)
@@ -297,7 +297,7 @@ class BlockSparse(Mask):
                     f"device BlockSparse blocks ({self.block_q}, {self.block_k}) must be multiples "
                     f"of the kernel blocks ({bq}, {bk})")
             return _classes_of_values(self.values(np.arange(nq * bq), np.arange(nk * bk)), bq, bk)
-        xp = _xp(self.kv_blocks)
+        xp = array_module(self.kv_blocks)
         slots, in_rows = self._rows(xp.arange(nq) * bq // self.block_q)
         kb = xp.arange(nk) * bk // self.block_k
         hit = (slots[..., None] == kb[None, None, None, None, :]).any(axis=-2) & in_rows[:, None]
@@ -320,7 +320,7 @@ class _Combine(Mask):
 
     def block_classes(self, nq: int, nk: int, bq: int, bk: int) -> Any:
         ca, cb = self.a.block_classes(nq, nk, bq, bk), self.b.block_classes(nq, nk, bq, bk)
-        return self._op_classes(_xp(ca, cb), ca, cb)
+        return self._op_classes(array_module(ca, cb), ca, cb)
 
     def kernel_rule(self, bq: int, bk: int) -> KernelRule:
         ra, rb = self.a.kernel_rule(bq, bk), self.b.kernel_rule(bq, bk)

@@ -30,6 +30,8 @@ def pallas_accepts(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | Blo
     if isinstance(mask, BlockMap):
         return _block_map_mismatch(mask, q.shape[0], q.shape[1], q.shape[2])
     bq, bk = block_sizes or default_block_sizes(mask, q.shape[1])
+    if bq % 8 or bk % 8 or bq < 8 or bk < 8:
+        return f"kernel block sizes must be positive multiples of 8, got ({bq}, {bk})"
     for leaf in mask.leaves():
         if isinstance(leaf, BlockSparse) and leaf.on_device and not leaf.aligned(bq, bk):
             return (f"a device BlockSparse with blocks ({leaf.block_q}, {leaf.block_k}) needs kernel "
@@ -70,9 +72,8 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Ma
     if segment_ids is not None:
         seg = common.pad_axis(segment_ids.astype(jnp.int32), Tp, axis=1)
         q_seg, k_seg = seg[:, :, None], seg[:, None, :]
-    maps = (bmap.fwd_index, bmap.fwd_kind, bmap.fwd_tile, bmap.bwd_index, bmap.bwd_kind,
-            bmap.bwd_tile, jnp.asarray(bmap.tiles, jnp.int8))
-    maps = tuple(jnp.asarray(m, jnp.int32) if i < 6 else m for i, m in enumerate(maps))
+    visits = (bmap.fwd_index, bmap.fwd_kind, bmap.fwd_tile, bmap.bwd_index, bmap.bwd_kind, bmap.bwd_tile)
+    maps = tuple(jnp.asarray(m, jnp.int32) for m in visits) + (jnp.asarray(bmap.tiles, jnp.int8),)
     o = _attention(cfg, to_kernel(q), to_kernel(k), to_kernel(v), q_seg, k_seg, maps)
     return jnp.swapaxes(o[:, :, :T], 1, 2)
 
