@@ -5,7 +5,10 @@
 Masks (``masks``): Full, Causal, Local, ChunkedCausal, BlockSparse, Dense, combined with & and |.
 Block maps (``mask_info``): ``make_block_map`` turns a mask into the visit lists a kernel reads.
 Content-based block selection (``selection``): ``select_blocks`` -> BlockSparse (MoBA-style).
-Implementations are chosen in ``ops`` (``register_implementation`` adds another one).
+Implementations are chosen in ``ops`` (one place): built in "pallas" (portable kernel: Mosaic TPU,
+CPU interpret) and "xla" (plain jnp, the fallback). A further kernel (e.g. Mosaic GPU on Hopper)
+registers with ``register_implementation(name, run, accepts, priority=...)``; it can read the
+same ``make_block_map`` output (visit kinds: 0 skip, 1 partial, 2 full, 3 full but padded keys).
 """
 from pallas_kernels.sparse.masks import (BlockSparse, Causal, ChunkedCausal, Dense, Full, Local,
                                          Mask)
