@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 import re
 
+import jax
 import pytest
 from ml_collections import ConfigDict
 
@@ -46,6 +47,7 @@ def test_shipped_configs_resolve(name):
     ("mesh.fsdp", 3, r"mesh.fsdp=3 does not divide the 8 devices"),
     ("train.steps", 0, r"train.steps must be >= 1"),
     ("train.warmup_steps", 10, r"train.warmup_steps=10 must lie in \[0, train.steps=4\]"),
+    ("data.path", "/no/such/corpus", r"data.path='/no/such/corpus' is not a prepared corpus"),
 ])
 def test_bad_field_is_named(tmp_path, field, value, message):
     config = tiny_config()
@@ -54,6 +56,15 @@ def test_bad_field_is_named(tmp_path, field, value, message):
     config[group][name] = value
     with pytest.raises(ValueError, match=message):
         train(config, str(tmp_path))
+
+
+def test_sequence_length_the_data_cannot_give(tmp_path):
+    config = tiny_config()
+    config.data.source = "mqar"
+    config.data.mqar.update(vocab_size=64, num_pairs=8, num_queries=8)
+    config.train.seq_len = 16
+    with pytest.raises(ValueError, match=r"train.seq_len=16.*need seq_len >= .* = 32"):
+        train(config, str(tmp_path), devices=jax.devices()[:1])
 
 
 def readme_test_command() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from attnlab.train.loop import train
@@ -24,6 +24,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Orbax and Grain log every save at INFO; show warnings only unless --verbosity=0 is given.
+flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv: Sequence[str]) -> None:

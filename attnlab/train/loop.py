@@ -35,6 +35,23 @@ def resolve_config(config: Any) -> Any:
     return config
 
 
+def _record(step: int, window: list[dict[str, Any]], writer: MetricsWriter | None,
+            progress: Progress, **extra: float | None) -> dict[str, float]:
+    """Log the mean loss of the steps in ``window`` (host metrics), the last lr and grad norm."""
+    record = {"loss": float(np.mean([m["loss"] for m in window])), "lr": float(window[-1]["lr"]),
+              "grad_norm": float(window[-1]["grad_norm"])}
+    record.update({k: float(v) for k, v in extra.items() if v is not None})
+    if writer is not None:
+        writer.write(step, record)
+    line = f"step {step}/{progress.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+    if "tokens_per_s" in record:
+        line += f"  tok/s {record['tokens_per_s']:.0f}"
+    if "first_step_s" in record:
+        line += f"  (first step, compile included: {record['first_step_s']:.1f}s)"
+    progress.log(line + f"  left {progress.time_left(step)}")
+    return record
+
+
 @contextlib.contextmanager
 def _sigterm_flag() -> Iterator[threading.Event]:
     """An Event set by SIGTERM while inside the block (handler installed from the main thread only)."""
@@ -63,9 +80,12 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
     process_index, process_count = jax.process_index(), jax.process_count()
     local_batch = check_batch_size(int(tc.batch_size), mesh, process_count)
     trainer = make_trainer(config, mesh)
-    data_iterator = build_train_iterator(
-        config.data, seq_len=int(tc.seq_len), batch_size=local_batch, seed=int(tc.seed),
-        workdir=workdir, process_index=process_index, process_count=process_count)
+    try:
+        data_iterator = build_train_iterator(
+            config.data, seq_len=int(tc.seq_len), batch_size=local_batch, seed=int(tc.seed),
+            workdir=workdir, process_index=process_index, process_count=process_count)
+    except ValueError as err:
+        raise ValueError(f"config.data cannot feed train.seq_len={tc.seq_len}: {err}") from err
     checkpointer = Checkpointer(workdir, every=int(tc.checkpoint_every), keep=int(tc.keep))
     is_writer = process_index == 0
     last: dict[str, float] = {}
@@ -82,7 +102,7 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
         step_fn = trainer.jit_step()
         sharding = batch_sharding(mesh)
         tokens_per_step = int(tc.batch_size) * int(tc.seq_len)
-        pending: list[dict[str, jax.Array]] = []
+        pending: list[dict[str, Any]] = []
         window_start, window_step = time.perf_counter(), start
         step = start
         try:
@@ -90,25 +110,23 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
                 state, metrics = step_fn(state, rest, global_batch(next(data_iterator), sharding))
                 step += 1
                 pending.append(metrics)
-                if step == start + 1:
-                    jax.block_until_ready(metrics)
-                    progress.mark_first_step_done(step)
-                    window_start, window_step = time.perf_counter(), step  # compile excluded
                 stop = sigterm.is_set() or (process_count > 1 and checkpointer.reached_preemption(step))
-                if step % int(tc.log_every) == 0 or step == int(tc.steps) or stop:
-                    host = jax.device_get(pending)
-                    pending.clear()
+                log_now = step % int(tc.log_every) == 0 or step == int(tc.steps) or stop
+                if step == start + 1:  # compiled: start the clocks; show the first loss at once
+                    pending = jax.device_get(pending)
+                    first_step_s = time.perf_counter() - window_start
+                    progress.mark_first_step_done(step)
+                    window_start, window_step = time.perf_counter(), step
+                    if not log_now:
+                        last = _record(step, pending, writer, progress, first_step_s=first_step_s)
+                if log_now:
                     now = time.perf_counter()
-                    last = {"loss": float(np.mean([m["loss"] for m in host])),
-                            "lr": float(host[-1]["lr"]), "grad_norm": float(host[-1]["grad_norm"]),
-                            "tokens_per_s": tokens_per_step * (step - window_step) / (now - window_start)}
+                    rate = tokens_per_step * (step - window_step) / (now - window_start) if step > window_step else None
+                    last = _record(step, jax.device_get(pending), writer, progress, tokens_per_s=rate)
+                    pending.clear()
                     window_start, window_step = now, step
-                    if writer is not None:
-                        writer.write(step, last)
-                    progress.log(f"step {step}/{tc.steps}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
-                                 f"tok/s {last['tokens_per_s']:.0f}  left {progress.time_left(step)}")
                 else:
-                    progress.bar(step, None)
+                    progress.bar(step, last.get("loss"))
                 checkpointer.save(step, state, data_iterator, force=stop or step == int(tc.steps))
                 if stop:
                     progress.log(f"stop requested: saved the checkpoint of step {step}, exiting")
