@@ -246,6 +246,7 @@ class Bench:
         self.env = environment()
         self.ceilings = ceilings if ceilings is not None else measure_ceilings()
         self.rows: list[Row] = []
+        self.start = time.time()
         print(f"[{name}] {self.env}\n[{name}] ceilings {self.ceilings}", flush=True)
 
     def run(self, row: Row, check: Callable[[], dict[str, float]] | None, timed: Callable[[], float],
@@ -273,7 +274,7 @@ class Bench:
             row.status = "error" if row.status == "not run" else row.status + "+error"
             row.note = (row.note + " " + _short_error(e)).strip()
             traceback.print_exc()
-        print(_format_row(row), flush=True)
+        print(f"{_format_row(row)} @{time.time() - self.start:.0f}s", flush=True)
         self.write()
         return row
 
@@ -455,7 +456,12 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
     bench = Bench(name, args.out, ASSUMED_CEILINGS if args.assume_ceilings else None)
     for case, T in points:
         B = max(1, args.tokens // T)
+        if time.time() - start > args.deadline_s:
+            bench.skip(Row(name, case, "all", "", B, T, 0, 0, 0), "skipped: deadline")
+            continue
+        t0 = time.time()
         problem = problem_for(case, B, T)
+        print(f"[{name}] {case} T={T}: inputs and reference built in {time.time() - t0:.1f} s", flush=True)
         flops, nbytes = counts_for(case, problem, B, T)
         _, _, H, K = problem.full[0][0].shape
         V = problem.full[0][-1].shape[-1]
