@@ -24,13 +24,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
-# Orbax and Grain log every save at INFO; show warnings only unless --verbosity=0 is given.
-flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO: warnings only
+        logging.set_verbosity(logging.WARNING)
     explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(v is not None for v in explicit):
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

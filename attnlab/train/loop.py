@@ -120,10 +120,11 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
                     if not log_now:
                         last = _record(step, pending, writer, progress, first_step_s=first_step_s)
                 if log_now:
+                    window = jax.device_get(pending)  # waits for the steps to finish
                     now = time.perf_counter()
                     rate = tokens_per_step * (step - window_step) / (now - window_start) if step > window_step else None
-                    last = _record(step, jax.device_get(pending), writer, progress, tokens_per_s=rate)
-                    pending.clear()
+                    last = _record(step, window, writer, progress, tokens_per_s=rate)
+                    pending = []
                     window_start, window_step = now, step
                 else:
                     progress.bar(step, last.get("loss"))

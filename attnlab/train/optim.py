@@ -11,18 +11,27 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
 def learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
-    """Warmup + cosine schedule from ``config.train`` (lr, warmup_steps, steps, min_lr_ratio)."""
+    """Warmup + cosine schedule from ``config.train`` (lr, warmup_steps, steps, min_lr_ratio).
+
+    Called with optax's update count c = s - 1, so the first update already has a nonzero rate.
+    """
     lr, warmup, steps = float(train_config["lr"]), int(train_config["warmup_steps"]), int(train_config["steps"])
+    floor = lr * float(train_config["min_lr_ratio"])
     if not 0 <= warmup <= steps:
         raise ValueError(f"train.warmup_steps={warmup} must lie in [0, train.steps={steps}]")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, 1),
-        end_value=lr * float(train_config["min_lr_ratio"]))
-    return lambda count: schedule(count + 1)  # update k (count k-1) uses lr(k): never lr 0
+
+    def schedule(count: jax.Array) -> jax.Array:
+        s = jnp.asarray(count, jnp.float32) + 1.0
+        p = jnp.clip((s - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+        decayed = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        return jnp.where(s <= warmup, lr * s / max(warmup, 1), decayed)
+
+    return schedule
 
 
 def make_optimizer(train_config: Mapping[str, Any]) -> optax.GradientTransformation:

@@ -1,4 +1,5 @@
-"""Mesh and FSDP sharding: the rule, mesh errors, and one train step on 8 devices == 1 device."""
+"""Mesh and FSDP sharding rule, mesh and batch errors, the learning-rate schedule, and one train
+step on 8 devices == the same step on 1 device."""
 import jax
 import numpy as np
 import pytest
@@ -77,3 +78,17 @@ def test_train_step_on_8_devices_matches_1_device(pattern):
     fresh, _ = make_trainer(config, make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])).init()
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(fresh["params"]),
                                                      jax.tree.leaves(one_state["params"])))
+
+
+@pytest.mark.parametrize("warmup", [0, 3, 10])
+def test_learning_rate_schedule(warmup):
+    from attnlab.train.optim import learning_rate_schedule
+    steps, lr, ratio = 10, 2e-3, 0.1
+    schedule = learning_rate_schedule({"lr": lr, "warmup_steps": warmup, "steps": steps, "min_lr_ratio": ratio})
+    got = np.array([schedule(c) for c in range(steps)])  # update s = c + 1
+    s = np.arange(1, steps + 1)
+    p = np.clip((s - warmup) / max(steps - warmup, 1), 0, 1)
+    expected = np.where(s <= warmup, lr * s / max(warmup, 1),
+                        lr * ratio + lr * (1 - ratio) * 0.5 * (1 + np.cos(np.pi * p)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[0] > 0 and np.isclose(got[-1], lr if warmup == steps else lr * ratio)
