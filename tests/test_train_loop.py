@@ -18,7 +18,8 @@ from test_config import ROOT, tiny_config
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
-    config = tiny_config(pattern="SW", steps=40, lr=1e-2, warmup_steps=4, checkpoint_every=40)
+    config = tiny_config(pattern="SW", steps=40, lr=1e-2, warmup_steps=4, checkpoint_every=40,
+                         log_every=1, peak_tflops_per_device=1e-3)
     last = train(config, str(tmp_path), devices=jax.devices()[:1])
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -27,6 +28,9 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     assert losses[-5:].mean() < losses[:3].mean() - 1.0, losses
     assert last["loss"] == records[-1]["loss"]
     assert records[0]["lr"] < records[4]["lr"]  # warmup
+    assert "tokens_per_s" not in records[0]  # first step: compile time, no throughput
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0 and r["mfu"] > 0
+               for r in records[1:])
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["vocab_size"] > 0 and saved["model"]["pattern"] == "SW"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

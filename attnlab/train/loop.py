@@ -18,6 +18,7 @@ import numpy as np
 
 import attnlab.layers  # noqa: F401  (registers the attention layers)
 from attnlab.data import build_train_iterator, vocab_size
+from attnlab.flops import model_flops_per_token
 from attnlab.train.checkpoint import Checkpointer
 from attnlab.train.metrics import MetricsWriter, Progress, save_config
 from attnlab.train.sharding import batch_sharding, check_batch_size, global_batch, make_mesh
@@ -46,10 +47,20 @@ def _record(step: int, window: list[dict[str, Any]], writer: MetricsWriter | Non
     line = f"step {step}/{progress.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
     if "tokens_per_s" in record:
         line += f"  tok/s {record['tokens_per_s']:.0f}"
+    if "mfu" in record:
+        line += f"  mfu {record['mfu']:.1%}"
     if "first_step_s" in record:
         line += f"  (first step, compile included: {record['first_step_s']:.1f}s)"
     progress.log(line + f"  left {progress.time_left(step)}")
     return record
+
+
+def _utilization(tokens_per_s: float | None, flops_per_token: float, peak_flops: float) -> dict[str, float]:
+    """Model TFLOP/s (training FLOPs of attnlab.flops) and MFU = achieved / peak when known."""
+    if tokens_per_s is None:
+        return {}
+    achieved = tokens_per_s * flops_per_token
+    return {"model_tflops_per_s": achieved / 1e12, **({"mfu": achieved / peak_flops} if peak_flops > 0 else {})}
 
 
 @contextlib.contextmanager
@@ -102,6 +113,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
         step_fn = trainer.jit_step()
         sharding = batch_sharding(mesh)
         tokens_per_step = int(tc.batch_size) * int(tc.seq_len)
+        flops_per_token = model_flops_per_token(config.model, int(tc.seq_len))
+        peak_flops = float(tc.get("peak_tflops_per_device", 0.0)) * 1e12 * mesh.size
         pending: list[dict[str, Any]] = []
         window_start, window_step = time.perf_counter(), start
         step = start
@@ -123,7 +136,8 @@ def train(config: Any, workdir: str, devices: list[jax.Device] | None = None) ->
                     window = jax.device_get(pending)  # waits for the steps to finish
                     now = time.perf_counter()
                     rate = tokens_per_step * (step - window_step) / (now - window_start) if step > window_step else None
-                    last = _record(step, window, writer, progress, tokens_per_s=rate)
+                    last = _record(step, window, writer, progress, tokens_per_s=rate,
+                                   **_utilization(rate, flops_per_token, peak_flops))
                     pending = []
                     window_start, window_step = now, step
                 else:
