@@ -150,6 +150,7 @@ def test_sentencepiece_model_tokenizes_the_corpus(tmp_path, bos_id, expected_bos
     text = "The assert statement checks a condition."
     assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]) == text
     config = default_data_config()
+    config.shuffle_window = 1  # the first row then starts the stream, with a BOS
     config.corpus, config.max_docs, config.tokenizer = "pydoc", 5, str(model)
     assert vocab_size(config) == expected_vocab
     batch = next(build_train_iterator(config, seq_len=64, batch_size=2, seed=0, workdir=str(tmp_path)))
@@ -171,6 +172,7 @@ def test_tiktoken_rank_file_tokenizes(tmp_path):
     ids = tokenizer.encode(text)
     assert len(ids) < len(text.encode()) and tokenizer.decode([tokenizer.bos_id, *ids]) == text
     config = default_data_config()
+    config.shuffle_window = 1  # the first row then starts the stream, with a BOS
     config.corpus, config.max_docs, config.tokenizer = "pydoc", 3, f"tiktoken:{path}"
     batch = next(build_train_iterator(config, seq_len=32, batch_size=1, seed=0, workdir=str(tmp_path)))
     assert batch["inputs"][0, 0] == tokenizer.bos_id and vocab_size(config) == len(ranks) + 1

@@ -23,6 +23,8 @@ def default_data_config() -> config_dict.ConfigDict:
                   CPU demo small (the whole stdlib source is about 12 MB)
     seed_offset   added to the train seed to give the data seed (shuffle order, MQAR samples)
     num_workers   Grain worker processes (0 = read in the training process)
+    shuffle_window  packed rows are shuffled within windows of this many rows, so that a batch
+                  mixes many documents instead of consecutive pieces of one (1 = no shuffle)
     mqar.*        vocab_size (keys from [1, V/2), values from [V/2, V), 0 = padding),
                   num_pairs, num_queries (None = num_pairs)
     """
@@ -36,6 +38,7 @@ def default_data_config() -> config_dict.ConfigDict:
     cfg.max_bytes = 4_000_000
     cfg.seed_offset = 0
     cfg.num_workers = 0
+    cfg.shuffle_window = 1024
     cfg.mqar = config_dict.ConfigDict()
     cfg.mqar.vocab_size = 256
     cfg.mqar.num_pairs = 16

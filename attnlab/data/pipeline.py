@@ -3,7 +3,8 @@
 Text: documents ``[BOS] + tokens (+ [EOS])`` are read from the ArrayRecord shards, sliced per
 process (``[process_index::process_count]``), shuffled with a new permutation each epoch,
 repeated forever, concatenated and split into windows of ``seq_len + 1`` tokens (a document
-can continue into the next row). A window ``w`` with segment ids ``s`` (documents numbered
+can continue into the next row), and the rows shuffled within windows of ``data.shuffle_window``
+rows so that a batch mixes many documents. A window ``w`` with segment ids ``s`` (documents numbered
 from 1 within the row, 0 = padding) and positions ``p`` (restarting at 0 at each document
 start in the row, and at the row start for a continued document) becomes
 
@@ -68,7 +69,35 @@ def _text_batches(data_config: Any, *, seq_len: int, batch_size: int, seed: int,
     documents = documents[process_index::process_count].shuffle(seed=seed).repeat().map(decode)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         documents.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+    window = check_int("data.shuffle_window", data_config.shuffle_window, 1)
+    if window > 1:
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=seed)
     return rows.map(_window_to_example).batch(batch_size, drop_remainder=True)
+
+
+def _tuples_in_remainder_slices(state: Any) -> Any:
+    """Undo JSON's tuple -> list in ConcatThenSplit's ``remainder_slices``.
+
+    Grain compares those slices with the tuple ``(-1, -1)``; after an Orbax (JSON) round trip
+    they are lists, the comparison fails and a restore re-reads a remainder that does not exist.
+    """
+    if isinstance(state, dict):
+        return {key: ({name: tuple(sl) for name, sl in value.items()} if key == "remainder_slices"
+                      else _tuples_in_remainder_slices(value)) for key, value in state.items()}
+    return state
+
+
+class _RestorableIterator(grain.DatasetIterator):
+    """The pipeline's iterator, restorable from a JSON round trip of its state."""
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_tuples_in_remainder_slices(state))
 
 
 def build_train_iterator(data_config: Any, *, seq_len: int, batch_size: int, seed: int, workdir: str,
@@ -97,4 +126,4 @@ def build_train_iterator(data_config: Any, *, seq_len: int, batch_size: int, see
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: outside an absl app, the defaults
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(batches)
+    return _RestorableIterator(iter(batches))
