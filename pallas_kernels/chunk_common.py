@@ -1,0 +1,162 @@
+"""Chunk helpers shared by the chunkwise recurrences (linear, delta): segment runs, time padding,
+chunk-local cumulative log gates, and the one-place registry of implementations.
+
+Conventions. A sequence of length T is cut into N = ceil(T / C) chunks of C steps (padded at
+the end). Segment resets are expressed as a monotone *run id* per step,
+
+    run_t = #{s <= t : s > 0 and segment_ids[s] != segment_ids[s-1]},
+
+so steps i, j (j <= i) interact exactly when run_i == run_j, whatever the raw ids look like;
+the initial state belongs to run 0. This keeps log gates finite (a reset is a mask, not a
+-inf gate), so cumulative sums never meet inf - inf.
+
+Log gates are accumulated *per chunk* (the anchor is the state entering the chunk):
+B_i = sum_{s <= i, s in chunk} lg_s <= 0, so exp(B_i) and exp(B_i - B_j) for j <= i never
+overflow, for any decay strength and any T.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+
+
+def segment_starts(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
+    """Bool [B, T]: True where step t begins a new segment (t > 0 and its id differs from t-1)."""
+    if segment_ids is None:
+        return jnp.zeros((B, T), bool)
+    differs = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros((B, 1), bool), differs], axis=1)
+
+
+def run_ids(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
+    """int32 [B, T]: number of segment starts at or before each step (0 for the first run)."""
+    return jnp.cumsum(segment_starts(segment_ids, B, T).astype(jnp.int32), axis=1)
+
+
+def pad_time(x: jax.Array, size: int, edge: bool = False) -> jax.Array:
+    """Pad axis 1 (time) to ``size``: zeros, or the last value when ``edge`` (run ids)."""
+    if not edge:
+        return common.pad_axis(x, size, axis=1)
+    extra = size - x.shape[1]
+    return jnp.concatenate([x, jnp.repeat(x[:, -1:], extra, axis=1)], axis=1) if extra else x
+
+
+def num_chunks(T: int, chunk_size: int) -> int:
+    return -(-T // chunk_size)
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def chunk_runs(run: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Segment masks of a chunk layout from padded run ids ``run`` [B, N*C].
+
+    Returns float32 (in_entry [B, N, C]: step is still in the run of the state entering its
+    chunk; to_end [B, N, C]: step is in the run of its chunk's last step; carry [B, N]: the
+    entering state survives to the chunk end).
+    """
+    B, Tp = run.shape
+    r = run.reshape(B, Tp // chunk_size, chunk_size)
+    entry = jnp.concatenate([r[:, :1, 0], r[:, :-1, -1]], axis=1)  # run of the step before
+    in_entry = (r == entry[..., None]).astype(jnp.float32)
+    to_end = (r == r[..., -1:]).astype(jnp.float32)
+    return in_entry, to_end, in_entry[..., -1]
+
+
+def chunk_cumsum(log_gate: jax.Array, chunk_size: int, axis: int) -> jax.Array:
+    """Cumulative sum of ``log_gate`` along time ``axis`` restarting at every chunk of
+    ``chunk_size`` steps (the length along ``axis`` must be a multiple of it)."""
+    axis = axis % log_gate.ndim
+    shape = log_gate.shape
+    n = shape[axis] // chunk_size
+    x = log_gate.reshape(shape[:axis] + (n, chunk_size) + shape[axis + 1:])
+    return jnp.cumsum(x, axis=axis + 1).reshape(shape)
+
+
+def reverse_chunk_cumsum(x: jax.Array, chunk_size: int, axis: int) -> jax.Array:
+    """Adjoint of ``chunk_cumsum``: y_s = sum_{i >= s in the same chunk} x_i."""
+    return jnp.flip(chunk_cumsum(jnp.flip(x, axis), chunk_size, axis), axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run an op: ``accepts(*args, **kw)`` returns None or the reason it declines."""
+    name: str
+    run: Callable
+    accepts: Callable[..., str | None]
+    priority: int
+
+
+class Registry:
+    """The one place an op chooses its implementation.
+
+    ``impl=None`` (auto) tries implementations by ascending priority and runs the first whose
+    ``accepts`` returns None (fail-closed: no silent fallback past a declining one's reason
+    unless a later one accepts); ``impl="<name>"`` runs that one or raises with its reason.
+    """
+
+    def __init__(self, op_name: str):
+        self.op_name = op_name
+        self._impls: dict[str, Implementation] = {}
+
+    def register(self, name: str, run: Callable, accepts: Callable[..., str | None], *,
+                 priority: int) -> None:
+        """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
+        self._impls[name] = Implementation(name, run, accepts, priority)
+
+    def names(self) -> list[str]:
+        return [i.name for i in sorted(self._impls.values(), key=lambda i: i.priority)]
+
+    def check_name(self, impl: str | None) -> None:
+        if impl is not None and impl not in self._impls:
+            raise ValueError(f"impl must be None (auto) or one of {self.names()}, got {impl!r}")
+
+    def choose(self, impl: str | None, *args, **kwargs) -> Implementation:
+        self.check_name(impl)
+        if impl is not None:
+            chosen = self._impls[impl]
+            reason = chosen.accepts(*args, **kwargs)
+            if reason is not None:
+                raise ValueError(f"{self.op_name}: impl={impl!r} cannot run this call: {reason}")
+            return chosen
+        reasons = []
+        for name in self.names():
+            reason = self._impls[name].accepts(*args, **kwargs)
+            if reason is None:
+                return self._impls[name]
+            reasons.append(f"{name}: {reason}")
+        raise ValueError(f"no {self.op_name} implementation accepts this call: " + "; ".join(reasons))
+
+
+# ---- per-chunk gate and segment terms in kernel layout -----------------------------------------
+
+def gate_terms(log_gate: jax.Array, chunk: int, scalar: bool
+               ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """From a head-major padded log-gate [B, H, Tp, X] (X = 1 scalar, X = K per channel):
+
+      b        [B, H, Tp, X]       in-chunk inclusive cumulative log-gate (float32)
+      b_row    [B, H, N, 1, C]     b as one row per chunk (scalar gates only, else None)
+      b_total  [B, H, N, X, 1]     beta = b at the chunk's last position, as a column
+    """
+    B, H, Tp, X = log_gate.shape
+    b = chunk_local_cumsum(log_gate, chunk, axis=2)
+    b_total = b.reshape(B, H, Tp // chunk, chunk, X)[:, :, :, -1, :, None]
+    b_row = as_rows(b[..., 0], chunk) if scalar else None
+    return b, b_row, b_total
+
+
+def segment_terms(segment_ids: jax.Array | None, padded_len: int, chunk: int
+                  ) -> tuple[jax.Array | None, jax.Array | None]:
+    """(r_col [B, Tp, 1], r_row [B, N, 1, C]) in-chunk segment counts, or (None, None)."""
+    r = chunk_segment_counts(segment_ids, padded_len, chunk)
+    if r is None:
+        return None, None
+    return r[..., None], as_rows(r, chunk)
