@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
+from pallas_kernels.linear.pallas_op import pallas_accepts, pallas_gated_linear_attention
 from pallas_kernels.linear.reference import chunk_gated_linear_xla, gated_linear_reference
 
 XLA_CHUNK = 64
@@ -31,6 +32,7 @@ def _xla_run(q, k, v, *, g, gk, scale, initial_state, segment_ids, chunk_size):
     return o, state.astype(jnp.float32)
 
 
+REGISTRY.register("pallas", pallas_gated_linear_attention, pallas_accepts, priority=10)
 REGISTRY.register("xla", _xla_run, lambda *a, **kw: None, priority=100)
 
 
@@ -102,3 +104,11 @@ def recurrent_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *
     o, state = gated_linear_reference(q, k, v, g=g, gk=gk, scale=scale,
                                       initial_state=initial_state, segment_ids=segment_ids)
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None
+
+
+def _register_pallas() -> None:
+    from pallas_kernels.linear.pallas_op import accepts, pallas_gated_linear
+    REGISTRY.register("pallas", pallas_gated_linear, accepts, priority=10)
+
+
+_register_pallas()
