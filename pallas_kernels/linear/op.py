@@ -104,11 +104,3 @@ def recurrent_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *
     o, state = gated_linear_reference(q, k, v, g=g, gk=gk, scale=scale,
                                       initial_state=initial_state, segment_ids=segment_ids)
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None
-
-
-def _register_pallas() -> None:
-    from pallas_kernels.linear.pallas_op import accepts, pallas_gated_linear
-    REGISTRY.register("pallas", pallas_gated_linear, accepts, priority=10)
-
-
-_register_pallas()

@@ -1,10 +1,11 @@
-"""The portable Pallas implementation: layout preparation, custom_vjp over the kernels, and its
-registration (``impl="pallas"``).
+"""The portable Pallas path of the gated linear recurrence: layout, gate terms, custom_vjp.
 
-The custom_vjp covers only the kernels on chunk-layout arrays (q, k, v, cumulative gates b,
-initial state); padding, transposes, the chunk-local cumulative sum of the log gates and
-g + gk are plain jnp around it, so autodiff turns the kernel's dB into dg / dgk (the reverse
-chunk-local cumsum of dB: the standard d(log gate) identity).
+Inputs [B, T, H, D] become head-major [B, H, Tp, D] (T zero-padded to a multiple of the chunk C:
+padded steps have k = 0 and gate 0, so the state passes through them unchanged). The log gate
+g + gk is cumulated per chunk here (``chunk_common.gate_terms``) and the custom_vjp is taken
+over the kernels' inputs (q, k, v, b, b_row, b_total, S0): XLA's autodiff then carries db back
+through the chunk-local cumsum to dg / dgk. The backward recomputes the entering state of every
+chunk with the forward kernel (``emit_states``) and runs the reverse kernel.
 """
 from __future__ import annotations
 
@@ -16,50 +17,77 @@ import jax.numpy as jnp
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear import fwd_kernel
-from pallas_kernels.linear.layout import (ChunkLayout, prepare_gates, prepare_masks,
-                                          to_kernel_time)
-from pallas_kernels.linear.reference import total_log_gate
+from pallas_kernels.linear.chunk_math import ChunkTerms
+from pallas_kernels.linear.kernels import KernelSpec, backward, forward
 
 DEFAULT_CHUNK = 64
-SUB_CHUNK = 16
+SUB_BLOCK = 16   # rows per sub-block of a per-channel gate (diagonal blocks are elementwise)
 
 
-def make_layout(chunk_size: int | None, scale: float, per_channel: bool) -> ChunkLayout:
-    C = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    return ChunkLayout(chunk=C, sub=SUB_CHUNK if C % SUB_CHUNK == 0 else 8, scale=scale,
-                       per_channel=per_channel)
-
-
-def pallas_gated_linear(q, k, v, *, g, gk, scale, initial_state, segment_ids, chunk_size,
-                        interpret: Any = None) -> tuple[jax.Array, jax.Array]:
-    """Same contract as the registry's ``run`` (heads equal); ``interpret`` overrides the
-    platform default (e.g. ``pltpu.InterpretParams()`` for TPU interpret mode)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    lay = make_layout(chunk_size, scale, gk is not None)
-    Tp = cc.num_chunks(T, lay.chunk) * lay.chunk
-    lg = total_log_gate(g, gk, B, T, H, jnp.float32)
-    b, b_aux = prepare_gates(lay, lg, B, T, H, Tp)
-    masks, run_row = prepare_masks(lay, segment_ids, B, T, Tp)
-    s0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
-    qt, kt, vt = (to_kernel_time(x, Tp) for x in (q, k, v))
-    o, final = _chunk_kernels(lay, common.interpret_params() if interpret is None else interpret,
-                              qt, kt, vt, b, b_aux, masks, run_row, s0)
-    return jnp.swapaxes(o, 1, 2)[:, :T], final
-
-
-def _chunk_kernels(lay, interpret, q, k, v, b, b_aux, masks, run_row, s0):
-    o, final, _ = fwd_kernel.forward(lay, q, k, v, b, b_aux, masks, run_row, s0,
-                                     interpret=interpret)
-    return o, final
-
-
-def accepts(q, k, v, *, g, gk, scale, initial_state, segment_ids, chunk_size) -> str | None:
-    if common.platform() == "gpu":
-        return ("the portable kernel runs on TPU (Mosaic) and CPU (interpret); on GPU it would "
-                "need Pallas' deprecated Triton lowering")
-    if chunk_size is not None and chunk_size % 8:
-        return f"chunk_size must be a multiple of 8 for the Pallas kernel, got {chunk_size}"
+def pallas_accepts(q, k, v, *, chunk_size: int | None, **_: Any) -> str | None:
+    """None when the portable kernel runs this call, else the reason."""
+    if common.platform() not in ("cpu", "tpu"):
+        return (f"the portable kernel runs on TPU (Mosaic) and CPU (interpret), not "
+                f"{common.platform()}; a GPU kernel registers separately")
+    if chunk_size is not None and chunk_size % SUB_BLOCK:
+        return f"the Pallas kernel needs chunk_size a multiple of {SUB_BLOCK}, got {chunk_size}"
     return None
+
+
+def kernel_chunk(T: int, chunk_size: int | None) -> int:
+    """The chunk used for length T: ``chunk_size`` (default 64), or one chunk of T rounded up
+    to 16 when that is shorter."""
+    size = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    return min(size, common.round_up(max(T, 1), SUB_BLOCK))
+
+
+def pallas_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state, segment_ids,
+                                  chunk_size: int | None, interpret: Any = None
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """The op through the Pallas kernels (arguments as the registry passes them, heads equal);
+    ``interpret`` overrides the platform default (e.g. ``pltpu.InterpretParams()``).
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32)."""
+    T = q.shape[1]
+    C = kernel_chunk(T, chunk_size)
+    Tp = common.round_up(T, C)
+    hm = lambda x: jnp.swapaxes(cc.pad_time(x, Tp), 1, 2)
+    gate = "channel" if gk is not None else ("scalar" if g is not None else "none")
+    b = b_row = b_total = None
+    if gate != "none":
+        log_gate = hm(gk.astype(jnp.float32)) if gk is not None else 0.0
+        if g is not None:
+            log_gate = log_gate + hm(g.astype(jnp.float32)[..., None])
+        b, b_row, b_total = cc.gate_terms(log_gate, C, scalar=gate == "scalar")
+    r_col, r_row = cc.chunk_run_terms(segment_ids, T, Tp, C)
+    spec = KernelSpec(gate=gate, segments=segment_ids is not None, has_initial=initial_state is not None,
+                      chunk=C, sub=min(SUB_BLOCK, C), scale=float(scale),
+                      interpret=common.interpret_params() if interpret is None else interpret)
+    s0 = None if initial_state is None else initial_state.astype(jnp.float32)
+    o, final = _recurrence(spec, hm(q), hm(k), hm(v), b, b_row, b_total, r_col, r_row, s0)
+    return jnp.swapaxes(o[:, :, :T], 1, 2), final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(spec: KernelSpec, q, k, v, b, b_row, b_total, r_col, r_row, s0):
+    return forward(spec, q, k, v, ChunkTerms(b, b_row, b_total, r_col, r_row), s0)
+
+
+def _recurrence_fwd(spec, q, k, v, b, b_row, b_total, r_col, r_row, s0):
+    out = forward(spec, q, k, v, ChunkTerms(b, b_row, b_total, r_col, r_row), s0)
+    return out, (q, k, v, b, b_row, b_total, r_col, r_row, s0)
+
+
+def _recurrence_bwd(spec, residuals, cotangents):
+    """Gradients w.r.t. (q, k, v, b, b_row, b_total, r_col, r_row, s0). b_row is always b laid
+    out as rows and b_total b's chunk-last step, so db carries b's direct uses (rows included)
+    and db_total all of beta's; autodiff of the layout sums them into the gate gradients."""
+    q, k, v, b, b_row, b_total, r_col, r_row, s0 = residuals
+    do, dfinal = cotangents
+    terms = ChunkTerms(b, b_row, b_total, r_col, r_row)
+    states, _ = forward(spec, q, k, v, terms, s0, emit_states=True)
+    dq, dk, dv, db, db_total, ds0 = backward(spec, q, k, v, terms, states, do, dfinal)
+    zeros_row = None if b_row is None else jnp.zeros_like(b_row)
+    return (dq, dk, dv, db, zeros_row, db_total, None, None, None if s0 is None else ds0)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
