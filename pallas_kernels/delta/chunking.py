@@ -1,36 +1,54 @@
-"""Delta-rule chunk preparation shared by the XLA path and the Pallas kernels.
+"""Delta-rule input layout shared by the XLA path and the Pallas kernels.
 
-Segment resets become a monotone "run id" per step (count of segment starts so far), so two
-steps share a run exactly when no reset lies between them, whatever the raw ids look like.
-The initial state belongs to run 0.
+[B, T, H, D] inputs become head-major [B, H, Tp, D] (T zero-padded to a multiple of the chunk C:
+padded steps have beta = 0, k = 0, g = 0, so they leave the state unchanged), beta and the
+chunk-local cumulative log gate b become float32 columns [B, H, Tp, 1] (b also as rows
+[B, H, N, 1, C]), and segment ids become chunk-local run ids r (``chunk_common``) as columns
+[B, Tp, 1] and rows [B, N, 1, C].
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.delta.reference import segment_starts
 
 DEFAULT_CHUNK = 64
 
 
-def run_ids(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
-    """int32 [B, T]: number of segment starts at or before each step (0 for the first run)."""
-    return jnp.cumsum(segment_starts(segment_ids, B, T).astype(jnp.int32), axis=1)
+class Layout(NamedTuple):
+    q: jax.Array              # [B, H, Tp, K]
+    k: jax.Array              # [B, H, Tp, K]
+    v: jax.Array              # [B, H, Tp, V]
+    beta: jax.Array           # [B, H, Tp, 1] float32
+    b: jax.Array | None       # [B, H, Tp, 1] float32
+    b_row: jax.Array | None   # [B, H, N, 1, C]
+    r_col: jax.Array | None   # [B, Tp, 1] int32
+    r_row: jax.Array | None   # [B, N, 1, C]
 
 
-def pad_time(x: jax.Array, size: int, edge: bool = False) -> jax.Array:
-    """Pad axis 1 (time) to ``size``: zeros, or the last value when ``edge`` (run ids)."""
-    if not edge:
-        return common.pad_axis(x, size, axis=1)
-    extra = size - x.shape[1]
-    return jnp.concatenate([x, jnp.repeat(x[:, -1:], extra, axis=1)], axis=1) if extra else x
+def chunk_for(T: int, chunk_size: int | None) -> int:
+    """The chunk length for T steps: ``chunk_size`` (default 64), but no longer than T rounded
+    up to 16, so a short sequence is not one mostly-padded chunk."""
+    cc.check_chunk_size(chunk_size)
+    return min(DEFAULT_CHUNK if chunk_size is None else chunk_size, common.round_up(T, 16))
 
 
-def resolve_chunk(chunk_size: int | None) -> int:
-    if chunk_size is None:
-        return DEFAULT_CHUNK
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+def to_layout(q, k, v, beta, g, segment_ids, C: int) -> Layout:
+    T = q.shape[1]
+    Tp = common.round_up(T, C)
+    hm = lambda x: common.pad_axis(jnp.swapaxes(x, 1, 2), Tp, axis=2)
+    b = b_row = None
+    if g is not None:
+        b, b_row, _ = cc.gate_terms(hm(g)[..., None], C, scalar=True)
+    r_col, r_row = cc.chunk_run_terms(segment_ids, T, Tp, C)
+    return Layout(hm(q), hm(k), hm(v), hm(beta.astype(jnp.float32))[..., None], b, b_row,
+                  r_col, r_row)
+
+
+def from_head_major(x: jax.Array, T: int) -> jax.Array:
+    """[B, H, Tp, D] -> [B, T, H, D]."""
+    return jnp.swapaxes(x[:, :, :T], 1, 2)

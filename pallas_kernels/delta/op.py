@@ -13,43 +13,36 @@ chunk_size)`` with inputs checked, heads equal (GQA already expanded), ``scale``
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.delta.chunk_xla import chunk_delta_rule_xla
-from pallas_kernels.delta.chunking import resolve_chunk
+from pallas_kernels.delta.chunking import chunk_for
 from pallas_kernels.delta.reference import delta_rule_reference
 
 
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    name: str
-    run: Callable[..., tuple[jax.Array, jax.Array]]
-    accepts: Callable[..., str | None]
-    priority: int
-
-
-_IMPLEMENTATIONS: dict[str, Implementation] = {}
+REGISTRY = cc.Registry("delta rule")
 
 
 def register_implementation(name: str, run: Callable[..., tuple[jax.Array, jax.Array]],
                             accepts: Callable[..., str | None], *, priority: int) -> None:
     """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-    _IMPLEMENTATIONS[name] = Implementation(name, run, accepts, priority)
+    REGISTRY.register(name, run, accepts, priority=priority)
 
 
 def implementations() -> list[str]:
     """Registered implementation names in auto order."""
-    return [i.name for i in sorted(_IMPLEMENTATIONS.values(), key=lambda i: i.priority)]
+    return REGISTRY.names()
 
 
 def _xla_run(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size):
     o, state = chunk_delta_rule_xla(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                    segment_ids=segment_ids, chunk_size=resolve_chunk(chunk_size))
+                                    segment_ids=segment_ids,
+                                    chunk=chunk_for(q.shape[1], chunk_size))
     return o, state.astype(jnp.float32)
 
 
@@ -94,27 +87,10 @@ def chunk_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, 
     [B, H, K, V] float32 if ``output_final_state`` else None).
     """
     q, k, v, scale = _check(q, k, v, beta, g, initial_state, segment_ids, scale)
-    if chunk_size is not None:
-        resolve_chunk(chunk_size)
+    cc.check_chunk_size(chunk_size)
     kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
                   chunk_size=chunk_size)
-    if impl is None:
-        reasons = []
-        for name in implementations():
-            chosen = _IMPLEMENTATIONS[name]
-            reason = chosen.accepts(q, k, v, beta, g, **kwargs)
-            if reason is None:
-                break
-            reasons.append(f"{name}: {reason}")
-        else:
-            raise ValueError("no delta-rule implementation accepts this call: " + "; ".join(reasons))
-    else:
-        if impl not in _IMPLEMENTATIONS:
-            raise ValueError(f"impl must be None (auto) or one of {implementations()}, got {impl!r}")
-        chosen = _IMPLEMENTATIONS[impl]
-        reason = chosen.accepts(q, k, v, beta, g, **kwargs)
-        if reason is not None:
-            raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
+    chosen = REGISTRY.choose(impl, q, k, v, beta, g, **kwargs)
     o, state = chosen.run(q, k, v, beta, g, **kwargs)
     return o, state if output_final_state else None
 
@@ -128,10 +104,8 @@ def recurrent_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
     ``chunk_delta_rule``. One scan over time for every ``impl``; ``chunk_size`` is accepted for
     a uniform signature and unused. Returns (o in q's dtype, float32 state or None)."""
     q, k, v, scale = _check(q, k, v, beta, g, initial_state, segment_ids, scale)
-    if impl is not None and impl not in _IMPLEMENTATIONS:
-        raise ValueError(f"impl must be None (auto) or one of {implementations()}, got {impl!r}")
-    if chunk_size is not None:
-        resolve_chunk(chunk_size)
+    REGISTRY.check_name(impl)
+    cc.check_chunk_size(chunk_size)
     o, state = delta_rule_reference(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                     segment_ids=segment_ids)
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None

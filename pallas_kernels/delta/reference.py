@@ -16,13 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def segment_starts(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
-    """Bool [B, T]: True where step t begins a new segment (t > 0 and its id differs from t-1)."""
-    if segment_ids is None:
-        return jnp.zeros((B, T), bool)
-    differs = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros((B, 1), bool), differs], axis=1)
+from pallas_kernels.chunk_common import segment_starts
 
 
 def delta_rule_reference(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
