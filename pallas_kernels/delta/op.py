@@ -22,6 +22,7 @@ from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.delta.chunk_xla import chunk_delta_rule_xla
 from pallas_kernels.delta.chunking import chunk_for
+from pallas_kernels.delta.pallas_op import pallas_accepts, pallas_chunk_delta_rule
 from pallas_kernels.delta.reference import delta_rule_reference
 
 
@@ -46,6 +47,7 @@ def _xla_run(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size)
     return o, state.astype(jnp.float32)
 
 
+register_implementation("pallas", pallas_chunk_delta_rule, pallas_accepts, priority=10)
 register_implementation("xla", _xla_run, lambda *a, **kw: None, priority=100)
 
 
