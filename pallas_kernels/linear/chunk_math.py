@@ -156,9 +156,14 @@ def chunk_output(q, k, v, S0, t: ChunkTerms, sub: int) -> jax.Array:
 
 
 def chunk_transition(k, v, t: ChunkTerms) -> tuple[jax.Array | None, jax.Array]:
-    """(decay, U) with S1 = decay * S0 + U: decay [1, 1] / [K, 1] (None = 1), U [K, V] float32."""
+    """(decay, U) with S1 = decay * S0 + U: decay [1, 1] / [K, 1] (None = 1), U [K, V] float32.
+
+    With a gate, k * e^{beta - b} is not rounded back to the input dtype: the state feeds every
+    later chunk and the gate gradient's cancellation (rounding it: dg error 7e-3 instead of 1e-3).
+    """
     kw = _times(k.astype(F32), _write_weights(t))
-    return _state_decay(t), _dot_tn(kw.astype(v.dtype), v)
+    mm = v.dtype if t.b is None else F32
+    return _state_decay(t), _dot_tn(kw.astype(mm), v.astype(mm))
 
 
 def apply_transition(S0: jax.Array, decay: jax.Array | None, U: jax.Array) -> jax.Array:
@@ -168,23 +173,28 @@ def apply_transition(S0: jax.Array, decay: jax.Array | None, U: jax.Array) -> ja
 def chunk_backward(q, k, v, do, S0, dS1, t: ChunkTerms, sub: int):
     """(dq, dk, dv, db, db_total, dS0) of one chunk, float32; ``do`` already times ``scale``.
 
-    db / db_total are None without a gate. See the module docstring for the formulas.
+    db / db_total are None without a gate. See the module docstring for the formulas. With a
+    gate, the products that form dq and dk take float32 operands (``gt``): db = q dq - k dk
+    cancels, and bf16-rounded operands there cost dg its accuracy (bf16 case of the tests:
+    dg error 1.8e-2 with them rounded, 1.0e-3 without; see also ``chunk_transition``).
     """
     dt = v.dtype
+    gt = dt if t.b is None else F32
     C = q.shape[0]
     qf, kf = q.astype(F32), k.astype(F32)
     dom = do.astype(dt)
     if gate_kind(t) != "channel":
         w = _scalar_pair_weights(t, C)
         scores = (_dot_nt(q, k) * w).astype(dt)
-        dscores = (_dot_nt(dom, v) * w).astype(dt)
-        dq, dk, dv = _dot(dscores, k), _dot_tn(dscores, q), _dot_tn(scores, dom)
+        dscores = (_dot_nt(dom, v) * w).astype(gt)
+        dq, dk = _dot(dscores, k.astype(gt)), _dot_tn(dscores, q.astype(gt))
+        dv = _dot_tn(scores, dom)
     else:
-        dq, dk, dv = _channel_intra_backward(qf, kf, v, dom, t, sub)
+        dq, dk, dv = _channel_intra_backward(qf, kf, v, dom, t, sub, gt)
     reads, writes = _read_weights(t), _write_weights(t)
     decay, U = chunk_transition(k, v, t)
-    dq = dq + _times(_dot_nt(dom, S0.astype(dt)), reads)
-    dk = dk + _times(_dot_nt(v, dS1.astype(dt)), writes)
+    dq = dq + _times(_dot_nt(dom.astype(gt), S0.astype(gt)), reads)
+    dk = dk + _times(_dot_nt(v.astype(gt), dS1.astype(gt)), writes)
     dv = dv + _dot(_times(kf, writes).astype(dt), dS1.astype(dt))
     dS0 = apply_transition(dS1, decay, _dot_tn(_times(qf, reads).astype(dt), dom))
     if t.b is None:
@@ -199,8 +209,9 @@ def chunk_backward(q, k, v, do, S0, dS1, t: ChunkTerms, sub: int):
     return dq, dk, dv, db, db_total, dS0
 
 
-def _channel_intra_backward(qf, kf, v, dom, t: ChunkTerms, sub: int):
-    """In-chunk parts of dq, dk, dv for a per-channel gate, sub-block by sub-block."""
+def _channel_intra_backward(qf, kf, v, dom, t: ChunkTerms, sub: int, gt):
+    """In-chunk parts of dq, dk, dv for a per-channel gate, sub-block by sub-block (dq and dk
+    from ``gt`` operands)."""
     dt = v.dtype
     C = qf.shape[0]
     dqs, dks, dvs = [], [], []
@@ -216,7 +227,7 @@ def _channel_intra_backward(qf, kf, v, dom, t: ChunkTerms, sub: int):
             anchor = t.b[lo - 1:lo]
             kh = kf[:lo] * jnp.exp(anchor - t.b[:lo])
             d_off = _masked(_dot_nt(dom[lo:hi], v[:lo]), _seg_rows(t, lo, hi, 0, lo))
-            dq_i = dq_i + jnp.exp(t.b[lo:hi] - anchor) * _dot(d_off.astype(dt), kh.astype(dt))
+            dq_i = dq_i + jnp.exp(t.b[lo:hi] - anchor) * _dot(d_off.astype(gt), kh.astype(gt))
         if hi < C:  # column form: t in later sub-blocks, anchor a = b_{hi-1}
             anchor = t.b[hi - 1:hi]
             qh = qf[hi:] * jnp.exp(t.b[hi:] - anchor)
@@ -224,7 +235,7 @@ def _channel_intra_backward(qf, kf, v, dom, t: ChunkTerms, sub: int):
             seg = _seg_rows(t, hi, C, lo, hi)
             d_off = _masked(_dot_nt(dom[hi:], v[lo:hi]), seg)                 # [C - hi, c]
             a_off = _masked(_dot_nt(qh.astype(dt), kh.astype(dt)), seg)
-            dk_i = dk_i + jnp.exp(anchor - t.b[lo:hi]) * _dot_tn(d_off.astype(dt), qh.astype(dt))
+            dk_i = dk_i + jnp.exp(anchor - t.b[lo:hi]) * _dot_tn(d_off.astype(gt), qh.astype(gt))
             dv_i = dv_i + _dot_tn(a_off.astype(dt), dom[hi:])
         dqs.append(dq_i)
         dks.append(dk_i)

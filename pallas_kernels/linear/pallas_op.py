@@ -22,6 +22,7 @@ from pallas_kernels.linear.kernels import KernelSpec, backward, forward
 
 DEFAULT_CHUNK = 64
 SUB_BLOCK = 16   # rows per sub-block of a per-channel gate (diagonal blocks are elementwise)
+ALIGN = 8        # chunks are multiples of 8 rows (Mosaic TPU sublanes)
 
 
 def pallas_accepts(q, k, v, *, chunk_size: int | None, **_: Any) -> str | None:
@@ -29,16 +30,16 @@ def pallas_accepts(q, k, v, *, chunk_size: int | None, **_: Any) -> str | None:
     if common.platform() not in ("cpu", "tpu"):
         return (f"the portable kernel runs on TPU (Mosaic) and CPU (interpret), not "
                 f"{common.platform()}; a GPU kernel registers separately")
-    if chunk_size is not None and chunk_size % SUB_BLOCK:
-        return f"the Pallas kernel needs chunk_size a multiple of {SUB_BLOCK}, got {chunk_size}"
+    if chunk_size is not None and chunk_size % ALIGN:
+        return f"the Pallas kernel needs chunk_size a multiple of {ALIGN}, got {chunk_size}"
     return None
 
 
 def kernel_chunk(T: int, chunk_size: int | None) -> int:
     """The chunk used for length T: ``chunk_size`` (default 64), or one chunk of T rounded up
-    to 16 when that is shorter."""
+    to 8 when that is shorter."""
     size = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    return min(size, common.round_up(max(T, 1), SUB_BLOCK))
+    return min(size, common.round_up(max(T, 1), ALIGN))
 
 
 def pallas_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state, segment_ids,
@@ -60,7 +61,7 @@ def pallas_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state
         b, b_row, b_total = cc.gate_terms(log_gate, C, scalar=gate == "scalar")
     r_col, r_row = cc.chunk_run_terms(segment_ids, T, Tp, C)
     spec = KernelSpec(gate=gate, segments=segment_ids is not None, has_initial=initial_state is not None,
-                      chunk=C, sub=min(SUB_BLOCK, C), scale=float(scale),
+                      chunk=C, sub=SUB_BLOCK if C % SUB_BLOCK == 0 else ALIGN, scale=float(scale),
                       interpret=common.interpret_params() if interpret is None else interpret)
     s0 = None if initial_state is None else initial_state.astype(jnp.float32)
     o, final = _recurrence(spec, hm(q), hm(k), hm(v), b, b_row, b_total, r_col, r_row, s0)
