@@ -8,7 +8,14 @@ import pytest
 from flax import nnx
 
 import attnlab.layers as layers
+from attnlab.layers.hybrid import HybridAttention
+from attnlab.layers.recurrent import RecurrentAttention
 from kernel_utils import assert_close, normal
+from pallas_kernels import delta, linear, sparse
+
+PALLAS_READY = {"linear": "pallas" in linear.REGISTRY.names(),
+                "delta": "pallas" in delta.implementations(),
+                "sparse": "pallas" in sparse.implementations()}
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM = 32, 2, 1, 16
 BATCH, T = 1, 21
@@ -20,6 +27,12 @@ OPTIONS = {
     "nsa": {"block_size": 8, "top_k": 1, "window": 6},
 }
 NAMES = sorted(layers.available_attention())
+
+
+def ops_used(layer) -> tuple[str, ...]:
+    if isinstance(layer, RecurrentAttention):
+        return (layer.rule,)
+    return ("linear", "sparse") if isinstance(layer, HybridAttention) else ("sparse",)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -40,6 +53,11 @@ def test_kernel_path_equals_xla_path(name):
         (_, y), (g_params, g_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
         return y, g_x, nnx.state(g_params, nnx.Param)
 
+    probe = layers.make_attention(name, d_model=D_MODEL, num_heads=HEADS, rngs=nnx.Rngs(0),
+                                  **OPTIONS.get(name, {}))
+    missing = [op for op in ops_used(probe) if not PALLAS_READY[op]]
+    if missing:
+        pytest.skip(f"no Pallas implementation of pallas_kernels.{missing[0]} registered yet")
     y_k, gx_k, gp_k = run("pallas")
     y_x, gx_x, gp_x = run("xla")
     assert_close(y_k, y_x, 1e-4, f"{name} output")

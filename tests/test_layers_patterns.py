@@ -13,7 +13,7 @@ from attnlab.models import DecoderLM
 VOCAB = 29
 
 
-@pytest.mark.parametrize("pattern", ["LLLS", "GMEH", "RTDB", "WN"])
+@pytest.mark.parametrize("pattern", ["LS", "GH", "EN"])  # linear + softmax mixes, 2 layers
 def test_pattern_builds_and_one_step_lowers_the_loss(pattern):
     options = {"moba": {"block_size": 4, "top_k": 1}, "nsa": {"block_size": 4, "top_k": 1,
                                                               "window": 4},
@@ -22,7 +22,7 @@ def test_pattern_builds_and_one_step_lowers_the_loss(pattern):
     for name in ("linear", "gla", "mamba2", "gated_deltanet", "retnet", "lightning", "deltanet",
                  "softmax"):
         options[name] = {"impl": "xla"}
-    model = DecoderLM(vocab_size=VOCAB, d_model=16, num_layers=4, num_heads=2, mlp_dim=24,
+    model = DecoderLM(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, mlp_dim=24,
                       pattern=pattern, attention_options=options, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, VOCAB)
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
