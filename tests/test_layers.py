@@ -167,10 +167,10 @@ def test_bad_options_are_clear_errors(name, options, match):
         build(name, options)
 
 
-def test_bfloat16_compute_runs_and_stays_close():
+@pytest.mark.parametrize("name", sorted(layers.available_attention()))
+def test_bfloat16_compute_stays_close_to_float32(name):
+    options = FAMILY_OPTIONS.get(name, {})
     x = inputs(11)
-    f32 = build("gla", {})
-    bf16 = build("gla", {}, dtype=jnp.bfloat16)
-    y = bf16(x.astype(jnp.bfloat16))
+    y = build(name, options, dtype=jnp.bfloat16)(x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
-    assert_close(y, f32(x), 5e-2, "bf16 compute vs f32")
+    assert_close(y, build(name, options)(x), 5e-2, f"{name} bf16 compute vs f32")
