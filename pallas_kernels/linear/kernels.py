@@ -13,7 +13,7 @@ VMEM scratch for the whole sweep over a head's chunks; HBM sees only the chunk i
 
 Blocks: q/k/v/o [C, D] of head-major [B, H, Tp, D]; per-step gate columns [C, X]; rows
 [1, C]; states [K, V]: the trailing two dims of every block are either full or (C, D) with C a
-multiple of 16, as Mosaic TPU requires.
+multiple of 8, as Mosaic TPU requires.
 """
 from __future__ import annotations
 
