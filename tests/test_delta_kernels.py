@@ -19,8 +19,12 @@ def _kernel_outputs_and_grads(case, chunk, interpret=None):
             inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs.get("g"),
             scale=case.q.shape[-1] ** -0.5, initial_state=inputs.get("initial_state"),
             segment_ids=case.segment_ids, chunk_size=chunk, interpret=interpret)
-    (o, s), vjp = jax.vjp(run, case.inputs())
-    return (o, s), vjp((case.do, case.ds))[0]
+    @jax.jit
+    def outputs_and_grads(inputs, do, ds):
+        (o, s), vjp = jax.vjp(run, inputs)
+        return (o, s), vjp((do, ds))[0]
+
+    return outputs_and_grads(case.inputs(), case.do, case.ds)
 
 
 def _check_against_oracle(case, chunk, interpret=None, tol=TOL_F32):

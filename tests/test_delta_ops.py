@@ -26,9 +26,10 @@ FORWARD_CASES = {
 def test_chunk_forward_matches_oracle(impl, name):
     seed, B, T, H, K, V, opts, chunk = FORWARD_CASES[name]
     case = make_case(seed, B, T, H, K, V, **opts)
-    o, s = chunk_delta_rule(case.q, case.k, case.v, case.beta, g=case.g,
-                            initial_state=case.initial_state, segment_ids=case.segment_ids,
-                            output_final_state=True, chunk_size=chunk, impl=impl)
+    run = jax.jit(lambda q, k, v, beta, g, s0, seg: chunk_delta_rule(
+        q, k, v, beta, g=g, initial_state=s0, segment_ids=seg, output_final_state=True,
+        chunk_size=chunk, impl=impl))
+    o, s = run(case.q, case.k, case.v, case.beta, case.g, case.initial_state, case.segment_ids)
     ref_o, ref_s = oracle(case)
     assert o.dtype == case.q.dtype and s.dtype == jnp.float32
     assert_close(o, ref_o, TOL_F32, "o")

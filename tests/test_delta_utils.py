@@ -86,8 +86,12 @@ def op_outputs_and_grads(fn, case: Case, **kwargs):
                   initial_state=inputs.get("initial_state"), segment_ids=case.segment_ids,
                   output_final_state=True, **kwargs)
 
-    (o, s), vjp = jax.vjp(run, case.inputs())
-    return (o, s), vjp((case.do.astype(o.dtype), case.ds))[0]
+    @jax.jit  # one compiled program: interpret-mode kernels run op by op when eager
+    def outputs_and_grads(inputs, do, ds):
+        (o, s), vjp = jax.vjp(run, inputs)
+        return (o, s), vjp((do.astype(o.dtype), ds))[0]
+
+    return outputs_and_grads(case.inputs(), case.do, case.ds)
 
 
 def numpy_delta_rule(q, k, v, beta, g, s0, seg, scale):
