@@ -98,11 +98,12 @@ def test_chunk_backward_matches_autodiff(gate, C, sub):
 
 @pytest.mark.parametrize("gate", ["g", "gk"])
 def test_tpu_interpret_mode(gate):
-    """Mosaic TPU interpret mode: (C, D) tiles with C a multiple of 8, [1, C] rows, [K, V]
-    states are legal blocks; no races between grid steps; unwritten memory is NaN, so every
+    """Mosaic TPU interpret mode (two chunks of 32, so per-channel gates use the sub-block row
+    and column forms): (C, D) tiles with C a multiple of 8, [1, C] rows, [K, V] states are legal
+    blocks; no races between grid steps; unwritten memory is NaN, so every
     output block (o, final state, dq, dk, dv, db, dS0) must be written."""
     case = make_case(30, T=40, H=2, K=16, V=128, gate=gate, state=True, segments=True)
-    _check_against_oracle(case, 16, pltpu.InterpretParams(detect_races=True,
+    _check_against_oracle(case, 32, pltpu.InterpretParams(detect_races=True,
                                                          uninitialized_memory="nan"))
 
 
