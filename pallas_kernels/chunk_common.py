@@ -2,13 +2,11 @@
 chunk-local cumulative log gates, and the one-place registry of implementations.
 
 Conventions. A sequence of length T is cut into N = ceil(T / C) chunks of C steps (padded at
-the end). Segment resets are expressed as a monotone *run id* per step,
-
-    run_t = #{s <= t : s > 0 and segment_ids[s] != segment_ids[s-1]},
-
-so steps i, j (j <= i) interact exactly when run_i == run_j, whatever the raw ids look like;
-the initial state belongs to run 0. This keeps log gates finite (a reset is a mask, not a
--inf gate), so cumulative sums never meet inf - inf.
+the end). Segment resets are expressed as chunk-local *run ids* (``chunk_run_terms``: segment
+starts in the chunk up to and including the step), so steps i, j of a chunk interact exactly
+when their run ids agree, whatever the raw ids look like, and run 0 is the run of the state
+entering the chunk. This keeps log gates finite (a reset is a mask, not a -inf gate), so
+cumulative sums never meet inf - inf.
 
 Log gates are accumulated *per chunk* (the anchor is the state entering the chunk):
 B_i = sum_{s <= i, s in chunk} lg_s <= 0, so exp(B_i) and exp(B_i - B_j) for j <= i never
@@ -33,42 +31,15 @@ def segment_starts(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
     return jnp.concatenate([jnp.zeros((B, 1), bool), differs], axis=1)
 
 
-def run_ids(segment_ids: jax.Array | None, B: int, T: int) -> jax.Array:
-    """int32 [B, T]: number of segment starts at or before each step (0 for the first run)."""
-    return jnp.cumsum(segment_starts(segment_ids, B, T).astype(jnp.int32), axis=1)
-
-
-def pad_time(x: jax.Array, size: int, edge: bool = False) -> jax.Array:
-    """Pad axis 1 (time) to ``size``: zeros, or the last value when ``edge`` (run ids)."""
-    if not edge:
-        return common.pad_axis(x, size, axis=1)
-    extra = size - x.shape[1]
-    return jnp.concatenate([x, jnp.repeat(x[:, -1:], extra, axis=1)], axis=1) if extra else x
-
-
-def num_chunks(T: int, chunk_size: int) -> int:
-    return -(-T // chunk_size)
+def pad_time(x: jax.Array, size: int) -> jax.Array:
+    """Zero-pad axis 1 (time) to ``size``."""
+    return common.pad_axis(x, size, axis=1)
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def chunk_runs(run: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Segment masks of a chunk layout from padded run ids ``run`` [B, N*C].
-
-    Returns float32 (in_entry [B, N, C]: step is still in the run of the state entering its
-    chunk; to_end [B, N, C]: step is in the run of its chunk's last step; carry [B, N]: the
-    entering state survives to the chunk end).
-    """
-    B, Tp = run.shape
-    r = run.reshape(B, Tp // chunk_size, chunk_size)
-    entry = jnp.concatenate([r[:, :1, 0], r[:, :-1, -1]], axis=1)  # run of the step before
-    in_entry = (r == entry[..., None]).astype(jnp.float32)
-    to_end = (r == r[..., -1:]).astype(jnp.float32)
-    return in_entry, to_end, in_entry[..., -1]
 
 
 def chunk_cumsum(log_gate: jax.Array, chunk_size: int, axis: int) -> jax.Array:
@@ -79,11 +50,6 @@ def chunk_cumsum(log_gate: jax.Array, chunk_size: int, axis: int) -> jax.Array:
     n = shape[axis] // chunk_size
     x = log_gate.reshape(shape[:axis] + (n, chunk_size) + shape[axis + 1:])
     return jnp.cumsum(x, axis=axis + 1).reshape(shape)
-
-
-def reverse_chunk_cumsum(x: jax.Array, chunk_size: int, axis: int) -> jax.Array:
-    """Adjoint of ``chunk_cumsum``: y_s = sum_{i >= s in the same chunk} x_i."""
-    return jnp.flip(chunk_cumsum(jnp.flip(x, axis), chunk_size, axis), axis)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,22 +18,14 @@ import jax.numpy as jnp
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.pallas_op import pallas_accepts, pallas_gated_linear_attention
-from pallas_kernels.linear.reference import chunk_gated_linear_xla, gated_linear_reference
-
-XLA_CHUNK = 64
+from pallas_kernels.linear.chunk_xla import chunk_gated_linear_xla
+from pallas_kernels.linear.reference import gated_linear_reference
 
 REGISTRY = cc.Registry("gated linear attention")
 
 
-def _xla_run(q, k, v, *, g, gk, scale, initial_state, segment_ids, chunk_size):
-    o, state = chunk_gated_linear_xla(q, k, v, g=g, gk=gk, scale=scale,
-                                      initial_state=initial_state, segment_ids=segment_ids,
-                                      chunk_size=XLA_CHUNK if chunk_size is None else chunk_size)
-    return o, state.astype(jnp.float32)
-
-
 REGISTRY.register("pallas", pallas_gated_linear_attention, pallas_accepts, priority=10)
-REGISTRY.register("xla", _xla_run, lambda *a, **kw: None, priority=100)
+REGISTRY.register("xla", chunk_gated_linear_xla, lambda *a, **kw: None, priority=100)
 
 
 def _check(q, k, v, g, gk, initial_state, segment_ids, scale, chunk_size):
