@@ -54,11 +54,11 @@ register_implementation("xla", _xla_run, lambda *a, **kw: None, priority=100)
 def _check(q, k, v, beta, g, initial_state, segment_ids, scale):
     """Validate inputs; return (q, k, v with k/v heads expanded to q heads, scale as float)."""
     B, T, H, Hkv, K, V = common.check_qkv(q, k, v)
+    if beta is None:
+        raise ValueError("beta [batch, time, heads] is required")
     for name, x in (("beta", beta), ("g", g)):
-        if x is None and name == "g":
-            continue
         if x is None:
-            raise ValueError("beta [batch, time, heads] is required")
+            continue
         common.check_rank(name, x, 3, "[batch, time, heads]")
         common.check_float(name, x)
         common.check_shape(name, x, (B, T, H), "[batch, time, heads] with q's heads")
