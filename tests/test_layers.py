@@ -28,11 +28,9 @@ FAMILY_OPTIONS = {
 }
 VARIANTS = [
     ("softmax", {"window": 6, "logits_soft_cap": 2.0}),
-    ("linear", {"feature_map": "identity", "short_conv": True, "output_gate": True}),
+    ("linear", {"feature_map": "silu", "key_dim": 4, "short_conv": True, "output_gate": True}),
     ("linear", {"feature_map": "relu", "normalization": "sum"}),
     ("linear", {"feature_map": "hedgehog", "normalization": "none"}),
-    ("linear", {"feature_map": "silu", "key_dim": 4}),
-    ("gla", {"short_conv": True}),
 ]
 CASES = ([(name, FAMILY_OPTIONS.get(name, {})) for name in layers.available_attention()]
          + VARIANTS)
@@ -98,12 +96,13 @@ def test_decode_equals_forward(name, options):
     full = layer(x)
     cache = layer.init_cache(BATCH, T)
     outs = []
-    y, cache = layer.decode(x[:, :4], cache)                 # prefill
+    # Lengths 5, 1, 5 (and 8 in the next test): few distinct shapes keep compilation cheap.
+    y, cache = layer.decode(x[:, :5], cache)                  # prefill
     outs.append(y)
-    for t in range(4, 10):                                    # single steps
+    for t in range(5, 8):                                     # single steps
         y, cache = layer.decode(x[:, t:t + 1], cache)
         outs.append(y)
-    y, cache = layer.decode(x[:, 10:], cache)                 # several new tokens at once
+    y, cache = layer.decode(x[:, 8:], cache)                  # several new tokens at once
     outs.append(y)
     assert_close(jnp.concatenate(outs, axis=1), full, TOL, f"{name} decode vs forward")
 
@@ -111,7 +110,7 @@ def test_decode_equals_forward(name, options):
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_packed_documents_equal_separate(name, options):
     layer = build(name, options)
-    first, second = 8, 9  # the first document is whole blocks long (sparse layers' contract)
+    first, second = 8, T - 8  # the first document is whole blocks (sparse layers' contract)
     x = inputs(6, first + second)
     seg = jnp.concatenate([jnp.full((BATCH, first), 3), jnp.full((BATCH, second), 7)], axis=1)
     packed = layer(x, segment_ids=seg.astype(jnp.int32))
@@ -120,7 +119,7 @@ def test_packed_documents_equal_separate(name, options):
 
 
 def test_moba_with_every_block_selected_is_causal_softmax():
-    x = inputs(8, 17)
+    x = inputs(8)
     dense = build("softmax", {})
     everything = build("moba", {"block_size": 4, "top_k": 8})
     few = build("moba", {"block_size": 4, "top_k": 1})
