@@ -2,7 +2,9 @@
 
 Keys are cut into blocks of ``block_size`` tokens, summarised by their mean k̄_j (and v̄_j).
 Query block i (tokens i*bs .. i*bs+bs-1) picks its key blocks with its first query q_a, the
-block's anchor, so the choice never depends on a later token and decoding reproduces it:
+block's anchor, so the choice never depends on a later token and decoding reproduces it
+(``pallas_kernels.sparse.select_blocks`` scores with the mean query of the block, which reads
+later tokens of the block; the layers therefore make their own causal choice):
 
   MoBA (Lu et al. 2025):  score_hij = q_a,h . k̄_j for complete earlier blocks j < i (same
       document); the top_k blocks per head plus block i itself (causal inside) are attended:
