@@ -1,0 +1,250 @@
+"""Hopper (Mosaic GPU) forward kernel of the scalar-gate chunkwise linear recurrence.
+
+Per batch row and head, state S [K, V] float32, log gate g_t <= 0 per step (or none):
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t,        o_t = scale · q_t S_t
+
+Chunks of C = 64 steps are processed in order by one CTA (one warpgroup) per (V block, head,
+batch). With b_i = sum_{s <= i in the chunk} g_s (the chunk-local cumulative log gate, <= 0, so
+every exponent below is <= 0 and nothing overflows) and S the state entering the chunk:
+
+    A      = (q k^T) ⊙ D,        D_ij = exp(b_i - b_j) for j <= i, else 0        [C, C]
+    o      = scale · ( A v + diag(exp(b)) (q S) )                                   [C, Vb]
+    S_next = exp(b_{C-1}) S + k^T (diag(exp(b_{C-1} - b)) v)                        [K, Vb]
+
+All four products run on the tensor cores (``wgmma``, bf16 operands from shared memory, float32
+accumulators in registers): q k^T and q S (a bf16 copy of S), then A v (A written to shared
+memory) and k^T (decayed v) (a transposed view of the k tile). S stays in registers (float32)
+across chunks. q, k, v tiles and the chunk's b arrive by TMA, double-buffered, so chunk n+1
+loads while chunk n computes; o leaves by TMA.
+
+Scope: scalar gate g or none, no per-channel gate, K in {64, 128}, V a multiple of 64, bf16
+q/k/v, no segment_ids, no initial_state, default chunk; ``mosaic_gpu_accepts`` declines every
+other call (the op then falls back). Forward only: the gradient is the VJP of the chunked XLA
+path (``chunk_xla``), which recomputes its own forward.
+
+CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernel on CPU. The
+interpreter has no ``run_state`` and no register-operand wgmma, so under it each product goes to
+a fresh accumulator that is added afterwards; compiled, the products accumulate in place.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import chunk_common as cc
+from pallas_kernels import common
+from pallas_kernels.linear.chunk_xla import chunk_gated_linear_xla
+
+try:  # the Mosaic GPU front end of Pallas; its API moves between jax versions
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pl = plgpu = None
+
+CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
+V_BLOCK = 64        # value columns per CTA: the S block [K, 64] f32 is 32-64 registers a thread
+STAGES = 2          # TMA buffering depth of the q, k, v, b tiles
+HEAD_DIMS = (64, 128)
+_SWIZZLE = 128      # bytes: 64 bf16 per swizzled row segment
+
+
+def _tiled_smem(shape, dtype):
+    """SMEM tile laid out for TMA and wgmma: (8, 64) tiles of bf16 with a 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, _SWIZZLE // 2)),
+                                                plgpu.SwizzleTransform(_SWIZZLE)))
+
+
+def _products(inits, operands, interpret: bool):
+    """``init + a @ b`` for each (init, (a, b)), the wgmmas issued back to back; returns the
+    results once all are done. ``a`` and ``b`` are SMEM refs (``b`` may be a transposed view)."""
+    shapes = [x.shape for x in inits]
+    if interpret:
+        def body(*accs):
+            for acc, (a, b) in zip(accs, operands):
+                plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        fresh = pl.run_scoped(body, *[plgpu.ACC(s) for s in shapes])
+        return tuple(x + f for x, f in zip(inits, fresh))
+
+    def body(accs):
+        for acc, (a, b) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+    return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+
+
+def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, interpret: bool,
+                    q_ref, k_ref, v_ref, b_ref, o_ref, state_ref, q_smem, k_smem, v_smem,
+                    bc_smem, br_smem, a_smem, vd_smem, s_smem, o_smem, sf_smem, loaded):
+    """One CTA: V block ``vb``, head ``h``, batch row ``bi``; loops over the chunks in order."""
+    vb, h, bi = (jax.lax.axis_index(n) for n in ("vblock", "heads", "batch"))
+    K, C, Vb = q_smem.shape[-1], CHUNK, v_block
+    v_cols = pl.ds(vb * Vb, Vb)
+    wgmma_layout = plgpu.Layout.WGMMA
+    zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), wgmma_layout)
+
+    def issue_loads(n, slot):
+        rows = pl.ds(n * C, C)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], loaded.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem.at[slot], loaded.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h, v_cols], v_smem.at[slot], loaded.at[slot])
+        if gated:  # b twice: one buffer per register layout (column, row) it is read in
+            for b_smem in (bc_smem, br_smem):
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], b_smem.at[slot], loaded.at[slot])
+
+    for n in range(min(STAGES, num_chunks)):
+        issue_loads(n, n)
+    s_smem[...] = zeros(s_smem.shape).astype(s_smem.dtype)
+    plgpu.commit_smem()
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma_layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma_layout)
+    causal = row >= col
+
+    def chunk_step(n, state):
+        slot = jax.lax.rem(n, STAGES)
+        plgpu.barrier_wait(loaded.at[slot])
+        q_tile, k_tile, v_tile = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot]
+        scores, o = _products((zeros((C, C)), zeros((C, Vb))),
+                              ((q_tile, k_tile.transpose((1, 0))), (q_tile, s_smem)), interpret)
+        v_val = plgpu.load(v_tile, layout=wgmma_layout).astype(jnp.float32)
+        if gated:
+            b_col = plgpu.load(bc_smem.at[slot], layout=wgmma_layout.reduce(1))
+            b_row = plgpu.load(br_smem.at[slot], layout=wgmma_layout.reduce(0))
+            b_last = bc_smem[slot, C - 1]
+            diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
+                    - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
+            scores = scores * jnp.exp(jnp.where(causal, diff, 0.0))
+            o = o * jax.lax.broadcast_in_dim(scale * jnp.exp(b_col), (C, Vb), [0])
+            v_val = v_val * jax.lax.broadcast_in_dim(jnp.exp(b_last - b_col), (C, Vb), [0])
+            state = state * jnp.exp(b_last)
+        else:
+            o = o * scale
+        a_smem[...] = jnp.where(causal, scores * scale, 0.0).astype(a_smem.dtype)
+        vd_smem[...] = v_val.astype(vd_smem.dtype)
+        plgpu.commit_smem()
+        o, state = _products((o, state), ((a_smem, v_tile), (k_tile.transpose((1, 0)), vd_smem)),
+                             interpret)
+
+        @pl.when(n + STAGES < num_chunks)  # every read of this slot is done: refill it
+        def _():
+            issue_loads(n + STAGES, slot)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left o_smem
+        o_smem[...] = o.astype(o_smem.dtype)
+        s_smem[...] = state.astype(s_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, pl.ds(n * C, C), h, v_cols])
+        return state
+
+    state = jax.lax.fori_loop(0, num_chunks, chunk_step, zeros((K, Vb)))
+    sf_smem[...] = state
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sf_smem, state_ref.at[bi, h, :, v_cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpret: Any = None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of CHUNK;
+    b [B, H, Tp] float32 chunk-local cumulative log gates, or None (no gate).
+    Returns (o [B, Tp, H, V] bf16, final state [B, H, K, V] float32)."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    gated = b is not None
+    b = b if gated else jnp.zeros((1, 1, CHUNK), jnp.float32)  # a placeholder never read
+    body = functools.partial(_forward_kernel, Tp // CHUNK, scale, gated, v_block,
+                             interpret is not None)
+    tile = lambda rows, cols: _tiled_smem((rows, cols), q.dtype)
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
+        scratch_types=[
+            _tiled_smem((STAGES, CHUNK, K), q.dtype),        # q
+            _tiled_smem((STAGES, CHUNK, K), q.dtype),        # k
+            _tiled_smem((STAGES, CHUNK, v_block), q.dtype),  # v
+            plgpu.SMEM((STAGES, CHUNK), jnp.float32),        # b, read as a column
+            plgpu.SMEM((STAGES, CHUNK), jnp.float32),        # b, read as a row
+            tile(CHUNK, CHUNK),                              # masked, decayed scores A
+            tile(CHUNK, v_block),                            # decayed v
+            tile(K, v_block),                                # S in bf16 (for q S)
+            tile(CHUNK, v_block),                            # o
+            plgpu.SMEM((K, v_block), jnp.float32),           # final S
+            plgpu.Barrier(num_arrivals=5 if gated else 3, num_barriers=STAGES),
+        ],
+        grid=(V // v_block, H, B),
+        grid_names=("vblock", "heads", "batch"),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, v, b)
+
+
+def _forward(q, k, v, g, scale: float, interpret: Any):
+    """[B, T, H, *] inputs -> (o [B, T, H, V], final state); pads T to whole chunks (padded
+    steps have k = 0 and gate 0, so the state passes through them unchanged)."""
+    T = q.shape[1]
+    Tp = common.round_up(T, CHUNK)
+    pad = lambda x: cc.pad_time(x, Tp)
+    b = None
+    if g is not None:
+        b = cc.chunk_cumsum(jnp.swapaxes(pad(g.astype(jnp.float32)), 1, 2), CHUNK, axis=2)
+    o, state = forward_padded(pad(q), pad(k), pad(v), b, scale=scale, interpret=interpret)
+    return o[:, :T], state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _recurrence(q, k, v, g, scale, interpret):
+    return _forward(q, k, v, g, scale, interpret)
+
+
+def _recurrence_fwd(q, k, v, g, scale, interpret):
+    return _forward(q, k, v, g, scale, interpret), (q, k, v, g)
+
+
+def _recurrence_bwd(scale, interpret, residuals, cotangents):
+    """Gradients through the chunked XLA path (same math; its forward is recomputed)."""
+    del interpret
+    xla = lambda q, k, v, g: chunk_gated_linear_xla(q, k, v, g=g, gk=None, scale=scale,
+                                                    initial_state=None, segment_ids=None,
+                                                    chunk_size=CHUNK)
+    _, vjp = jax.vjp(xla, *residuals)
+    return vjp(cotangents)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def mosaic_gpu_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state,
+                                      segment_ids, chunk_size: int | None,
+                                      interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The op through the Hopper kernel (registry contract; call only where
+    ``mosaic_gpu_accepts`` returned None). ``interpret``: e.g. ``plgpu.InterpretGPUParams()``
+    to run on CPU. Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32)."""
+    del gk, initial_state, segment_ids, chunk_size  # declined by mosaic_gpu_accepts
+    return _recurrence(q, k, v, g, float(scale), interpret)
+
+
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def mosaic_gpu_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size,
+                       **_: Any) -> str | None:
+    """None when the Hopper kernel runs this call, else the reason it declines."""
+    if plgpu is None:
+        return "this jax has no Pallas Mosaic GPU front end"
+    if not _is_hopper():
+        return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x)"
+    reasons = [
+        (gk is not None, "per-channel gates gk are not supported"),
+        (segment_ids is not None, "segment_ids are not supported"),
+        (initial_state is not None, "initial_state is not supported"),
+        (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
+        (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
+        (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),
+        (v.shape[-1] % V_BLOCK != 0, f"value dim must be a multiple of {V_BLOCK}"),
+    ]
+    return next((reason for failed, reason in reasons if failed), None)
