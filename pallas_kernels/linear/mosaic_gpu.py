@@ -109,10 +109,10 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
         q_tile, k_tile, v_tile = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot]
         scores, o = _products((zeros((C, C)), zeros((C, Vb))),
                               ((q_tile, k_tile.transpose((1, 0))), (q_tile, s_smem)), interpret)
-        v_val = plgpu.load(v_tile, layout=wgmma_layout).astype(jnp.float32)
+        v_val = plgpu.layout_cast(v_tile[...], wgmma_layout).astype(jnp.float32)
         if gated:
-            b_col = plgpu.load(bc_smem.at[slot], layout=wgmma_layout.reduce(1))
-            b_row = plgpu.load(br_smem.at[slot], layout=wgmma_layout.reduce(0))
+            b_col = plgpu.layout_cast(bc_smem[slot], wgmma_layout.reduce(1))
+            b_row = plgpu.layout_cast(br_smem[slot], wgmma_layout.reduce(0))
             b_last = bc_smem[slot, C - 1]
             diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
                     - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
