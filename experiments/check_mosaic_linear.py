@@ -1,0 +1,143 @@
+"""GPU check of the Hopper (Mosaic GPU) linear-recurrence forward kernel: correct, then timed.
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t,      o_t = scale · q_t S_t      (g scalar per head / step)
+
+For each case (bf16 inputs, gate "g" or "none"): the kernel's output and final state against the
+float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs; relative L2 error,
+NaN/inf fails; device memory is filled with NaN and freed just before the checked call, so an
+output element the kernel never writes most likely shows up as NaN), then the forward time of
+the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of repeated samples after
+warm-up, the method of the anchor figures in DESIGN.md), and forward+backward at the anchor
+(the kernel's backward is the XLA path's VJP). Each case runs on its own: a failure is printed
+and the next case goes on. Prints a table; writes ``check_mosaic_linear.json`` into ``--out``.
+
+    python -m experiments.check_mosaic_linear --out experiments/results [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_common as bc
+from pallas_kernels.linear import chunk_gated_linear_attention, mosaic_gpu
+from pallas_kernels.linear.reference import gated_linear_reference
+
+# (B, T, H, D, gate, time fwd+bwd too)
+CASES = [
+    (2, 512, 4, 64, "g", False),
+    (2, 512, 4, 128, "g", False),
+    (2, 512, 4, 128, "none", False),
+    (2, 1000, 4, 128, "g", False),          # T not a multiple of the chunk
+    (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
+    (8, 4096, 16, 128, "none", False),
+]
+
+
+def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, do = (jax.random.normal(ks[i], (B, T, H, D), jnp.bfloat16) for i in range(4))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0) if gate == "g" else None
+    return q, k, v, g, do
+
+
+def kernel_fn(scale: float):
+    def run(q, k, v, g):
+        return mosaic_gpu.mosaic_gpu_gated_linear_attention(
+            q, k, v, g=g, gk=None, scale=scale, initial_state=None, segment_ids=None,
+            chunk_size=None)
+    return run
+
+
+def xla_fn(scale: float):
+    def run(q, k, v, g):
+        return chunk_gated_linear_attention(q, k, v, g=g, scale=scale, output_final_state=True,
+                                            impl="xla")
+    return run
+
+
+def fwd_bwd(fn):
+    def run(q, k, v, g, do):
+        o, vjp = jax.vjp(lambda q, k, v, g: fn(q, k, v, g)[0], q, k, v, g)
+        return vjp(do)
+    return run
+
+
+def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dict:
+    row = {"B": B, "T": T, "H": H, "D": D, "gate": gate, "status": "error"}
+    q, k, v, g, do = make_inputs(B * T + D, B, T, H, D, gate)
+    scale = D ** -0.5
+    reason = mosaic_gpu.mosaic_gpu_accepts(q, k, v, g=g, gk=None, initial_state=None,
+                                           segment_ids=None, chunk_size=None)
+    if reason is not None:
+        row.update(status="declined", note=reason)
+        return row
+    kernel = jax.jit(kernel_fn(scale))
+    bc.poison_device_memory("jax", gib=2.0)
+    o, s = jax.block_until_ready(kernel(q, k, v, g))
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)
+    o_ref, s_ref = jax.jit(lambda q, k, v, g: gated_linear_reference(
+        f32(q), f32(k), f32(v), g=g, scale=scale))(q, k, v, g)
+    row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
+    row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
+    row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
+    row["status"] = "ok" if max(row["err_o"], row["err_state"]) < bc.TOL_BF16 else "wrong"
+    row["auto_impl"] = _auto_choice(q, k, v, g, scale)
+    args = [(q, k, v, g)]
+    row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
+    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale)), args)
+    if with_bwd:
+        args = [(q, k, v, g, do)]
+        row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale))), args)
+        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale))), args)
+    return row
+
+
+def _auto_choice(q, k, v, g, scale) -> str:
+    from pallas_kernels.linear import REGISTRY
+    try:
+        return REGISTRY.choose(None, q, k, v, g=g, gk=None, scale=scale, initial_state=None,
+                               segment_ids=None, chunk_size=None).name
+    except ValueError as e:
+        return f"none ({e})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--quick", action="store_true", help="small cases only")
+    args = ap.parse_args()
+    env = bc.environment()
+    print(env, flush=True)
+    rows = []
+    for case in CASES:
+        if args.quick and case[1] > 1000:
+            continue
+        try:
+            row = check_case(*case)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the next case goes on
+            row = {"B": case[0], "T": case[1], "H": case[2], "D": case[3], "gate": case[4],
+                   "status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+        print(row, flush=True)
+        rows.append(row)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "check_mosaic_linear.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+    cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o",
+            "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "auto_impl"]
+    print("\n" + " | ".join(cols))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c)) for c in cols))
+        if r.get("note"):
+            print("    note:", r["note"].splitlines()[0][:300])
+
+
+if __name__ == "__main__":
+    main()
