@@ -96,3 +96,11 @@ def recurrent_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *
     o, state = gated_linear_reference(q, k, v, g=g, gk=gk, scale=scale,
                                       initial_state=initial_state, segment_ids=segment_ids)
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None
+
+
+# The Hopper forward kernel (Mosaic GPU; scalar gate or none, bf16): auto picks it on H100/H200
+# for the calls it supports and it declines everything else (off Hopper too).
+from pallas_kernels.linear.mosaic_gpu import (mosaic_gpu_accepts,  # noqa: E402
+                                              mosaic_gpu_gated_linear_attention)
+
+REGISTRY.register("mosaic_gpu", mosaic_gpu_gated_linear_attention, mosaic_gpu_accepts, priority=0)
