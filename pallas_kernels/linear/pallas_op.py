@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.chunk_math import ChunkTerms
+from pallas_kernels.linear.chunk_xla import head_major_inputs
 from pallas_kernels.linear.kernels import KernelSpec, backward, forward
 
 DEFAULT_CHUNK = 64
@@ -50,21 +51,13 @@ def pallas_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state
     Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32)."""
     T = q.shape[1]
     C = kernel_chunk(T, chunk_size)
-    Tp = common.round_up(T, C)
-    hm = lambda x: jnp.swapaxes(cc.pad_time(x, Tp), 1, 2)
+    (qh, kh, vh), terms = head_major_inputs(q, k, v, g, gk, segment_ids, C)
     gate = "channel" if gk is not None else ("scalar" if g is not None else "none")
-    b = b_row = b_total = None
-    if gate != "none":
-        log_gate = hm(gk.astype(jnp.float32)) if gk is not None else 0.0
-        if g is not None:
-            log_gate = log_gate + hm(g.astype(jnp.float32)[..., None])
-        b, b_row, b_total = cc.gate_terms(log_gate, C, scalar=gate == "scalar")
-    r_col, r_row = cc.chunk_run_terms(segment_ids, T, Tp, C)
     spec = KernelSpec(gate=gate, segments=segment_ids is not None, has_initial=initial_state is not None,
                       chunk=C, sub=SUB_BLOCK if C % SUB_BLOCK == 0 else ALIGN, scale=float(scale),
                       interpret=common.interpret_params() if interpret is None else interpret)
     s0 = None if initial_state is None else initial_state.astype(jnp.float32)
-    o, final = _recurrence(spec, hm(q), hm(k), hm(v), b, b_row, b_total, r_col, r_row, s0)
+    o, final = _recurrence(spec, qh, kh, vh, *terms, s0)
     return jnp.swapaxes(o[:, :, :T], 1, 2), final
 
 
