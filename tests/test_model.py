@@ -1,4 +1,5 @@
-"""DecoderLM: shapes, dtypes, causality and segment isolation for every registered attention."""
+"""DecoderLM: shapes, dtypes, causality, segment isolation and decoding for every registered
+attention, and the depth each layer receives."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,17 +9,25 @@ from flax import nnx
 import attnlab.layers  # noqa: F401  (registers the attention layers)
 from attnlab.layers.registry import available_attention
 from attnlab.models import DecoderLM
+from kernel_utils import assert_close
 
 VOCAB, D, HEADS, T = 37, 16, 2, 11
 ATTENTION_NAMES = sorted(available_attention())
+# XLA paths (the kernels are compared with them in test_layers_kernels.py); blocks and windows
+# small enough that T = 11 exercises block selection, windows and partial blocks.
+_SMALL = {"sliding_window": {"window": 5}, "hybrid": {"window": 5},
+          "moba": {"block_size": 4, "top_k": 1}, "nsa": {"block_size": 4, "top_k": 1, "window": 5}}
+OPTIONS = {name: {"impl": "xla", **_SMALL.get(name, {})} for name in ATTENTION_NAMES}
 
 
-def tiny_model(pattern: str, *, tie: bool = True, dtype=jnp.float32, num_layers: int = 2) -> DecoderLM:
+def tiny_model(pattern: str, *, tie: bool = True, dtype=jnp.float32, num_layers: int = 2,
+               options=None) -> DecoderLM:
     """A 2-layer model; ``pattern`` is a pattern string or one registered name (both layers)."""
     if pattern in ATTENTION_NAMES:
         pattern = f"{pattern},{pattern}"
     return DecoderLM(vocab_size=VOCAB, d_model=D, num_layers=num_layers, num_heads=HEADS,
                      num_kv_heads=1, mlp_dim=24, pattern=pattern, tie_embeddings=tie,
+                     attention_options=OPTIONS if options is None else options,
                      dtype=dtype, rngs=nnx.Rngs(0))
 
 
@@ -81,3 +90,46 @@ def test_heads_must_divide_d_model():
     with pytest.raises(ValueError, match="model.d_model=16 is not divisible by model.num_heads=3"):
         DecoderLM(vocab_size=VOCAB, d_model=D, num_layers=1, num_heads=3, mlp_dim=8,
                   pattern=ATTENTION_NAMES[0], rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+def test_decode_equals_full_forward(name):
+    """Prefill, single steps, then several tokens at once: the logits equal the full forward's."""
+    model = tiny_model(name)
+    tokens = random_tokens(7)
+    full = model(tokens)
+    cache = model.init_cache(2, T)
+    pieces = []
+    for start, stop in ((0, 4), (4, 5), (5, 6), (6, 7), (7, T)):  # lengths 4, 1, 1, 1, 4
+        logits, cache = model.decode(tokens[:, start:stop], cache)
+        pieces.append(logits)
+    decoded = jnp.concatenate(pieces, axis=1)
+    assert decoded.shape == full.shape and decoded.dtype == jnp.float32
+    assert_close(decoded, full, 1e-4, f"{name}: decode vs full forward")
+
+
+def test_decode_rejects_a_cache_of_another_model():
+    with pytest.raises(ValueError, match="cache has 1 entries for 2 blocks"):
+        tiny_model("linear").decode(random_tokens(0), tiny_model("L", num_layers=1)
+                                    .init_cache(2, T))
+
+
+def test_lightning_layers_get_their_depth_decay():
+    """Layer l of L gets g_h = -2^(-8h/H) (1 - l/L + 1e-5), h = 1..H: deeper layers decay less."""
+    model = tiny_model("T", num_layers=3)
+    decays = [np.asarray(block.attn.log_decay) for block in model.blocks]
+    h = np.arange(1, HEADS + 1)
+    for index, decay in enumerate(decays):
+        np.testing.assert_allclose(decay, -(2.0 ** (-8.0 * h / HEADS)) * (1 - index / 3 + 1e-5),
+                                   rtol=1e-12)
+    assert np.all(decays[0] < decays[1]) and np.all(decays[1] < decays[2])
+    # Only depth-aware layers get the depth (RetNet's constructor would reject it).
+    mixed = tiny_model("retnet,lightning")
+    np.testing.assert_allclose(np.asarray(mixed.blocks[1].attn.log_decay),
+                               -(2.0 ** (-8.0 * h / HEADS)) * (1 - 1 / 2 + 1e-5), rtol=1e-12)
+
+
+def test_depth_options_are_the_models_to_set():
+    options = {**OPTIONS, "lightning": {"impl": "xla", "layer_index": 0}}
+    with pytest.raises(ValueError, match="attention_options.lightning sets.*layer_index"):
+        tiny_model("lightning", options=options)

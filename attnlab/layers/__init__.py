@@ -10,7 +10,7 @@ Importing this package registers every layer (see ``attnlab.layers.registry``):
     B moba             MoBAAttention           N nsa              NSAAttention
 """
 from attnlab.layers.registry import (attention_name, available_attention, expand_pattern,
-                                     make_attention, register_attention)
+                                     make_attention, register_attention, uses_layer_depth)
 from attnlab.layers.softmax import SlidingWindowAttention, SoftmaxAttention
 from attnlab.layers.linear import LinearAttention
 from attnlab.layers.gated import GatedLinearAttention, LightningAttention, Mamba2Like, RetNet
@@ -20,7 +20,7 @@ from attnlab.layers.sparse import MoBAAttention, NSAAttention
 
 __all__ = [
     "attention_name", "available_attention", "expand_pattern", "make_attention",
-    "register_attention",
+    "register_attention", "uses_layer_depth",
     "SoftmaxAttention", "SlidingWindowAttention", "LinearAttention", "RetNet",
     "LightningAttention", "GatedLinearAttention", "Mamba2Like", "DeltaNet", "GatedDeltaNet",
     "HybridAttention", "MoBAAttention", "NSAAttention",

@@ -46,7 +46,10 @@ class RetNet(RecurrentAttention):
 @register_attention("lightning", code="T")
 class LightningAttention(RecurrentAttention):
     """TransNormerLLM / Lightning Attention: fixed ALiBi-like decay per head, scaled down with depth
-    (``layer_index`` of ``num_layers``), silu feature map, output norm and sigmoid gate."""
+    (``layer_index`` of ``num_layers``, passed by the model), silu feature map, output norm and
+    sigmoid gate."""
+
+    uses_layer_depth = True
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, *, layer_index: int = 0, num_layers: int = 1,

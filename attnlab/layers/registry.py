@@ -10,6 +10,9 @@ Every registered layer is a Flax NNX module with one call contract:
 ``segment_ids`` [B, T] int marks packed documents (attention and recurrent state stop at a
 change of id); ``positions`` [B, T] int is the position inside the document (RoPE).
 A model's layer pattern such as "LLLS" maps each letter to a registered name through ``code``.
+A layer class whose behaviour depends on its depth sets the class attribute
+``uses_layer_depth = True`` and accepts ``layer_index`` (0-based) and ``num_layers``; the model
+passes them (``uses_layer_depth(name)``).
 """
 from __future__ import annotations
 
@@ -56,6 +59,11 @@ def attention_name(name_or_code: str) -> str:
 def make_attention(name_or_code: str, **kwargs: Any) -> Any:
     """Build the registered attention module ``name_or_code`` with ``kwargs``."""
     return _BY_NAME[attention_name(name_or_code)](**kwargs)
+
+
+def uses_layer_depth(name_or_code: str) -> bool:
+    """Whether the registered layer takes ``layer_index`` and ``num_layers`` from the model."""
+    return bool(getattr(_BY_NAME[attention_name(name_or_code)], "uses_layer_depth", False))
 
 
 def expand_pattern(pattern: str, num_layers: int) -> list[str]:

@@ -13,13 +13,13 @@ carries sharding metadata, so the model builds without a mesh; the train code sh
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.layers.registry import expand_pattern, make_attention
+from attnlab.layers.registry import expand_pattern, make_attention, uses_layer_depth
 
 _INIT_STD = 0.02  # GPT-2 style normal init for embeddings and projections
 
@@ -46,7 +46,11 @@ class SwiGLU(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    """Pre-norm residual block: x + Attn(RMSNorm x), then + SwiGLU(RMSNorm x)."""
+    """Pre-norm residual block: x + Attn(RMSNorm x), then + SwiGLU(RMSNorm x).
+
+    ``__call__`` runs the attention over a whole sequence, ``decode`` continues it from the
+    layer's cache; both share ``_residual`` (norms, residual adds and the MLP).
+    """
 
     def __init__(self, attention: str, *, d_model: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, out_std: float, attention_options: Mapping[str, Any],
@@ -60,9 +64,22 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(d_model, mlp_dim, out_std=out_std, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
 
+    def _residual(self, x: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Any]]
+                  ) -> tuple[jax.Array, Any]:
+        """The block around ``attend`` (normed input -> (attention output, extra)); returns the
+        block output and ``attend``'s extra (the new cache when decoding)."""
+        y, extra = attend(self.attn_norm(x))
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), extra
+
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._residual(x, lambda h: (self.attn(h, segment_ids=segment_ids,
+                                                      positions=positions), None))[0]
+
+    def decode(self, x: jax.Array, cache: Any, positions: jax.Array | None = None
+               ) -> tuple[jax.Array, Any]:
+        """x [B, t, d_model]: t >= 1 new positions after those already in ``cache``."""
+        return self._residual(x, lambda h: self.attn.decode(h, cache, positions=positions))
 
 
 class DecoderLM(nnx.Module):
@@ -70,6 +87,13 @@ class DecoderLM(nnx.Module):
 
     tokens [B, T] int; segment_ids [B, T] int (packed documents, default all ones);
     positions [B, T] int (position inside each document, default 0..T-1).
+
+    Decoding (the contract of ``attnlab.generate``): ``cache = model.init_cache(B, max_len)``,
+    then ``logits, cache = model.decode(tokens, cache)`` with tokens [B, t], t >= 1 (a prefill,
+    then single steps); the logits equal those of the full forward at the same positions.
+
+    Layers whose class sets ``uses_layer_depth`` (see ``attnlab.layers.registry``) receive
+    ``layer_index`` (0-based) and ``num_layers`` from the model, e.g. Lightning's depth decay.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
@@ -96,28 +120,66 @@ class DecoderLM(nnx.Module):
         self.blocks = nnx.List([
             DecoderBlock(name, d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, mlp_dim=mlp_dim, out_std=out_std,
-                         attention_options=options.get(name, {}), dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
-            for name in names])
+                         attention_options=_layer_options(name, options, index, num_layers),
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for index, name in enumerate(names)])
         self.final_norm = nnx.RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.unembed = None if tie_embeddings else nnx.Param(
             _normal(_INIT_STD)(rngs.params(), (d_model, vocab_size), param_dtype))
 
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+    def _embed(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        return self.embed(tokens)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        w = self.embed.embedding[...].T if self.unembed is None else self.unembed[...]
+        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        x = self._embed(tokens)
         if segment_ids is None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                          tokens.shape)
-        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, segment_ids, positions)
-        x = self.final_norm(x)
-        w = self.embed.embedding[...].T if self.unembed is None else self.unembed[...]
-        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
+        """One cache per block (KV cache for softmax layers, O(1) state for recurrent ones),
+        room for ``max_len`` positions in all."""
+        return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
+
+    def decode(self, tokens: jax.Array, cache: list[Any], positions: jax.Array | None = None
+               ) -> tuple[jax.Array, list[Any]]:
+        """Logits [B, t, V] (float32) of t >= 1 new tokens [B, t] following those in ``cache``,
+        and the updated cache. ``positions`` [B, t] defaults to the next cache slots."""
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} entries for {len(self.blocks)} blocks; "
+                             "make it with model.init_cache")
+        x = self._embed(tokens)
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache):
+            x, block_cache = block.decode(x, block_cache, positions)
+            new_cache.append(block_cache)
+        return self._logits(x), new_cache
+
+
+def _layer_options(name: str, options: Mapping[str, Mapping[str, Any]], index: int,
+                   num_layers: int) -> dict[str, Any]:
+    """``attention_options[name]`` plus layer_index / num_layers for depth-aware layers."""
+    layer_options = dict(options.get(name, {}))
+    if uses_layer_depth(name):
+        given = sorted({"layer_index", "num_layers"} & set(layer_options))
+        if given:
+            raise ValueError(f"model.attention_options.{name} sets {given}; the model passes "
+                             "each layer its own depth")
+        layer_options.update(layer_index=index, num_layers=num_layers)
+    return layer_options
 
 
 def build_model(model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> DecoderLM:
