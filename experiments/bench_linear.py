@@ -92,6 +92,7 @@ def fla_fn(gate: str):
 IMPLS = {  # name -> (framework, builder)
     "attnlab xla": ("jax", lambda gate: attnlab_fn(gate, "xla")),
     "attnlab pallas": ("jax", lambda gate: attnlab_fn(gate, "pallas")),
+    "attnlab mosaic_gpu": ("jax", lambda gate: attnlab_fn(gate, "mosaic_gpu")),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }
