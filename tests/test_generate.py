@@ -1,5 +1,8 @@
-"""attnlab.generate on a tiny language model built from registered layers."""
+"""attnlab.generate on small DecoderLMs built from the tiny config with hybrid layer patterns."""
 from __future__ import annotations
+
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -7,68 +10,71 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attnlab.layers as layers
+import attnlab.layers  # noqa: F401  (registers the attention layers)
 from attnlab.generate import generate, sample_token
+from attnlab.models import DecoderLM, build_model
 
-VOCAB, D_MODEL = 37, 16
-
-
-class TinyLM(nnx.Module):
-    """Embedding, one attention layer (residual), RMSNorm, tied unembedding."""
-
-    def __init__(self, attention: str, *, rngs: nnx.Rngs, **options):
-        self.embed = nnx.Embed(VOCAB, D_MODEL, rngs=rngs)
-        self.attn = layers.make_attention(attention, d_model=D_MODEL, num_heads=2, rngs=rngs,
-                                          impl="xla", **options)
-        self.norm = nnx.RMSNorm(D_MODEL, rngs=rngs)
-
-    def _logits(self, x):
-        return self.norm(x) @ self.embed.embedding[...].T
-
-    def __call__(self, tokens):
-        x = self.embed(tokens)
-        return self._logits(x + self.attn(x))
-
-    def init_cache(self, batch_size, max_len):
-        return self.attn.init_cache(batch_size, max_len)
-
-    def decode(self, tokens, cache):
-        x = self.embed(tokens)
-        y, cache = self.attn.decode(x, cache)
-        return self._logits(x + y), cache
+VOCAB, PROMPT, NEW = 37, 5, 6
+_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
-def prompt(seed=0, batch=2, length=5):
-    return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+def model_from_config(pattern: str, seed: int = 1) -> DecoderLM:
+    """configs/tiny.py shrunk to 2 layers of width 16, XLA paths, small windows; untied output
+    (with tied embeddings a tiny random model mostly predicts its input token again)."""
+    spec = importlib.util.spec_from_file_location("configs_tiny_for_generate", _CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config().model
+    c.update(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, mlp_dim=24,
+             pattern=pattern, tie_embeddings=False)
+    c.attention_options = {name: {"impl": "xla"} for name in attnlab.layers.available_attention()}
+    c.attention_options["hybrid"]["window"] = 3
+    c.attention_options["nsa"].update(block_size=4, top_k=1, window=3)
+    return build_model(c, rngs=nnx.Rngs(seed))
 
 
-@pytest.mark.parametrize("attention,options", [
-    ("softmax", {}), ("gated_deltanet", {}), ("hybrid", {"window": 3}),
-])
-def test_greedy_equals_argmax_of_full_forward(attention, options):
-    model = TinyLM(attention, rngs=nnx.Rngs(1), **options)
+def prompt(seed: int = 0, batch: int = 2) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (batch, PROMPT), 0, VOCAB)
+
+
+@pytest.mark.parametrize("pattern", ["LS", "EN", "H"])
+def test_greedy_equals_argmax_of_full_forward(pattern):
+    model = model_from_config(pattern)
     p = prompt()
-    out = generate(model, p, 6)
-    assert out.shape == (2, 11)
-    np.testing.assert_array_equal(np.asarray(out[:, :5]), np.asarray(p))
+    out = generate(model, p, NEW)
+    assert out.shape == (2, PROMPT + NEW)
+    np.testing.assert_array_equal(np.asarray(out[:, :PROMPT]), np.asarray(p))
     # Greedy means: each new token is the argmax of the full forward over everything before it.
     logits = model(out[:, :-1])
-    np.testing.assert_array_equal(np.asarray(out[:, 5:]),
-                                  np.asarray(jnp.argmax(logits[:, 4:], axis=-1)))
+    np.testing.assert_array_equal(np.asarray(out[:, PROMPT:]),
+                                  np.asarray(jnp.argmax(logits[:, PROMPT - 1:], axis=-1)))
 
 
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
-    model = TinyLM("linear", rngs=nnx.Rngs(2))
+    model = model_from_config("LS", seed=2)
     p = prompt(3)
     a = generate(model, p, 8, temperature=1.0, rng=jax.random.key(0))
     b = generate(model, p, 8, temperature=1.0, rng=jax.random.key(0))
     c = generate(model, p, 8, temperature=1.0, rng=jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+    np.testing.assert_array_equal(np.asarray(a[:, :PROMPT]), np.asarray(p))
     assert int(a.min()) >= 0 and int(a.max()) < VOCAB
     greedy = generate(model, p, 8)
     top1 = generate(model, p, 8, temperature=0.7, top_k=1, rng=jax.random.key(5))
     np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """Every sampled token has non-negligible probability under the full forward at its step
+    (a sampler reading stale or wrong logits would often draw tokens the model rules out)."""
+    model = model_from_config("EN", seed=3)
+    out = generate(model, prompt(4, batch=4), NEW, temperature=0.5, top_k=4,
+                   rng=jax.random.key(7))
+    logits = model(out[:, :-1])[:, PROMPT - 1:]
+    allowed = jax.lax.top_k(logits, 4)[1]
+    drawn = np.asarray(out[:, PROMPT:])
+    assert np.all(np.any(np.asarray(allowed) == drawn[..., None], axis=-1))
 
 
 def test_top_k_only_draws_from_the_k_best():
@@ -86,6 +92,5 @@ def test_top_k_only_draws_from_the_k_best():
     (dict(max_new_tokens=3, max_len=4), "max_len"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, match):
-    model = TinyLM("softmax", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=match):
-        generate(model, prompt(), **kwargs)
+        generate(model_from_config("LS"), prompt(), **kwargs)
