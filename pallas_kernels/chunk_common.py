@@ -172,3 +172,18 @@ def decay_matrix(b_col: jax.Array, b_row: jax.Array, mask: jax.Array) -> jax.Arr
     """[C1, C2] exp(b_i - b_j) on ``mask`` (pairs j <= i of one run), 0 elsewhere; every kept
     entry is <= 1 because log gates are <= 0."""
     return masked_exp(b_col - b_row, mask)
+
+
+def dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [m, k] @ b [k, n] with float32 accumulation (the matmul of every chunk kernel)."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [m, k] @ b[n, k]^T -> [m, n], float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a[k, m]^T @ b [k, n] -> [m, n], float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunk_common import and_mask, causal_mask, decay_matrix, masked_exp, same_run
+from pallas_kernels.chunk_common import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
 
 F32 = jnp.float32
 
@@ -59,18 +60,6 @@ class Prepared(NamedTuple):
     T: jax.Array        # [C, C] (I + A)^-1
     U: jax.Array        # [C, V]
     W: jax.Array        # [C, K]
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=F32)
-
-
-def _dot_nt(a, b):  # a [m, k], b [n, k] -> [m, n]
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-
-
-def _dot_tn(a, b):  # a [k, m], b [k, n] -> [m, n]
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
 def _strict_lower(C: int) -> jax.Array:
