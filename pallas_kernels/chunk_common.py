@@ -14,8 +14,6 @@ overflow, for any decay strength and any T.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,56 +48,6 @@ def chunk_cumsum(log_gate: jax.Array, chunk_size: int, axis: int) -> jax.Array:
     n = shape[axis] // chunk_size
     x = log_gate.reshape(shape[:axis] + (n, chunk_size) + shape[axis + 1:])
     return jnp.cumsum(x, axis=axis + 1).reshape(shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One way to run an op: ``accepts(*args, **kw)`` returns None or the reason it declines."""
-    name: str
-    run: Callable
-    accepts: Callable[..., str | None]
-    priority: int
-
-
-class Registry:
-    """The one place an op chooses its implementation.
-
-    ``impl=None`` (auto) tries implementations by ascending priority and runs the first whose
-    ``accepts`` returns None (fail-closed: no silent fallback past a declining one's reason
-    unless a later one accepts); ``impl="<name>"`` runs that one or raises with its reason.
-    """
-
-    def __init__(self, op_name: str):
-        self.op_name = op_name
-        self._impls: dict[str, Implementation] = {}
-
-    def register(self, name: str, run: Callable, accepts: Callable[..., str | None], *,
-                 priority: int) -> None:
-        """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-        self._impls[name] = Implementation(name, run, accepts, priority)
-
-    def names(self) -> list[str]:
-        return [i.name for i in sorted(self._impls.values(), key=lambda i: i.priority)]
-
-    def check_name(self, impl: str | None) -> None:
-        if impl is not None and impl not in self._impls:
-            raise ValueError(f"impl must be None (auto) or one of {self.names()}, got {impl!r}")
-
-    def choose(self, impl: str | None, *args, **kwargs) -> Implementation:
-        self.check_name(impl)
-        if impl is not None:
-            chosen = self._impls[impl]
-            reason = chosen.accepts(*args, **kwargs)
-            if reason is not None:
-                raise ValueError(f"{self.op_name}: impl={impl!r} cannot run this call: {reason}")
-            return chosen
-        reasons = []
-        for name in self.names():
-            reason = self._impls[name].accepts(*args, **kwargs)
-            if reason is None:
-                return self._impls[name]
-            reasons.append(f"{name}: {reason}")
-        raise ValueError(f"no {self.op_name} implementation accepts this call: " + "; ".join(reasons))
 
 
 # ---- kernel layout: per-chunk terms as columns and rows ---------------------------------------

@@ -1,35 +1,23 @@
-"""Shared plumbing for every op: backend choice, padding, input checks.
+"""Shared plumbing for every op: the implementation registry, backend facts, padding, input checks.
 
-The backend is chosen here and nowhere else:
-  * ``impl="xla"``      the plain-jnp path (also what "auto" falls back to when no kernel applies);
-  * ``impl="pallas"``   the portable Pallas kernel: compiled by Mosaic on TPU, run in interpret
-                        mode on CPU (the tests), and — until a Hopper kernel exists for an op —
-                        the kernel on GPU;
-  * ``impl=None``       auto: "pallas" on TPU/GPU/CPU-interpret when the op has a kernel for the
-                        call, otherwise "xla".
+Each op (linear, delta, sparse) owns one ``Registry`` and chooses its implementation there and
+nowhere else: ``impl="xla"`` is the plain-jnp path (also the fallback), ``impl="pallas"`` the
+portable Pallas kernel (Mosaic on TPU, interpret mode on CPU), ``impl="mosaic_gpu"`` a Hopper
+kernel where one is registered, and ``impl=None`` (auto) the first by priority that accepts the
+call (each implementation says why it declines).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-
-IMPLS = ("pallas", "xla")
 
 
 def platform() -> str:
     """The platform of the default backend: "cpu", "gpu" or "tpu"."""
     return jax.default_backend()
-
-
-def resolve_impl(impl: str | None) -> str:
-    """Turn the user's ``impl`` argument into "pallas" or "xla", with a clear error otherwise."""
-    if impl is None:
-        return "pallas"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None (auto), got {impl!r}")
-    return impl
 
 
 def interpret_params() -> Any:
@@ -97,3 +85,53 @@ def check_segment_ids(segment_ids: jax.Array | None, B: int, T: int) -> None:
     check_shape("segment_ids", segment_ids, (B, T), "[batch, time]")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise TypeError(f"segment_ids must be an integer array, got {segment_ids.dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to run an op: ``accepts(*args, **kw)`` returns None or the reason it declines."""
+    name: str
+    run: Callable
+    accepts: Callable[..., str | None]
+    priority: int
+
+
+class Registry:
+    """The one place an op chooses its implementation.
+
+    ``impl=None`` (auto) tries implementations by ascending priority and runs the first whose
+    ``accepts`` returns None (fail-closed: no silent fallback past a declining one's reason
+    unless a later one accepts); ``impl="<name>"`` runs that one or raises with its reason.
+    """
+
+    def __init__(self, op_name: str):
+        self.op_name = op_name
+        self._impls: dict[str, Implementation] = {}
+
+    def register(self, name: str, run: Callable, accepts: Callable[..., str | None], *,
+                 priority: int) -> None:
+        """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
+        self._impls[name] = Implementation(name, run, accepts, priority)
+
+    def names(self) -> list[str]:
+        return [i.name for i in sorted(self._impls.values(), key=lambda i: i.priority)]
+
+    def check_name(self, impl: str | None) -> None:
+        if impl is not None and impl not in self._impls:
+            raise ValueError(f"impl must be None (auto) or one of {self.names()}, got {impl!r}")
+
+    def choose(self, impl: str | None, *args, **kwargs) -> Implementation:
+        self.check_name(impl)
+        if impl is not None:
+            chosen = self._impls[impl]
+            reason = chosen.accepts(*args, **kwargs)
+            if reason is not None:
+                raise ValueError(f"{self.op_name}: impl={impl!r} cannot run this call: {reason}")
+            return chosen
+        reasons = []
+        for name in self.names():
+            reason = self._impls[name].accepts(*args, **kwargs)
+            if reason is None:
+                return self._impls[name]
+            reasons.append(f"{name}: {reason}")
+        raise ValueError(f"no {self.op_name} implementation accepts this call: " + "; ".join(reasons))

@@ -10,6 +10,7 @@ from kernel_utils import assert_close, TOL_BF16, TOL_F32
 from test_sparse_utils import allowed_matrix, oracle, qkv, segments
 from pallas_kernels.sparse import (BlockMap, BlockSizes, BlockSparse, Causal, Full, Local,
                                    flash_attention, make_block_map, ops)
+from pallas_kernels.common import Implementation
 from pallas_kernels.sparse.pallas_op import pallas_flash_attention
 
 
@@ -104,10 +105,10 @@ def test_dispatch_auto_and_registration(monkeypatch):
         calls.append(kw["scale"])
         return jnp.zeros(q.shape[:3] + v.shape[3:], q.dtype)
 
-    monkeypatch.setitem(ops._IMPLEMENTATIONS, "fake", ops.Implementation("fake", fake_run, lambda *a, **kw: None, 0))
+    monkeypatch.setitem(ops.REGISTRY._impls, "fake", Implementation("fake", fake_run, lambda *a, **kw: None, 0))
     flash_attention(q, k, v, scale=0.5)
     assert calls == [0.5]
-    monkeypatch.setitem(ops._IMPLEMENTATIONS, "fake", ops.Implementation("fake", fake_run, lambda *a, **kw: "no", 0))
+    monkeypatch.setitem(ops.REGISTRY._impls, "fake", Implementation("fake", fake_run, lambda *a, **kw: "no", 0))
     out = flash_attention(q, k, v, mask=Full())  # falls through to pallas
     assert calls == [0.5] and np.all(np.isfinite(np.asarray(out)))
     with pytest.raises(ValueError, match="cannot run this call: no"):

@@ -26,7 +26,7 @@ from pallas_kernels.delta.pallas_op import pallas_accepts, pallas_chunk_delta_ru
 from pallas_kernels.delta.reference import delta_rule_reference
 
 
-REGISTRY = cc.Registry("delta rule")
+REGISTRY = common.Registry("delta rule")
 
 
 def register_implementation(name: str, run: Callable[..., tuple[jax.Array, jax.Array]],

@@ -1,6 +1,6 @@
 """The gated linear recurrence ops: input checks and the one place where an implementation runs.
 
-Implementations live in ``REGISTRY`` (``pallas_kernels.chunk_common.Registry``); a third one
+Implementations live in ``REGISTRY`` (``pallas_kernels.common.Registry``); a third one
 (e.g. a Mosaic GPU kernel for Hopper) plugs in with
 
     REGISTRY.register("mosaic_gpu", run, accepts, priority=0)
@@ -21,7 +21,7 @@ from pallas_kernels.linear.pallas_op import pallas_accepts, pallas_gated_linear_
 from pallas_kernels.linear.chunk_xla import chunk_gated_linear_xla
 from pallas_kernels.linear.reference import gated_linear_reference
 
-REGISTRY = cc.Registry("gated linear attention")
+REGISTRY = common.Registry("gated linear attention")
 
 
 REGISTRY.register("pallas", pallas_gated_linear_attention, pallas_accepts, priority=10)

@@ -15,7 +15,6 @@ block_sizes)`` with inputs already checked, ``mask`` a Mask or a BlockMap, ``sca
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -27,26 +26,18 @@ from pallas_kernels.sparse.pallas_op import pallas_accepts, pallas_flash_attenti
 from pallas_kernels.sparse.reference import attention_reference
 
 
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    name: str
-    run: Callable[..., jax.Array]
-    accepts: Callable[..., str | None]
-    priority: int
-
-
-_IMPLEMENTATIONS: dict[str, Implementation] = {}
+REGISTRY = common.Registry("sparse attention")
 
 
 def register_implementation(name: str, run: Callable[..., jax.Array],
                             accepts: Callable[..., str | None], *, priority: int) -> None:
     """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-    _IMPLEMENTATIONS[name] = Implementation(name, run, accepts, priority)
+    REGISTRY.register(name, run, accepts, priority=priority)
 
 
 def implementations() -> list[str]:
     """Registered implementation names in auto order."""
-    return [i.name for i in sorted(_IMPLEMENTATIONS.values(), key=lambda i: i.priority)]
+    return REGISTRY.names()
 
 
 def _xla_run(q, k, v, *, mask, segment_ids, scale, logits_soft_cap, block_sizes):
@@ -93,19 +84,4 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | Bl
     kwargs = dict(mask=mask, segment_ids=segment_ids, scale=D ** -0.5 if scale is None else float(scale),
                   logits_soft_cap=logits_soft_cap,
                   block_sizes=None if block_sizes is None else BlockSizes(*block_sizes))
-    if impl is None:
-        reasons = []
-        for name in implementations():
-            chosen = _IMPLEMENTATIONS[name]
-            reason = chosen.accepts(q, k, v, **kwargs)
-            if reason is None:
-                return chosen.run(q, k, v, **kwargs)
-            reasons.append(f"{name}: {reason}")
-        raise ValueError("no sparse attention implementation accepts this call: " + "; ".join(reasons))
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(f"impl must be None (auto) or one of {implementations()}, got {impl!r}")
-    chosen = _IMPLEMENTATIONS[impl]
-    reason = chosen.accepts(q, k, v, **kwargs)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
-    return chosen.run(q, k, v, **kwargs)
+    return REGISTRY.choose(impl, q, k, v, **kwargs).run(q, k, v, **kwargs)
