@@ -6,9 +6,9 @@ Implementations are registered by name with a ``run`` function and an ``accepts`
 
 ``impl=None`` (auto) tries the registered implementations by ascending priority and runs the
 first whose ``accepts`` returns None (fail-closed: a reason string means "not this call");
-``impl="<name>"`` runs that one or raises with its reason. Built in: "pallas" (portable Pallas
-kernel: CPU interpret mode and Mosaic TPU; priority 10) and "xla" (plain jnp, priority 100,
-accepts every mask object).
+``impl="<name>"`` runs that one or raises with its reason. Built in: "cudnn" (NVIDIA GPUs, the
+masks cuDNN runs at speed; priority 5), "pallas" (portable Pallas kernel: CPU interpret mode and
+Mosaic TPU; priority 10) and "xla" (plain jnp, priority 100, accepts every mask object).
 
 Both ``run`` and ``accepts`` take ``(q, k, v, *, mask, segment_ids, scale, logits_soft_cap,
 block_sizes)`` with inputs already checked, ``mask`` a Mask or a BlockMap, ``scale`` a float.
@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 
 from pallas_kernels import common
+from pallas_kernels.sparse.cudnn import cudnn_accepts, dpa_attention
 from pallas_kernels.sparse.masks import Full, Mask
 from pallas_kernels.sparse.mask_info import BlockMap, BlockSizes
 from pallas_kernels.sparse.pallas_op import pallas_accepts, pallas_flash_attention
@@ -51,6 +52,7 @@ def _xla_accepts(q, k, v, *, mask, **_: Any) -> str | None:
     return None
 
 
+register_implementation("cudnn", dpa_attention, cudnn_accepts, priority=5)
 register_implementation("pallas", pallas_flash_attention, pallas_accepts, priority=10)
 register_implementation("xla", _xla_run, _xla_accepts, priority=100)
 
