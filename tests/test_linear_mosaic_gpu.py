@@ -4,7 +4,9 @@
   budget) for the cuda platform — on every supported jax, no GPU needed;
 * its numerics, in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped
   before), against the float64 step-by-step oracle, with race detection on and outputs that
-  start as NaN in the interpreter; gradients go through the XLA path's VJP;
+  start as NaN in the interpreter;
+* its backward (three more runs of the forward kernel, see ``mosaic_gpu._backward``): it
+  lowers for cuda, and in interpret mode dq, dk, dv, dg match autodiff of the oracle;
 * its ``accepts`` declines what it does not support, and everything off Hopper.
 """
 from __future__ import annotations
@@ -68,20 +70,53 @@ def test_interpret_matches_oracle(B, T, H, K, V, gated):
     assert_close(s, rs, 1e-4 if not gated else TOL_BF16, "final state")
 
 
-@needs_interpreter
-def test_interpret_gradients_match_oracle():
-    q, k, v, g = _inputs(7, 1, 70, 1, 64, 64, True)
-    scale = 0.125
-    run = lambda q, k, v, g: mg.mosaic_gpu_gated_linear_attention(
+def _op(interpret=None, scale=0.125):
+    return lambda q, k, v, g: mg.mosaic_gpu_gated_linear_attention(
         q, k, v, g=g, gk=None, scale=scale, initial_state=None, segment_ids=None,
-        chunk_size=None, interpret=plgpu.InterpretGPUParams())
-    ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale)
-    cot = normal(jax.random.PRNGKey(1), (1, 70, 1, 64))
-    loss = lambda f: lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32) * cot)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)] + [g]
-    got = jax.grad(loss(run), argnums=(0, 1, 2, 3))(q, k, v, g)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*f32)
+        chunk_size=None, interpret=interpret)
+
+
+def _loss(run, do, dstate):
+    """sum(o * do) + sum(final state * dstate): exercises both cotangents."""
+    def loss(q, k, v, g):
+        o, s = run(q, k, v, g)
+        return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(do.dtype) * dstate)
+    return loss
+
+
+@pytest.mark.parametrize("K,V,gated", [(128, 64, True), (64, 128, False)])
+def test_backward_lowers_for_cuda(K, V, gated):
+    B, T, H = 1, 200, 2
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
+            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32) if gated else None)
+    do, dstate = jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V))
+    grads = jax.jit(jax.grad(_loss(_op(), do, dstate), argnums=(0, 1, 2, 3)))
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 4  # the forward and the three backward runs
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,gated", [
+    (1, 150, 2, 64, 128, True),    # K != V, a padded last chunk, three chunks
+    (2, 70, 1, 128, 64, False),    # no gate, two V blocks in dk's and dq's runs
+    (1, 1, 1, 64, 64, True),       # T = 1 (dg is exactly 0)
+])
+def test_interpret_gradients_match_oracle(B, T, H, K, V, gated):
+    """dq, dk, dv, dg of the Mosaic GPU backward (output and final-state cotangents) against
+    autodiff of the float64 step-by-step oracle."""
+    q, k, v, g = _inputs(T + 11, B, T, H, K, V, gated)
+    kd, ks = jax.random.split(jax.random.PRNGKey(T))
+    do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    argnums = (0, 1, 2, 3) if gated else (0, 1, 2)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(q, k, v, g)
+    with jax.enable_x64(True):
+        f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
+        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=0.125)
+        want = jax.grad(_loss(ref, f64(do), f64(dstate)), argnums)(*map(f64, (q, k, v, g)))
+        want = [np.asarray(w) for w in want]
     for name, a, b in zip("qkvg", got, want):
+        assert a.dtype == (jnp.bfloat16 if name != "g" else g.dtype)
         assert_close(a, b, TOL_BF16, f"d{name}")
 
 

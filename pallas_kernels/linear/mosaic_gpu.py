@@ -18,10 +18,15 @@ memory) and k^T (decayed v) (a transposed view of the k tile). S stays in regist
 across chunks. q, k, v tiles and the chunk's b arrive by TMA, double-buffered, so chunk n+1
 loads while chunk n computes; o leaves by TMA.
 
-Scope: scalar gate g or none, no per-channel gate, K in {64, 128}, V a multiple of 64, bf16
-q/k/v, no segment_ids, no initial_state, default chunk; ``mosaic_gpu_accepts`` declines every
-other call (the op then falls back). Forward only: the gradient is the VJP of the chunked XLA
-path (``chunk_xla``), which recomputes its own forward.
+Backward (``_backward``, a ``jax.custom_vjp``): every input gradient of this recurrence is
+itself a causal or anti-causal gated linear attention of the same form, so it is three more runs
+of this kernel on permuted (dk, dv: time-reversed) inputs, dq and dk written in float32; dg
+follows in XLA from the cumulative-sum identity. Saved for the backward: q, k, v, g and the
+final state (nothing per chunk).
+
+Scope: scalar gate g or none, no per-channel gate, K and V in {64, 128} (the backward runs
+swap their roles), bf16 q/k/v, no segment_ids, no initial_state, default chunk;
+``mosaic_gpu_accepts`` declines every other call (the op then falls back).
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernel on CPU. The
 interpreter has no ``run_state`` and no register-operand wgmma, so under it each product goes to
@@ -34,10 +39,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear.chunk_xla import chunk_gated_linear_xla
 
 try:  # the Mosaic GPU front end of Pallas; its API moves between jax versions
     from jax.experimental import pallas as pl
@@ -146,21 +151,24 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
     plgpu.wait_smem_to_gmem(0)
 
 
-def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpret: Any = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpret: Any = None,
+                   out_dtype=None) -> tuple[jax.Array, jax.Array]:
     """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of CHUNK;
     b [B, H, Tp] float32 chunk-local cumulative log gates, or None (no gate).
-    Returns (o [B, Tp, H, V] bf16, final state [B, H, K, V] float32)."""
+    Returns (o [B, Tp, H, V] in ``out_dtype`` (default q's), final state [B, H, K, V] float32)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     gated = b is not None
     b = b if gated else jnp.zeros((1, 1, CHUNK), jnp.float32)  # a placeholder never read
     body = functools.partial(_forward_kernel, Tp // CHUNK, scale, gated, v_block,
                              interpret is not None)
+    out_dtype = jnp.dtype(q.dtype if out_dtype is None else out_dtype)
     tile = lambda rows, cols: _tiled_smem((rows, cols), q.dtype)
+    o_tile = (tile(CHUNK, v_block) if out_dtype == q.dtype
+              else plgpu.SMEM((CHUNK, v_block), out_dtype))
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
                   jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
         scratch_types=[
             _tiled_smem((STAGES, CHUNK, K), q.dtype),        # q
@@ -171,7 +179,7 @@ def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpre
             tile(CHUNK, CHUNK),                              # masked, decayed scores A
             tile(CHUNK, v_block),                            # decayed v
             tile(K, v_block),                                # S in bf16 (for q S)
-            tile(CHUNK, v_block),                            # o
+            o_tile,                                          # o
             plgpu.SMEM((K, v_block), jnp.float32),           # final S
             plgpu.Barrier(num_arrivals=5 if gated else 3, num_barriers=STAGES),
         ],
@@ -181,7 +189,7 @@ def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpre
     )(q, k, v, b)
 
 
-def _forward(q, k, v, g, scale: float, interpret: Any):
+def _forward(q, k, v, g, scale: float, interpret: Any, out_dtype=None):
     """[B, T, H, *] inputs -> (o [B, T, H, V], final state); pads T to whole chunks (padded
     steps have k = 0 and gate 0, so the state passes through them unchanged)."""
     T = q.shape[1]
@@ -190,8 +198,56 @@ def _forward(q, k, v, g, scale: float, interpret: Any):
     b = None
     if g is not None:
         b = cc.chunk_cumsum(jnp.swapaxes(pad(g.astype(jnp.float32)), 1, 2), CHUNK, axis=2)
-    o, state = forward_padded(pad(q), pad(k), pad(v), b, scale=scale, interpret=interpret)
+    o, state = forward_padded(pad(q), pad(k), pad(v), b, scale=scale, interpret=interpret,
+                              out_dtype=out_dtype)
     return o[:, :T], state
+
+
+def _time_reversed_gate(g: jax.Array) -> jax.Array:
+    """The gate g' of the time-reversed recurrence (u' = T-1-u): g'_0 = 0, g'_u' = g_{T-u'}, so
+    that the decay sum_{u' in (t', s']} g'_u' equals sum_{u in (s, t]} g_u."""
+    flipped = jnp.flip(g, 1)
+    return jnp.concatenate([jnp.zeros_like(flipped[:, :1]), flipped[:, :-1]], axis=1)
+
+
+def _backward(q, k, v, g, final_state, do, dstate, scale: float, interpret: Any):
+    """dq, dk, dv, dg as three runs of the forward kernel. With G_t = sum_{u <= t} g_u and
+    o_t = scale sum_{s <= t} e^{G_t - G_s} (q_t . k_s) v_s, each gradient is itself a causal
+    (dq) or anti-causal (dk, dv) gated linear attention, so the forward kernel computes it on
+    permuted (and, for the anti-causal ones, time-reversed) inputs:
+
+        dq_t = scale sum_{s <= t} e^{G_t - G_s} (dO_t . v_s) k_s       = F(dO, v, k; g)
+        dk_s = scale sum_{t >= s} e^{G_t - G_s} (dO_t . v_s) q_t       = rev F(rev v, rev dO, rev q; g')
+        dv_s = scale sum_{t >= s} e^{G_t - G_s} (q_t . k_s) dO_t       = rev F(rev k, rev q, rev dO; g')
+
+    plus, for a final-state cotangent dS_T, w_s (v_s dS_T^T) on dk and w_s (k_s dS_T) on dv
+    with w_s = e^{G_{T-1} - G_s}. dq and dk leave the kernel in float32. The gate gradient uses
+    the cumulative-sum identity (XLA, float32): dL/dG_t = q_t . dq_t - k_t . dk_t
+    (+ sum(dS_T * S_T) at t = T-1), and dg_s = sum_{t >= s} dL/dG_t for s >= 1; dg_0 = 0
+    exactly (g_0 decays only the zero initial state; the sum would leave rounding noise).
+    """
+    f32 = jnp.float32
+    run = lambda a, b, c, gate, dtype: _forward(a, b, c, gate, scale, interpret, dtype)[0]
+    flip = lambda x: jnp.flip(x, 1)
+    g_rev = None if g is None else _time_reversed_gate(g)
+    with_state = not isinstance(dstate, SymbolicZero)
+    dq = run(do, v, k, g, f32)
+    dk = flip(run(flip(v), flip(do), flip(q), g_rev, f32))
+    dv = flip(run(flip(k), flip(q), flip(do), g_rev, f32 if with_state else v.dtype))
+    if with_state:
+        w = jnp.ones(q.shape[:3], f32) if g is None else jnp.exp(
+            jnp.flip(jnp.cumsum(jnp.flip(g.astype(f32), 1), axis=1), 1) - g.astype(f32))
+        hp = jax.lax.Precision.HIGHEST
+        dk = dk + w[..., None] * jnp.einsum("bthv,bhkv->bthk", v.astype(f32), dstate, precision=hp)
+        dv = dv + w[..., None] * jnp.einsum("bthk,bhkv->bthv", k.astype(f32), dstate, precision=hp)
+    dg = None
+    if g is not None:
+        dG = (jnp.sum(q.astype(f32) * dq, axis=-1) - jnp.sum(k.astype(f32) * dk, axis=-1))
+        if with_state:
+            dG = dG.at[:, -1].add(jnp.sum(dstate * final_state, axis=(-2, -1)))
+        dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 1), axis=1), 1)
+        dg = dg.at[:, 0].set(0.0).astype(g.dtype)  # g_0 only decays the zero initial state
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -200,20 +256,21 @@ def _recurrence(q, k, v, g, scale, interpret):
 
 
 def _recurrence_fwd(q, k, v, g, scale, interpret):
-    return _forward(q, k, v, g, scale, interpret), (q, k, v, g)
+    q, k, v, g = jax.tree.map(lambda p: p.value, (q, k, v, g))  # symbolic_zeros wrappers
+    o, state = _forward(q, k, v, g, scale, interpret)
+    return (o, state), (q, k, v, g, state)
 
 
 def _recurrence_bwd(scale, interpret, residuals, cotangents):
-    """Gradients through the chunked XLA path (same math; its forward is recomputed)."""
-    del interpret
-    xla = lambda q, k, v, g: chunk_gated_linear_xla(q, k, v, g=g, gk=None, scale=scale,
-                                                    initial_state=None, segment_ids=None,
-                                                    chunk_size=CHUNK)
-    _, vjp = jax.vjp(xla, *residuals)
-    return vjp(cotangents)
+    """The Mosaic GPU backward (``_backward``); a cotangent that is a symbolic zero costs
+    nothing (the usual case for the final state)."""
+    q, k, v, g, state = residuals
+    do, dstate = cotangents
+    do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
+    return _backward(q, k, v, g, state, do.astype(q.dtype), dstate, scale, interpret)
 
 
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
 
 
 def mosaic_gpu_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state,
@@ -245,6 +302,6 @@ def mosaic_gpu_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size
         (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
         (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
         (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),
-        (v.shape[-1] % V_BLOCK != 0, f"value dim must be a multiple of {V_BLOCK}"),
+        (v.shape[-1] not in HEAD_DIMS, f"value dim must be one of {HEAD_DIMS}"),
     ]
     return next((reason for failed, reason in reasons if failed), None)
