@@ -1,4 +1,4 @@
-"""GPU check of the Hopper (Mosaic GPU) linear-recurrence forward kernel: correct, then timed.
+"""GPU check of the Hopper (Mosaic GPU) linear-recurrence kernels: correct, then timed.
 
     S_t = exp(g_t) S_{t-1} + k_t^T v_t,      o_t = scale · q_t S_t      (g scalar per head / step)
 
@@ -7,8 +7,11 @@ float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs; relati
 NaN/inf fails; device memory is filled with NaN and freed just before the checked call, so an
 output element the kernel never writes most likely shows up as NaN), then the forward time of
 the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of repeated samples after
-warm-up, the method of the anchor figures in DESIGN.md), and forward+backward at the anchor
-(the kernel's backward is the XLA path's VJP). Each case runs on its own: a failure is printed
+warm-up, the method of the anchor figures in DESIGN.md). Gradients dq, dk, dv, dg of
+sum(o * dO) from the Mosaic GPU backward (three more runs of the forward kernel plus XLA for dg)
+against the same on float32 copies of the inputs: autodiff of the step-by-step oracle where its
+saved per-step states fit in 4 GiB, else of the chunked XLA path (``grad_ref`` says which); then
+forward+backward times at the anchor shapes. Each case runs on its own: a failure is printed
 and the next case goes on. Prints a table; writes ``check_mosaic_linear.json`` into ``--out``.
 
     python -m experiments.check_mosaic_linear --out experiments/results [--quick]
@@ -35,8 +38,9 @@ CASES = [
     (2, 512, 4, 128, "none", False),
     (2, 1000, 4, 128, "g", False),          # T not a multiple of the chunk
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
-    (8, 4096, 16, 128, "none", False),
+    (8, 4096, 16, 128, "none", True),
 ]
+ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D, D] state a step
 
 
 def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
@@ -86,7 +90,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
     row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
     row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    row["status"] = "ok" if max(row["err_o"], row["err_state"]) < bc.TOL_BF16 else "wrong"
+    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, do, scale)
+    row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, g, scale)
     args = [(q, k, v, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
@@ -96,6 +101,29 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale))), args)
         row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale))), args)
     return row
+
+
+def check_gradients(row: dict, q, k, v, g, do, scale: float) -> list[float]:
+    """Record the relative errors of dq, dk, dv (and dg) in ``row``; return them."""
+    B, T, H, D = q.shape
+    bc.poison_device_memory("jax", gib=2.0)
+    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale)))(q, k, v, g, do))
+    if B * H * D * D * 4 * T <= ORACLE_GRAD_BYTES:
+        row["grad_ref"] = "oracle"
+        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale)
+    else:
+        row["grad_ref"] = "xla"
+        ref = xla_fn(scale)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
+    errs = []
+    for name, a, b in zip("qkvg", got, want):
+        if a is None:
+            continue
+        row[f"err_d{name}"] = bc.rel_err(bc.to_numpy(a), bc.to_numpy(b))
+        row[f"nan_d{name}"] = int(np.isnan(bc.to_numpy(a)).sum())
+        errs.append(row[f"err_d{name}"] if row[f"nan_d{name}"] == 0 else float("inf"))
+    return errs
 
 
 def _auto_choice(q, k, v, g, scale) -> str:
@@ -130,7 +158,8 @@ def main() -> None:
     with open(os.path.join(args.out, "check_mosaic_linear.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
-    cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o",
+    cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
+            "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "auto_impl"]
     print("\n" + " | ".join(cols))
     for r in rows:
