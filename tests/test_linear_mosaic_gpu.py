@@ -5,7 +5,8 @@
 * its numerics, in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped
   before), against the float64 step-by-step oracle, with race detection on and outputs that
   start as NaN in the interpreter;
-* its backward (three more runs of the forward kernel, see ``mosaic_gpu._backward``): it
+* its backward (three more runs of the forward kernel, two of them in its anti-causal
+  ``reverse`` mode; see ``mosaic_gpu._backward``): it
   lowers for cuda, and in interpret mode dq, dk, dv, dg match autodiff of the oracle;
 * its ``accepts`` declines what it does not support, and everything off Hopper.
 """
@@ -99,7 +100,7 @@ def test_backward_lowers_for_cuda(K, V, gated):
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,gated", [
     (1, 150, 2, 64, 128, True),    # K != V, a padded last chunk, three chunks
-    (2, 70, 1, 128, 64, False),    # no gate, two V blocks in dk's and dq's runs
+    (2, 70, 1, 128, 64, False),    # no gate, two V blocks in the dq and dk runs
     (1, 1, 1, 64, 64, True),       # T = 1 (dg is exactly 0)
 ])
 def test_interpret_gradients_match_oracle(B, T, H, K, V, gated):

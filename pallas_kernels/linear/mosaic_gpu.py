@@ -1,4 +1,4 @@
-"""Hopper (Mosaic GPU) forward kernel of the scalar-gate chunkwise linear recurrence.
+"""Hopper (Mosaic GPU) forward and backward of the scalar-gate chunkwise linear recurrence.
 
 Per batch row and head, state S [K, V] float32, log gate g_t <= 0 per step (or none):
 
@@ -18,10 +18,18 @@ memory) and k^T (decayed v) (a transposed view of the k tile). S stays in regist
 across chunks. q, k, v tiles and the chunk's b arrive by TMA, double-buffered, so chunk n+1
 loads while chunk n computes; o leaves by TMA.
 
+``reverse`` runs the anti-causal recurrence instead, chunks last to first, R the state
+entering a chunk from the later ones:
+
+    o_i    = scale · ( sum_{j >= i} e^{b_j - b_i} (q_i . k_j) v_j + e^{b_{C-1} - b_i} (q_i R) )
+    R_prev = e^{b_{C-1}} R + k^T (diag(exp(b)) v)
+
+(the same code with the mask transposed and the two per-row factors swapped).
+
 Backward (``_backward``, a ``jax.custom_vjp``): every input gradient of this recurrence is
-itself a causal or anti-causal gated linear attention of the same form, so it is three more runs
-of this kernel on permuted (dk, dv: time-reversed) inputs, dq and dk written in float32; dg
-follows in XLA from the cumulative-sum identity. Saved for the backward: q, k, v, g and the
+itself a causal (dq) or anti-causal (dk, dv) gated linear attention of the same form, so it is
+three more runs of this kernel on permuted inputs, dq and dk written in float32; dg follows in
+XLA from the cumulative-sum identity. Saved for the backward: q, k, v, g and the
 final state (nothing per chunk).
 
 Scope: scalar gate g or none, no per-channel gate, K and V in {64, 128} (the backward runs
@@ -81,18 +89,21 @@ def _products(inits, operands, interpret: bool):
     return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
 
 
-def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, interpret: bool,
-                    q_ref, k_ref, v_ref, b_ref, o_ref, state_ref, q_smem, k_smem, v_smem,
+def _forward_kernel(num_chunks: int, scale: float, gated: bool, reverse: bool, v_block: int,
+                    interpret: bool, q_ref, k_ref, v_ref, b_ref, o_ref, state_ref, q_smem, k_smem, v_smem,
                     bc_smem, br_smem, a_smem, vd_smem, s_smem, o_smem, sf_smem, loaded):
-    """One CTA: V block ``vb``, head ``h``, batch row ``bi``; loops over the chunks in order."""
+    """One CTA: V block ``vb``, head ``h``, batch row ``bi``; loops over the chunks in order
+    (``reverse``: last chunk first, the anti-causal recurrence of the module docstring)."""
     vb, h, bi = (jax.lax.axis_index(n) for n in ("vblock", "heads", "batch"))
     K, C, Vb = q_smem.shape[-1], CHUNK, v_block
     v_cols = pl.ds(vb * Vb, Vb)
     wgmma_layout = plgpu.Layout.WGMMA
     zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), wgmma_layout)
 
+    chunk_at = (lambda n: num_chunks - 1 - n) if reverse else (lambda n: n)
+
     def issue_loads(n, slot):
-        rows = pl.ds(n * C, C)
+        rows = pl.ds(chunk_at(n) * C, C)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], loaded.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem.at[slot], loaded.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h, v_cols], v_smem.at[slot], loaded.at[slot])
@@ -106,7 +117,7 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
     plgpu.commit_smem()
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma_layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma_layout)
-    causal = row >= col
+    causal = row <= col if reverse else row >= col
 
     def chunk_step(n, state):
         slot = jax.lax.rem(n, STAGES)
@@ -121,9 +132,12 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
             b_last = bc_smem[slot, C - 1]
             diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
                     - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
-            scores = scores * jnp.exp(jnp.where(causal, diff, 0.0))
-            o = o * jax.lax.broadcast_in_dim(scale * jnp.exp(b_col), (C, Vb), [0])
-            v_val = v_val * jax.lax.broadcast_in_dim(jnp.exp(b_last - b_col), (C, Vb), [0])
+            scores = scores * jnp.exp(jnp.where(causal, -diff if reverse else diff, 0.0))
+            reads, writes = jnp.exp(b_col), jnp.exp(b_last - b_col)  # e^{b}, e^{beta - b}
+            if reverse:
+                reads, writes = writes, reads
+            o = o * jax.lax.broadcast_in_dim(scale * reads, (C, Vb), [0])
+            v_val = v_val * jax.lax.broadcast_in_dim(writes, (C, Vb), [0])
             state = state * jnp.exp(b_last)
         else:
             o = o * scale
@@ -141,7 +155,7 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
         o_smem[...] = o.astype(o_smem.dtype)
         s_smem[...] = state.astype(s_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, pl.ds(n * C, C), h, v_cols])
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, v_cols])
         return state
 
     state = jax.lax.fori_loop(0, num_chunks, chunk_step, zeros((K, Vb)))
@@ -152,15 +166,17 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, v_block: int, in
 
 
 def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpret: Any = None,
-                   out_dtype=None) -> tuple[jax.Array, jax.Array]:
+                   out_dtype=None, reverse: bool = False) -> tuple[jax.Array, jax.Array]:
     """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of CHUNK;
     b [B, H, Tp] float32 chunk-local cumulative log gates, or None (no gate).
-    Returns (o [B, Tp, H, V] in ``out_dtype`` (default q's), final state [B, H, K, V] float32)."""
+    ``reverse``: the anti-causal recurrence (module docstring).
+    Returns (o [B, Tp, H, V] in ``out_dtype`` (default q's), final state [B, H, K, V] float32;
+    with ``reverse`` the state after the first step, decayed to before it)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     gated = b is not None
     b = b if gated else jnp.zeros((1, 1, CHUNK), jnp.float32)  # a placeholder never read
-    body = functools.partial(_forward_kernel, Tp // CHUNK, scale, gated, v_block,
+    body = functools.partial(_forward_kernel, Tp // CHUNK, scale, gated, reverse, v_block,
                              interpret is not None)
     out_dtype = jnp.dtype(q.dtype if out_dtype is None else out_dtype)
     tile = lambda rows, cols: _tiled_smem((rows, cols), q.dtype)
@@ -189,9 +205,10 @@ def forward_padded(q, k, v, b, *, scale: float, v_block: int = V_BLOCK, interpre
     )(q, k, v, b)
 
 
-def _forward(q, k, v, g, scale: float, interpret: Any, out_dtype=None):
+def _forward(q, k, v, g, scale: float, interpret: Any, out_dtype=None, reverse: bool = False):
     """[B, T, H, *] inputs -> (o [B, T, H, V], final state); pads T to whole chunks (padded
-    steps have k = 0 and gate 0, so the state passes through them unchanged)."""
+    steps have k = 0 and gate 0, so the state passes through them unchanged; with ``reverse``
+    they come first and add nothing)."""
     T = q.shape[1]
     Tp = common.round_up(T, CHUNK)
     pad = lambda x: cc.pad_time(x, Tp)
@@ -199,26 +216,18 @@ def _forward(q, k, v, g, scale: float, interpret: Any, out_dtype=None):
     if g is not None:
         b = cc.chunk_cumsum(jnp.swapaxes(pad(g.astype(jnp.float32)), 1, 2), CHUNK, axis=2)
     o, state = forward_padded(pad(q), pad(k), pad(v), b, scale=scale, interpret=interpret,
-                              out_dtype=out_dtype)
+                              out_dtype=out_dtype, reverse=reverse)
     return o[:, :T], state
-
-
-def _time_reversed_gate(g: jax.Array) -> jax.Array:
-    """The gate g' of the time-reversed recurrence (u' = T-1-u): g'_0 = 0, g'_u' = g_{T-u'}, so
-    that the decay sum_{u' in (t', s']} g'_u' equals sum_{u in (s, t]} g_u."""
-    flipped = jnp.flip(g, 1)
-    return jnp.concatenate([jnp.zeros_like(flipped[:, :1]), flipped[:, :-1]], axis=1)
 
 
 def _backward(q, k, v, g, final_state, do, dstate, scale: float, interpret: Any):
     """dq, dk, dv, dg as three runs of the forward kernel. With G_t = sum_{u <= t} g_u and
     o_t = scale sum_{s <= t} e^{G_t - G_s} (q_t . k_s) v_s, each gradient is itself a causal
-    (dq) or anti-causal (dk, dv) gated linear attention, so the forward kernel computes it on
-    permuted (and, for the anti-causal ones, time-reversed) inputs:
+    (dq) or anti-causal (dk, dv: the kernel's ``reverse`` mode) gated linear attention:
 
-        dq_t = scale sum_{s <= t} e^{G_t - G_s} (dO_t . v_s) k_s       = F(dO, v, k; g)
-        dk_s = scale sum_{t >= s} e^{G_t - G_s} (dO_t . v_s) q_t       = rev F(rev v, rev dO, rev q; g')
-        dv_s = scale sum_{t >= s} e^{G_t - G_s} (q_t . k_s) dO_t       = rev F(rev k, rev q, rev dO; g')
+        dq_t = scale sum_{s <= t} e^{G_t - G_s} (dO_t . v_s) k_s       = F(dO, v, k)
+        dk_s = scale sum_{t >= s} e^{G_t - G_s} (dO_t . v_s) q_t       = F_reverse(v, dO, q)
+        dv_s = scale sum_{t >= s} e^{G_t - G_s} (q_t . k_s) dO_t       = F_reverse(k, q, dO)
 
     plus, for a final-state cotangent dS_T, w_s (v_s dS_T^T) on dk and w_s (k_s dS_T) on dv
     with w_s = e^{G_{T-1} - G_s}. dq and dk leave the kernel in float32. The gate gradient uses
@@ -227,13 +236,12 @@ def _backward(q, k, v, g, final_state, do, dstate, scale: float, interpret: Any)
     exactly (g_0 decays only the zero initial state; the sum would leave rounding noise).
     """
     f32 = jnp.float32
-    run = lambda a, b, c, gate, dtype: _forward(a, b, c, gate, scale, interpret, dtype)[0]
-    flip = lambda x: jnp.flip(x, 1)
-    g_rev = None if g is None else _time_reversed_gate(g)
+    run = lambda a, b, c, dtype, reverse: _forward(a, b, c, g, scale, interpret, dtype,
+                                                   reverse)[0]
     with_state = not isinstance(dstate, SymbolicZero)
-    dq = run(do, v, k, g, f32)
-    dk = flip(run(flip(v), flip(do), flip(q), g_rev, f32))
-    dv = flip(run(flip(k), flip(q), flip(do), g_rev, f32 if with_state else v.dtype))
+    dq = run(do, v, k, f32, False)
+    dk = run(v, do, q, f32, True)
+    dv = run(k, q, do, f32 if with_state else v.dtype, True)
     if with_state:
         w = jnp.ones(q.shape[:3], f32) if g is None else jnp.exp(
             jnp.flip(jnp.cumsum(jnp.flip(g.astype(f32), 1), axis=1), 1) - g.astype(f32))
