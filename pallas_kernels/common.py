@@ -25,6 +25,25 @@ def interpret_params() -> Any:
     return platform() == "cpu"
 
 
+def _varying_axes(x: Any) -> set:
+    """Mesh axes ``x`` is typed varying over inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "manual_axis_type"):
+        return set(aval.manual_axis_type.varying)
+    return set(getattr(aval, "vma", ()))
+
+
+def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` typed varying over every mesh axis that ``like`` varies over.
+
+    Under ``shard_map(check_vma=True)`` a scan's initial carry (a zero or user-given state) must
+    have the type of what the scan body returns, which varies with the sharded inputs.
+    Outside shard_map this returns ``x`` unchanged.
+    """
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

@@ -173,3 +173,25 @@ def test_lasp2h_equals_unsharded_causal_attention(mesh, segments):
         grads_ref = jax.grad(dense, argnums=(0, 1, 2))(*qkv)
         for name, gr, gr_ref in zip("qkv", grads, grads_ref):
             assert_close(gr, gr_ref, TOL_F32, f"d{name}")
+
+
+@pytest.mark.parametrize("op", ["linear chunk", "linear recurrent", "delta chunk", "delta recurrent"])
+def test_xla_paths_run_batch_sharded_under_check_vma(mesh, op):
+    # The scans' zero initial carry must be typed varying like the sharded inputs.
+    from pallas_kernels import delta, linear
+    fn = {"linear chunk": linear.chunk_gated_linear_attention,
+          "linear recurrent": linear.recurrent_gated_linear_attention,
+          "delta chunk": delta.chunk_delta_rule, "delta recurrent": delta.recurrent_delta_rule}[op]
+    ks = jax.random.split(jax.random.key(5), 5)
+    B, T, H, D = N_DEV, 24, 2, 8
+    q, k, v = (normal(kk, (B, T, H, D)) for kk in ks[:3])
+    g = log_gate(ks[3], (B, T, H))
+    extra = (jax.nn.sigmoid(normal(ks[4], (B, T, H))),) if op.startswith("delta") else ()
+    if op.startswith("delta"):
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    run = lambda *a: fn(*a[:-1], g=a[-1], impl="xla", output_final_state=True)
+    args = (q, k, v, *extra, g)
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=(P("seq"),) * len(args),
+                            out_specs=(P("seq"), P("seq")), check_vma=True)
+    for got, want in zip(jax.jit(sharded)(*args), run(*args)):
+        assert_close(got, want, TOL_F32)

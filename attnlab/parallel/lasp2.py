@@ -62,27 +62,6 @@ def _combine_shard_states(states: jax.Array, log_decays: jax.Array, passes: jax.
     return jnp.sum(w[..., None] * states, axis=0) + w_init[..., None] * initial_state
 
 
-def _typed_varying(x: jax.Array, axis_name: str) -> bool:
-    """Whether x is typed varying over ``axis_name`` (shard_map with ``check_vma=True``); True
-    when this jax's type does not say (the safe answer below)."""
-    aval = jax.typeof(x)
-    if hasattr(aval, "manual_axis_type"):          # jax 0.10
-        return axis_name in aval.manual_axis_type.varying
-    return axis_name in getattr(aval, "vma", {axis_name})
-
-
-def _zero_state_if_checked(q: jax.Array, v: jax.Array, axis_name: str) -> jax.Array | None:
-    """The local pass's initial state: None (zeros inside the op), except under
-    ``check_vma=True``, where the op's scans need a zero carry typed varying over the axis.
-    None keeps the implementations that decline an initial state (the Hopper kernel)
-    selectable."""
-    if not _typed_varying(q, axis_name):
-        return None
-    B, _, H, K = q.shape
-    zeros = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
-    return jax.lax.pcast(zeros, (axis_name,), to="varying")
-
-
 def lasp2_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str,
                                  g: jax.Array | None = None, gk: jax.Array | None = None,
                                  scale: float | None = None,
@@ -107,7 +86,7 @@ def lasp2_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, ax
     """
     B, L, H, _, K, V = common.check_qkv(q, k, v)
     o_loc, state_loc = chunk_gated_linear_attention(
-        q, k, v, g=g, gk=gk, scale=scale, initial_state=_zero_state_if_checked(q, v, axis_name),
+        q, k, v, g=g, gk=gk, scale=scale, initial_state=None,
         output_final_state=True, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     scale = K ** -0.5 if scale is None else float(scale)
     if initial_state is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.delta import chunk_math
 from pallas_kernels.delta.chunking import from_head_major, to_layout
 
@@ -39,8 +40,8 @@ def chunk_delta_rule_xla(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
         o, s = jax.vmap(jax.vmap(chunk_math.apply))(p, q_n, k_n, s)
         return s, o
 
-    s0 = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
-          else initial_state.astype(dtype))
+    s0 = common.vary_like(jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                          else initial_state.astype(dtype), q)
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
     state, o = jax.lax.scan(step, s0, jax.tree.map(chunk_major, (prep, q_c, k_c)))
     o = jnp.moveaxis(o, 0, 2).reshape(B, H, N * chunk, V)

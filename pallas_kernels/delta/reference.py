@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.chunk_common import segment_starts
 
 
@@ -32,8 +33,8 @@ def delta_rule_reference(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, beta.dtype, jnp.float32)
     log_a = jnp.zeros((B, T, H), dtype) if g is None else g.astype(dtype)
     decay = jnp.where(segment_starts(segment_ids, B, T)[:, :, None], 0.0, jnp.exp(log_a))
-    state = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
-             else initial_state.astype(dtype))
+    state = common.vary_like(jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                             else initial_state.astype(dtype), q)
     hp = jax.lax.Precision.HIGHEST
 
     def step(s, xs):

@@ -86,8 +86,8 @@ def chunk_gated_linear_xla(q: jax.Array, k: jax.Array, v: jax.Array, *,
         d, u = xs
         return apply_transition(s, d, u), s
 
-    s0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    s0 = common.vary_like(jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
+                          else initial_state.astype(jnp.float32), U)
     final, entering = jax.lax.scan(step, s0, (by_chunk(decay), by_chunk(U)))
     entering = jnp.moveaxis(entering, 0, 2).reshape(B * H * N, K, V)
     o = jax.vmap(lambda *a: chunk_output(*a, sub=sub))(qc, kc, vc, entering, terms)

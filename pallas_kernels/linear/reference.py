@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import chunk_common as cc
+from pallas_kernels import common
 
 _HP = jax.lax.Precision.HIGHEST
 
@@ -48,8 +49,8 @@ def gated_linear_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     lg = total_log_gate(g, gk, B, T, H, dtype)
     decay = jnp.ones((B, T, H, 1), dtype) if lg is None else jnp.exp(lg)
     decay = jnp.where(cc.segment_starts(segment_ids, B, T)[:, :, None, None], 0.0, decay)
-    state = (jnp.zeros((B, H, K, V), dtype) if initial_state is None
-             else initial_state.astype(dtype))
+    state = common.vary_like(jnp.zeros((B, H, K, V), dtype) if initial_state is None
+                             else initial_state.astype(dtype), q)
 
     def step(s, xs):
         q_t, k_t, v_t, a_t = xs
