@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernel_utils import TOL_BF16, assert_close, log_gate, normal
+from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.linear import mosaic_gpu as mg
 from pallas_kernels.linear.reference import gated_linear_reference
 
@@ -128,7 +129,7 @@ def test_accepts_declines_unsupported_calls():
     assert reason is not None and "Hopper" in reason  # this machine has no Hopper GPU
     hopper = pytest.MonkeyPatch.context()
     with hopper as mp:
-        mp.setattr(mg, "_is_hopper", lambda: True)
+        mp.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
         assert mg.mosaic_gpu_accepts(q, q, q, **kw) is None
         assert "gk" in mg.mosaic_gpu_accepts(q, q, q, **{**kw, "gk": jnp.zeros((1, 64, 1, 128))})
         assert "segment_ids" in mg.mosaic_gpu_accepts(

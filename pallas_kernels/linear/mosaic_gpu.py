@@ -36,9 +36,8 @@ Scope: scalar gate g or none, no per-channel gate, K and V in {64, 128} (the bac
 swap their roles), bf16 q/k/v, no segment_ids, no initial_state, default chunk;
 ``mosaic_gpu_accepts`` declines every other call (the op then falls back).
 
-CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernel on CPU. The
-interpreter has no ``run_state`` and no register-operand wgmma, so under it each product goes to
-a fresh accumulator that is added afterwards; compiled, the products accumulate in place.
+CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernel on CPU
+(see ``pallas_kernels.mosaic_gpu_common``).
 """
 from __future__ import annotations
 
@@ -51,42 +50,13 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-
-try:  # the Mosaic GPU front end of Pallas; its API moves between jax versions
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - depends on the installed jax
-    pl = plgpu = None
+from pallas_kernels.mosaic_gpu_common import (hopper_accepts, pl, plgpu, products as _products,
+                                              tiled_smem as _tiled_smem, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per CTA: the S block [K, 64] f32 is 32-64 registers a thread
 STAGES = 2          # TMA buffering depth of the q, k, v, b tiles
 HEAD_DIMS = (64, 128)
-_SWIZZLE = 128      # bytes: 64 bf16 per swizzled row segment
-
-
-def _tiled_smem(shape, dtype):
-    """SMEM tile laid out for TMA and wgmma: (8, 64) tiles of bf16 with a 128-byte swizzle."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, _SWIZZLE // 2)),
-                                                plgpu.SwizzleTransform(_SWIZZLE)))
-
-
-def _products(inits, operands, interpret: bool):
-    """``init + a @ b`` for each (init, (a, b)), the wgmmas issued back to back; returns the
-    results once all are done. ``a`` and ``b`` are SMEM refs (``b`` may be a transposed view)."""
-    shapes = [x.shape for x in inits]
-    if interpret:
-        def body(*accs):
-            for acc, (a, b) in zip(accs, operands):
-                plgpu.wgmma(acc, a, b)
-            return tuple(acc[...] for acc in accs)
-        fresh = pl.run_scoped(body, *[plgpu.ACC(s) for s in shapes])
-        return tuple(x + f for x, f in zip(inits, fresh))
-
-    def body(accs):
-        for acc, (a, b) in zip(accs, operands):
-            plgpu.wgmma(acc, a, b)
-    return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
 
 
 def _forward_kernel(num_chunks: int, scale: float, gated: bool, reverse: bool, v_block: int,
@@ -98,7 +68,7 @@ def _forward_kernel(num_chunks: int, scale: float, gated: bool, reverse: bool, v
     K, C, Vb = q_smem.shape[-1], CHUNK, v_block
     v_cols = pl.ds(vb * Vb, Vb)
     wgmma_layout = plgpu.Layout.WGMMA
-    zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), wgmma_layout)
+    zeros = wgmma_zeros
 
     chunk_at = (lambda n: num_chunks - 1 - n) if reverse else (lambda n: n)
 
@@ -291,18 +261,11 @@ def mosaic_gpu_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_s
     return _recurrence(q, k, v, g, float(scale), interpret)
 
 
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
-
 def mosaic_gpu_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size,
                        **_: Any) -> str | None:
     """None when the Hopper kernel runs this call, else the reason it declines."""
-    if plgpu is None:
-        return "this jax has no Pallas Mosaic GPU front end"
-    if not _is_hopper():
-        return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x)"
+    if (reason := hopper_accepts()) is not None:
+        return reason
     reasons = [
         (gk is not None, "per-channel gates gk are not supported"),
         (segment_ids is not None, "segment_ids are not supported"),

@@ -1,0 +1,74 @@
+"""Shared pieces of the Hopper (Mosaic GPU, ``plgpu.kernel``) kernels of every op family.
+
+* ``pl`` / ``plgpu``: the Pallas front ends (None where this jax has no Mosaic GPU);
+* ``tiled_smem``: a shared-memory tile laid out for TMA and ``wgmma`` (bf16 (8, 64) tiles,
+  128-byte swizzle);
+* ``products``: ``init + a @ b`` for several (a, b) shared-memory operand pairs on the
+  tensor cores, with the fallback the CPU GPU-interpreter needs;
+* ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
+* ``is_hopper`` and ``hopper_accepts``: the common part of every Hopper kernel's ``accepts``.
+
+CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs these kernels on CPU.
+The interpreter has no ``run_state`` and no register-operand wgmma, so under it each product
+goes to a fresh accumulator that is added afterwards; compiled, the products accumulate in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+try:  # the Mosaic GPU front end of Pallas; its API moves between jax versions
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pl = plgpu = None
+
+SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
+
+
+def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
+    """SMEM tile laid out for TMA and wgmma: (8, 64) tiles of bf16 with a 128-byte swizzle."""
+    return plgpu.SMEM(tuple(shape), dtype,
+                      transforms=(plgpu.TilingTransform((8, SWIZZLE // 2)),
+                                  plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def wgmma_zeros(shape: Sequence[int]) -> jax.Array:
+    """float32 zeros in the wgmma accumulator register layout."""
+    return plgpu.layout_cast(jnp.zeros(tuple(shape), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
+             interpret: bool) -> tuple[jax.Array, ...]:
+    """``init + a @ b`` for each (init, (a, b)), the wgmmas issued back to back; returns the
+    results once all are done. ``a`` and ``b`` are SMEM refs (``b`` may be a transposed view)."""
+    shapes = [x.shape for x in inits]
+    if interpret:
+        def body(*accs):
+            for acc, (a, b) in zip(accs, operands):
+                plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        fresh = pl.run_scoped(body, *[plgpu.ACC(s) for s in shapes])
+        return tuple(x + f for x, f in zip(inits, fresh))
+
+    def body(accs):
+        for acc, (a, b) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+    return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+
+
+def is_hopper() -> bool:
+    """True when the default device is an NVIDIA GPU of compute capability 9.x."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def hopper_accepts() -> str | None:
+    """None when a Mosaic GPU kernel can run here at all, else the reason it cannot."""
+    if plgpu is None:
+        return "this jax has no Pallas Mosaic GPU front end"
+    if not is_hopper():
+        return "the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x)"
+    return None
