@@ -37,6 +37,9 @@ CASES = [
     (2, 512, 4, 128, "g", False),
     (2, 512, 4, 128, "none", False),
     (2, 1000, 4, 128, "g", False),          # T not a multiple of the chunk
+    (2, 1000, 4, 128, "g+s0", False),       # an initial state (its gradient too)
+    (2, 16384, 16, 128, "g", False),        # the sequence split: 4 pieces
+    (1, 65536, 16, 128, "none", False),     # 8 pieces
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
     (8, 4096, 16, 128, "none", True),
 ]
@@ -44,24 +47,27 @@ ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D,
 
 
 def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
-    ks = jax.random.split(jax.random.key(seed), 5)
+    """gate: "none", "g" (scalar log gate) or "g+s0" (and a random initial state)."""
+    ks = jax.random.split(jax.random.key(seed), 6)
     q, k, v, do = (jax.random.normal(ks[i], (B, T, H, D), jnp.bfloat16) for i in range(4))
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0) if gate == "g" else None
-    return q, k, v, g, do
+    g = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0) if gate.startswith("g")
+         else None)
+    s0 = jax.random.normal(ks[5], (B, H, D, D)) if gate.endswith("+s0") else None
+    return q, k, v, g, s0, do
 
 
-def kernel_fn(scale: float):
+def kernel_fn(scale: float, s0=None):
     def run(q, k, v, g):
         return mosaic_gpu.mosaic_gpu_gated_linear_attention(
-            q, k, v, g=g, gk=None, scale=scale, initial_state=None, segment_ids=None,
+            q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
             chunk_size=None)
     return run
 
 
-def xla_fn(scale: float):
+def xla_fn(scale: float, s0=None):
     def run(q, k, v, g):
-        return chunk_gated_linear_attention(q, k, v, g=g, scale=scale, output_final_state=True,
-                                            impl="xla")
+        return chunk_gated_linear_attention(q, k, v, g=g, scale=scale, initial_state=s0,
+                                            output_final_state=True, impl="xla")
     return run
 
 
@@ -74,28 +80,28 @@ def fwd_bwd(fn):
 
 def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dict:
     row = {"B": B, "T": T, "H": H, "D": D, "gate": gate, "status": "error"}
-    q, k, v, g, do = make_inputs(B * T + D, B, T, H, D, gate)
+    q, k, v, g, s0, do = make_inputs(B * T + D, B, T, H, D, gate)
     scale = D ** -0.5
-    reason = mosaic_gpu.mosaic_gpu_accepts(q, k, v, g=g, gk=None, initial_state=None,
+    reason = mosaic_gpu.mosaic_gpu_accepts(q, k, v, g=g, gk=None, initial_state=s0,
                                            segment_ids=None, chunk_size=None)
     if reason is not None:
         row.update(status="declined", note=reason)
         return row
-    kernel = jax.jit(kernel_fn(scale))
+    kernel = jax.jit(kernel_fn(scale, s0))
     bc.poison_device_memory("jax", gib=2.0)
     o, s = jax.block_until_ready(kernel(q, k, v, g))
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     o_ref, s_ref = jax.jit(lambda q, k, v, g: gated_linear_reference(
-        f32(q), f32(k), f32(v), g=g, scale=scale))(q, k, v, g)
+        f32(q), f32(k), f32(v), g=g, scale=scale, initial_state=s0))(q, k, v, g)
     row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
     row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, do, scale)
+    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, do, scale)
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, g, scale)
     args = [(q, k, v, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
-    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale)), args)
+    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0)), args)
     if with_bwd:
         args = [(q, k, v, g, do)]
         row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale))), args)
@@ -103,17 +109,18 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
     return row
 
 
-def check_gradients(row: dict, q, k, v, g, do, scale: float) -> list[float]:
+def check_gradients(row: dict, q, k, v, g, s0, do, scale: float) -> list[float]:
     """Record the relative errors of dq, dk, dv (and dg) in ``row``; return them."""
     B, T, H, D = q.shape
     bc.poison_device_memory("jax", gib=2.0)
-    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale)))(q, k, v, g, do))
+    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale, s0)))(q, k, v, g, do))
     if B * H * D * D * 4 * T <= ORACLE_GRAD_BYTES:
         row["grad_ref"] = "oracle"
-        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale)
+        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale,
+                                                        initial_state=s0)
     else:
         row["grad_ref"] = "xla"
-        ref = xla_fn(scale)
+        ref = xla_fn(scale, s0)
     f32 = lambda x: x.astype(jnp.float32)
     want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
     errs = []

@@ -1,13 +1,15 @@
-"""The Hopper (Mosaic GPU) forward kernel of the scalar-gate linear recurrence, checked on CPU:
+"""The Hopper (Mosaic GPU) kernel of the scalar-gate linear recurrence, checked on CPU:
 
 * it lowers through Mosaic GPU (Pallas -> Mosaic GPU dialect, layout inference, shared-memory
   budget) for the cuda platform — on every supported jax, no GPU needed;
 * its numerics, in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped
   before), against the float64 step-by-step oracle, with race detection on and outputs that
-  start as NaN in the interpreter;
-* its backward (three more runs of the forward kernel, two of them in its anti-causal
-  ``reverse`` mode; see ``mosaic_gpu._backward``): it
-  lowers for cuda, and in interpret mode dq, dk, dv, dg match autodiff of the oracle;
+  start as NaN in the interpreter: one and two warpgroups, initial state, the sequence split
+  into pieces (made to happen at small T by lowering MIN_PIECE_CHUNKS);
+* its backward (three more walks, two of them in the anti-causal ``reverse`` mode; see
+  ``mosaic_gpu._backward``): it lowers for cuda, and in interpret mode dq, dk, dv, dg and the
+  initial state's gradient match autodiff of the oracle;
+* how many pieces the sequence split makes for the benchmark shapes;
 * its ``accepts`` declines what it does not support, and everything off Hopper.
 """
 from __future__ import annotations
@@ -20,9 +22,10 @@ import jax.numpy as jnp
 from kernel_utils import TOL_BF16, assert_close, log_gate, normal
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.linear import mosaic_gpu as mg
+from pallas_kernels.linear import mosaic_gpu_kernel as mk
 from pallas_kernels.linear.reference import gated_linear_reference
 
-plgpu = mg.plgpu
+plgpu = mosaic_gpu_common.plgpu
 needs_interpreter = pytest.mark.skipif(
     plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
     reason="GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12")
@@ -36,52 +39,71 @@ def _inputs(seed, B, T, H, K, V, gated):
     return q, k, v, g
 
 
-def _oracle(q, k, v, g, scale):
+def _oracle(q, k, v, g, s0, scale):
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-        o, s = gated_linear_reference(f64(q), f64(k), f64(v), g=f64(g), scale=scale)
+        o, s = gated_linear_reference(f64(q), f64(k), f64(v), g=f64(g), scale=scale,
+                                      initial_state=f64(s0))
         return np.asarray(o), np.asarray(s)
 
 
-@pytest.mark.parametrize("K,V,gated,v_block", [(128, 128, True, 64), (64, 64, False, 64)])
-def test_lowers_for_cuda(K, V, gated, v_block):
-    B, T, H = 2, 256, 3
+@pytest.mark.parametrize("K,V,gated,pieces,states_only,with_s0,reverse,out_dtype", [
+    (128, 128, True, 1, False, False, False, None),         # two warpgroups, one piece
+    (128, 128, True, 2, True, False, False, None),          # the sequence split's state pass
+    (64, 128, False, 2, False, True, True, jnp.float32),    # pieces from s0, reverse, f32 out
+    (128, 64, True, 1, False, True, False, jnp.float32),    # one warpgroup, initial state
+])
+def test_walk_lowers_for_cuda(K, V, gated, pieces, states_only, with_s0, reverse, out_dtype):
+    B, T, H = 2, 512, 3
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
-            sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None)
-    fwd = jax.jit(lambda q, k, v, b: mg.forward_padded(q, k, v, b, scale=0.1, v_block=v_block))
+            sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None,
+            sd((B * pieces, H, K, V), jnp.float32) if with_s0 else None)
+    fwd = jax.jit(lambda q, k, v, b, s0: mk.walk(
+        None if states_only else q, k, v, b, s0, scale=0.1, pieces=pieces,
+        states_only=states_only, reverse=reverse, out_dtype=out_dtype))
     text = fwd.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("B,H,T,pieces", [(8, 16, 4096, 1), (2, 16, 16384, 4), (1, 16, 65536, 8),
+                                          (1, 1, 512, 1), (1, 2, 4096, 4)])
+def test_pieces_fill_the_gpu(B, H, T, pieces):
+    """Sequence split: B·H·P within the SM count, pieces of at least MIN_PIECE_CHUNKS chunks."""
+    assert mg._pieces(B, H, T // mk.CHUNK) == pieces
+
+
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated", [
-    (2, 150, 2, 128, 128, True),   # two V blocks, a padded last chunk, three chunks
-    (1, 100, 1, 64, 128, False),   # no gate
-    (1, 1, 1, 64, 64, True),       # T = 1
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,min_piece", [
+    (2, 150, 2, 128, 128, True, False, 16),  # two warpgroups, a padded last chunk, three chunks
+    (1, 150, 1, 64, 128, True, True, 1),     # initial state, split into two pieces
+    (1, 100, 1, 64, 128, False, False, 16),  # no gate
+    (1, 1, 1, 64, 64, True, True, 16),       # T = 1
 ])
-def test_interpret_matches_oracle(B, T, H, K, V, gated):
+def test_interpret_matches_oracle(B, T, H, K, V, gated, init, min_piece, monkeypatch):
+    monkeypatch.setattr(mg, "MIN_PIECE_CHUNKS", min_piece)
     q, k, v, g = _inputs(T, B, T, H, K, V, gated)
+    s0 = normal(jax.random.PRNGKey(T + 1), (B, H, K, V)) if init else None
     scale = K ** -0.5
     o, s = mg.mosaic_gpu_gated_linear_attention(
-        q, k, v, g=g, gk=None, scale=scale, initial_state=None, segment_ids=None,
+        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
         chunk_size=None, interpret=plgpu.InterpretGPUParams(detect_races=True))
-    ro, rs = _oracle(q, k, v, g, scale)
+    ro, rs = _oracle(q, k, v, g, s0, scale)
     assert o.dtype == jnp.bfloat16 and o.shape == ro.shape
     assert_close(o, ro, TOL_BF16, "o")
-    assert_close(s, rs, 1e-4 if not gated else TOL_BF16, "final state")
+    assert_close(s, rs, 1e-4 if not (gated or init) else TOL_BF16, "final state")
 
 
 def _op(interpret=None, scale=0.125):
-    return lambda q, k, v, g: mg.mosaic_gpu_gated_linear_attention(
-        q, k, v, g=g, gk=None, scale=scale, initial_state=None, segment_ids=None,
+    return lambda q, k, v, g, s0: mg.mosaic_gpu_gated_linear_attention(
+        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
         chunk_size=None, interpret=interpret)
 
 
 def _loss(run, do, dstate):
     """sum(o * do) + sum(final state * dstate): exercises both cotangents."""
-    def loss(q, k, v, g):
-        o, s = run(q, k, v, g)
+    def loss(q, k, v, g, s0):
+        o, s = run(q, k, v, g, s0)
         return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(do.dtype) * dstate)
     return loss
 
@@ -91,34 +113,40 @@ def test_backward_lowers_for_cuda(K, V, gated):
     B, T, H = 1, 200, 2
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
-            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32) if gated else None)
+            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32) if gated else None,
+            sd((B, H, K, V), jnp.float32))
     do, dstate = jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V))
-    grads = jax.jit(jax.grad(_loss(_op(), do, dstate), argnums=(0, 1, 2, 3)))
+    grads = jax.jit(jax.grad(_loss(_op(), do, dstate), argnums=(0, 1, 2, 3, 4)))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 4  # the forward and the three backward runs
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated", [
-    (1, 150, 2, 64, 128, True),    # K != V, a padded last chunk, three chunks
-    (2, 70, 1, 128, 64, False),    # no gate, two V blocks in the dq and dk runs
-    (1, 1, 1, 64, 64, True),       # T = 1 (dg is exactly 0)
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,min_piece", [
+    (1, 150, 2, 64, 128, True, True, 1),    # K != V, initial state, two pieces, padded chunk
+    (2, 70, 1, 128, 64, False, False, 16),  # no gate, two warpgroups in the dq and dk runs
+    (1, 1, 1, 64, 64, True, False, 16),     # T = 1 (dg is exactly 0)
 ])
-def test_interpret_gradients_match_oracle(B, T, H, K, V, gated):
-    """dq, dk, dv, dg of the Mosaic GPU backward (output and final-state cotangents) against
-    autodiff of the float64 step-by-step oracle."""
+def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, min_piece, monkeypatch):
+    """dq, dk, dv, dg, d initial state of the Mosaic GPU backward (output and final-state
+    cotangents) against autodiff of the float64 step-by-step oracle."""
+    monkeypatch.setattr(mg, "MIN_PIECE_CHUNKS", min_piece)
     q, k, v, g = _inputs(T + 11, B, T, H, K, V, gated)
-    kd, ks = jax.random.split(jax.random.PRNGKey(T))
+    kd, ks, k0 = jax.random.split(jax.random.PRNGKey(T), 3)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
-    argnums = (0, 1, 2, 3) if gated else (0, 1, 2)
-    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(q, k, v, g)
+    s0 = normal(k0, (B, H, K, V)) if init else None
+    names = [n for n, x in zip(("q", "k", "v", "g", "s0"), (q, k, v, g, s0)) if x is not None]
+    argnums = tuple(("q", "k", "v", "g", "s0").index(n) for n in names)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(q, k, v, g, s0)
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=0.125)
-        want = jax.grad(_loss(ref, f64(do), f64(dstate)), argnums)(*map(f64, (q, k, v, g)))
+        ref = lambda q, k, v, g, s0: gated_linear_reference(q, k, v, g=g, scale=0.125,
+                                                            initial_state=s0)
+        want = jax.grad(_loss(ref, f64(do), f64(dstate)), argnums)(
+            *map(f64, (q, k, v, g, s0)))
         want = [np.asarray(w) for w in want]
-    for name, a, b in zip("qkvg", got, want):
-        assert a.dtype == (jnp.bfloat16 if name != "g" else g.dtype)
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == {"g": g, "s0": s0}.get(name, q).dtype
         assert_close(a, b, TOL_BF16, f"d{name}")
 
 
@@ -134,8 +162,8 @@ def test_accepts_declines_unsupported_calls():
         assert "gk" in mg.mosaic_gpu_accepts(q, q, q, **{**kw, "gk": jnp.zeros((1, 64, 1, 128))})
         assert "segment_ids" in mg.mosaic_gpu_accepts(
             q, q, q, **{**kw, "segment_ids": jnp.zeros((1, 64), jnp.int32)})
-        assert "initial_state" in mg.mosaic_gpu_accepts(
-            q, q, q, **{**kw, "initial_state": jnp.zeros((1, 1, 128, 128))})
+        assert mg.mosaic_gpu_accepts(
+            q, q, q, **{**kw, "initial_state": jnp.zeros((1, 1, 128, 128))}) is None
         assert "chunk_size" in mg.mosaic_gpu_accepts(q, q, q, **{**kw, "chunk_size": 32})
         assert "bfloat16" in mg.mosaic_gpu_accepts(q.astype(jnp.float32), q, q, **kw)
         assert "key dim" in mg.mosaic_gpu_accepts(q[..., :32], q[..., :32], q, **kw)

@@ -1,0 +1,262 @@
+"""The Hopper (Mosaic GPU) walk kernel of the scalar-gate chunkwise linear recurrence.
+
+Per batch row and head, state S [K, V] float32, log gate g_t <= 0 per step (or none):
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t,        o_t = scale · q_t S_t
+
+The sequence is cut into P *pieces* of whole chunks; one CTA walks one (head, batch row, piece)
+chunk by chunk from the state handed to it (zeros, or ``s0``), with one warpgroup per V block
+of 64 columns (two for V = 128: they share the q, k and gate tiles, each keeps its own
+f32 state block [K, 64] in registers). With b_i = sum_{s <= i in the chunk} g_s (the
+chunk-local cumulative log gate, <= 0, so every exponent below is <= 0 and nothing overflows)
+and S the state entering the chunk:
+
+    A      = (q k^T) ⊙ D,        D_ij = exp(b_i - b_j) for j <= i, else 0        [C, C]
+    o      = scale · ( A v + diag(exp(b)) (q S) )                                   [C, 64]
+    S_next = exp(b_{C-1}) S + k^T (diag(exp(b_{C-1} - b)) v)                        [K, 64]
+
+All four products run on the tensor cores (``wgmma``, bf16 operands from shared memory, float32
+accumulators in registers): q k^T and q S (a bf16 copy of S), then A v (A written to shared
+memory) and k^T (decayed v) (a transposed view of the k tile). q, k, v tiles and the chunk's b
+arrive by TMA, double-buffered (warpgroup 0 issues the copies; a slot is refilled once every
+warpgroup has signalled that it is done reading it), so chunk n+1 loads while chunk n computes;
+o leaves by TMA. The loop's shared memory is a scoped allocation, reused afterwards for the
+float32 final state.
+
+``reverse`` runs the anti-causal recurrence instead, chunks last to first, R the state
+entering a chunk from the later ones:
+
+    o_i    = scale · ( sum_{j >= i} e^{b_j - b_i} (q_i . k_j) v_j + e^{b_{C-1} - b_i} (q_i R) )
+    R_prev = e^{b_{C-1}} R + k^T (diag(exp(b)) v)
+
+(the same code with the mask transposed and the two per-row factors swapped); its "final"
+state is the one after the first step decayed to before it.
+
+``states_only`` skips q and o: it returns each piece's final state from its ``s0`` (the first
+pass of the sequence split; see ``mosaic_gpu.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+
+CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
+V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
+STAGES = 2          # TMA buffering depth of the q, k, v, b tiles
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """Static configuration of one kernel launch."""
+    chunks: int          # chunks per piece
+    pieces: int
+    scale: float
+    gated: bool
+    reverse: bool
+    states_only: bool
+    has_s0: bool
+    groups: int          # warpgroups = V // V_BLOCK
+    interpret: bool
+
+
+def _kernel(cfg: Walk, q_ref, k_ref, v_ref, b_ref, s0_ref, *refs):
+    """One CTA: head ``h``, row ``r`` = batch row * pieces + piece; warpgroup ``w`` owns the
+    value columns [64 w, 64 w + 64)."""
+    o_ref = None if cfg.states_only else refs[0]
+    sf_ref, loaded, consumed, s0_loaded = refs[-4:]
+    h, r = jax.lax.axis_index("heads"), jax.lax.axis_index("rows")
+    bi, piece = jax.lax.div(r, cfg.pieces), jax.lax.rem(r, cfg.pieces)
+    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
+    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
+    K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
+    cols = pl.ds(w * Vb, Vb)
+    # float32 state blocks: (8, 32) tiles, 128-byte swizzle (conflict-free wgmma-layout loads)
+    f32_block = plgpu.SMEM((cfg.groups, K, Vb), jnp.float32,
+                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+
+    def initial_state(buf):
+        plgpu.copy_gmem_to_smem(s0_ref.at[r, h, :, cols], buf.at[w], s0_loaded.at[w])
+        plgpu.barrier_wait(s0_loaded.at[w])
+        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
+
+    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
+    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
+             else wgmma_zeros((K, Vb)))
+    state = pl.run_scoped(functools.partial(_walk, cfg, q_ref, k_ref, v_ref, b_ref, o_ref,
+                                            loaded, consumed, bi, piece, h, w, state),
+                          *_walk_scratch(cfg, q_ref.dtype, K, o_ref), **shared)
+
+    def final_state(buf):
+        buf[w] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[r, h, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(final_state, f32_block, **shared)
+
+
+def _walk_scratch(cfg: Walk, dtype, K: int, o_ref) -> list:
+    """Shared memory of the chunk loop (one scoped allocation)."""
+    G, S, C, Vb = cfg.groups, STAGES, CHUNK, V_BLOCK
+    scratch = [tiled_smem((S, C, K), dtype),                  # k
+               tiled_smem((G, S, C, Vb), dtype),              # v, one block per warpgroup
+               plgpu.SMEM((S, C), jnp.float32),               # b, read as a column
+               plgpu.SMEM((S, C), jnp.float32),               # b, read as a row
+               tiled_smem((G, C, Vb), dtype)]                 # decayed v
+    if not cfg.states_only:
+        o_tile = (tiled_smem((G, C, Vb), dtype) if o_ref.dtype == dtype
+                  else plgpu.SMEM((G, C, Vb), o_ref.dtype))
+        scratch += [tiled_smem((S, C, K), dtype),             # q
+                    tiled_smem((G, C, C), dtype),             # masked, decayed scores A
+                    tiled_smem((G, K, Vb), dtype),            # S in bf16 (for q S)
+                    o_tile]                                   # o
+    return scratch
+
+
+def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, piece, h, w,
+          state, k_smem, v_smem, bc_smem, br_smem, vd_smem, *more):
+    """The chunk loop of one warpgroup; returns its final state block."""
+    q_smem, a_smem, s_smem, o_smem = more if more else (None,) * 4
+    K, C, Vb, N = k_smem.shape[-1], CHUNK, V_BLOCK, cfg.chunks
+    cols = pl.ds(w * Vb, Vb)
+    wgmma_layout = plgpu.Layout.WGMMA
+    chunk_at = ((lambda n: piece * N + N - 1 - n) if cfg.reverse else (lambda n: piece * N + n))
+
+    def issue_loads(n, slot):
+        rows = pl.ds(chunk_at(n) * C, C)
+        bar = loaded.at[slot]
+        if not cfg.states_only:
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem.at[slot], bar)
+        for g in range(cfg.groups):
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h, pl.ds(g * Vb, Vb)], v_smem.at[g, slot],
+                                    bar)
+        if cfg.gated:  # b twice: one buffer per register layout (column, row) it is read in
+            for b_smem in (bc_smem, br_smem):
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], b_smem.at[slot], bar)
+
+    def producer(fn):
+        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
+        if cfg.groups == 1:
+            fn()
+        else:
+            pl.when(w == 0)(fn)
+
+    for n in range(min(STAGES, N)):
+        producer(functools.partial(issue_loads, n, n))
+    if not cfg.states_only:
+        s_smem[w] = state.astype(s_smem.dtype)
+        plgpu.commit_smem()
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma_layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma_layout)
+    causal = row <= col if cfg.reverse else row >= col
+    transposed = lambda ref: ref.transpose((1, 0))
+
+    def chunk_step(n, state):
+        slot = jax.lax.rem(n, STAGES)
+        plgpu.barrier_wait(loaded.at[slot])
+        q_tile, k_tile, v_tile = (None if cfg.states_only else q_smem.at[slot], k_smem.at[slot],
+                                  v_smem.at[w, slot])
+        if not cfg.states_only:
+            scores, o = products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
+                                 ((q_tile, transposed(k_tile)), (q_tile, s_smem.at[w])),
+                                 cfg.interpret)
+        v_val = plgpu.layout_cast(v_tile[...], wgmma_layout).astype(jnp.float32)
+        if cfg.gated:
+            b_col = plgpu.layout_cast(bc_smem[slot], wgmma_layout.reduce(1))
+            b_last = bc_smem[slot, C - 1]
+            reads, writes = jnp.exp(b_col), jnp.exp(b_last - b_col)  # e^{b}, e^{beta - b}
+            if cfg.reverse:
+                reads, writes = writes, reads
+            v_val = v_val * jax.lax.broadcast_in_dim(writes, (C, Vb), [0])
+            state = state * jnp.exp(b_last)
+            if not cfg.states_only:
+                b_row = plgpu.layout_cast(br_smem[slot], wgmma_layout.reduce(0))
+                diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
+                        - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
+                scores = scores * jnp.exp(jnp.where(causal, -diff if cfg.reverse else diff, 0.0))
+                o = o * jax.lax.broadcast_in_dim(cfg.scale * reads, (C, Vb), [0])
+        elif not cfg.states_only:
+            o = o * cfg.scale
+        vd_smem[w] = v_val.astype(vd_smem.dtype)
+        if cfg.states_only:
+            plgpu.commit_smem()
+            (state,) = products((state,), ((transposed(k_tile), vd_smem.at[w]),), cfg.interpret)
+        else:
+            a_smem[w] = jnp.where(causal, scores * cfg.scale, 0.0).astype(a_smem.dtype)
+            plgpu.commit_smem()
+            o, state = products((o, state), ((a_smem.at[w], v_tile),
+                                             (transposed(k_tile), vd_smem.at[w])), cfg.interpret)
+        if cfg.groups > 1:
+            plgpu.barrier_arrive(consumed.at[slot])
+
+        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
+        def _():
+            def refill():
+                if cfg.groups > 1:
+                    plgpu.barrier_wait(consumed.at[slot])
+                issue_loads(n + STAGES, slot)
+            producer(refill)
+
+        if not cfg.states_only:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left o_smem
+            o_smem[w] = o.astype(o_smem.dtype)
+            s_smem[w] = state.astype(s_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[w], o_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, cols])
+        return state
+
+    state = jax.lax.fori_loop(0, N, chunk_step, state)
+    if not cfg.states_only:
+        plgpu.wait_smem_to_gmem(0)
+    return state
+
+
+def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
+         s0: jax.Array | None, *, scale: float, pieces: int = 1, reverse: bool = False,
+         states_only: bool = False, out_dtype: Any = None, interpret: Any = None
+         ) -> tuple[jax.Array | None, jax.Array]:
+    """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of
+    ``pieces`` * CHUNK (q unused, may be None, with ``states_only``); b [B, H, Tp] float32
+    chunk-local cumulative log gates, or None (no gate); s0 [B * pieces, H, K, V] float32 the
+    state handed to each piece (row = batch row * pieces + piece), or None (zeros).
+    Returns (o [B, Tp, H, V] in ``out_dtype`` (default k's), or None with ``states_only``;
+    each piece's final state [B * pieces, H, K, V] float32)."""
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    num_chunks = Tp // CHUNK
+    if Tp % (pieces * CHUNK) or V % V_BLOCK or K not in HEAD_DIMS:
+        raise ValueError(f"walk: T={Tp} must be a multiple of pieces*{CHUNK}={pieces * CHUNK}, "
+                         f"V={V} of {V_BLOCK}, K={K} in {HEAD_DIMS}")
+    cfg = Walk(num_chunks // pieces, pieces, float(scale), b is not None, reverse, states_only,
+               s0 is not None, V // V_BLOCK, interpret is not None)
+    placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
+    b = b if cfg.gated else placeholder((1, 1, CHUNK))
+    s0 = s0 if cfg.has_s0 else placeholder((1, 1, K, V_BLOCK))
+    q = k if q is None else q  # never read with states_only
+    out_dtype = jnp.dtype(k.dtype if out_dtype is None else out_dtype)
+    state_type = jax.ShapeDtypeStruct((B * pieces, H, K, V), jnp.float32)
+    out_type = ((state_type,) if states_only
+                else (jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), state_type))
+    copies = (0 if states_only else 1) + 1 + cfg.groups + (2 if cfg.gated else 0)
+    outs = plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=out_type,
+        scratch_types=[
+            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
+            plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
+            plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
+        ],
+        grid=(H, B * pieces),
+        grid_names=("heads", "rows"),
+        **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, v, b, s0)
+    return (None, outs[0]) if states_only else tuple(outs)
