@@ -39,11 +39,11 @@ def _inputs(seed, B, T, H, K, V, gated):
     return q, k, v, g
 
 
-def _oracle(q, k, v, g, s0, scale):
+def _oracle(q, k, v, g, s0, scale, segment_ids=None):
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
         o, s = gated_linear_reference(f64(q), f64(k), f64(v), g=f64(g), scale=scale,
-                                      initial_state=f64(s0))
+                                      initial_state=f64(s0), segment_ids=segment_ids)
         return np.asarray(o), np.asarray(s)
 
 
@@ -70,33 +70,43 @@ def test_walk_lowers_for_cuda(K, V, gated, pieces, states_only, with_s0, reverse
                                           (1, 1, 512, 1), (1, 2, 4096, 4)])
 def test_pieces_fill_the_gpu(B, H, T, pieces):
     """Sequence split: B·H·P within the SM count, pieces of at least MIN_PIECE_CHUNKS chunks."""
-    assert mg._pieces(B, H, T // mk.CHUNK) == pieces
+    assert mg._pieces(B * H, T // mk.CHUNK) == pieces
+
+
+def _segments(B, T, seed):
+    """Random packed-document ids [B, T] (a few documents per row, lengths across chunks)."""
+    starts = jax.random.bernoulli(jax.random.PRNGKey(seed), 0.03, (B, T)).at[:, 0].set(False)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated,init,min_piece", [
-    (2, 150, 2, 128, 128, True, False, 16),  # two warpgroups, a padded last chunk, three chunks
-    (1, 150, 1, 64, 128, True, True, 1),     # initial state, split into two pieces
-    (1, 100, 1, 64, 128, False, False, 16),  # no gate
-    (1, 1, 1, 64, 64, True, True, 16),       # T = 1
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments,min_piece,groups", [
+    (2, 150, 2, 128, 128, True, False, False, 16, 2),  # two warpgroups, padded last chunk
+    (1, 150, 1, 64, 128, True, True, False, 1, 2),     # initial state, two pieces
+    (1, 200, 1, 64, 128, False, True, True, 1, 1),     # segments, one warpgroup per CTA
+    (1, 100, 1, 64, 128, False, False, False, 16, 2),  # no gate
+    (1, 1, 1, 64, 64, True, True, False, 16, 2),       # T = 1
 ])
-def test_interpret_matches_oracle(B, T, H, K, V, gated, init, min_piece, monkeypatch):
+def test_interpret_matches_oracle(B, T, H, K, V, gated, init, segments, min_piece, groups,
+                                  monkeypatch):
     monkeypatch.setattr(mg, "MIN_PIECE_CHUNKS", min_piece)
+    monkeypatch.setattr(mg, "WARPGROUPS_PER_CTA", groups)
     q, k, v, g = _inputs(T, B, T, H, K, V, gated)
     s0 = normal(jax.random.PRNGKey(T + 1), (B, H, K, V)) if init else None
+    seg = _segments(B, T, T) if segments else None
     scale = K ** -0.5
     o, s = mg.mosaic_gpu_gated_linear_attention(
-        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
+        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=seg,
         chunk_size=None, interpret=plgpu.InterpretGPUParams(detect_races=True))
-    ro, rs = _oracle(q, k, v, g, s0, scale)
+    ro, rs = _oracle(q, k, v, g, s0, scale, seg)
     assert o.dtype == jnp.bfloat16 and o.shape == ro.shape
     assert_close(o, ro, TOL_BF16, "o")
     assert_close(s, rs, 1e-4 if not (gated or init) else TOL_BF16, "final state")
 
 
-def _op(interpret=None, scale=0.125):
+def _op(interpret=None, scale=0.125, segment_ids=None):
     return lambda q, k, v, g, s0: mg.mosaic_gpu_gated_linear_attention(
-        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
+        q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=segment_ids,
         chunk_size=None, interpret=interpret)
 
 
@@ -122,12 +132,14 @@ def test_backward_lowers_for_cuda(K, V, gated):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated,init,min_piece", [
-    (1, 150, 2, 64, 128, True, True, 1),    # K != V, initial state, two pieces, padded chunk
-    (2, 70, 1, 128, 64, False, False, 16),  # no gate, two warpgroups in the dq and dk runs
-    (1, 1, 1, 64, 64, True, False, 16),     # T = 1 (dg is exactly 0)
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments,min_piece", [
+    (1, 150, 2, 64, 128, True, True, False, 1),    # K != V, initial state, two pieces
+    (1, 180, 1, 64, 64, True, True, True, 16),     # segments (reset gates; their dg is 0)
+    (2, 70, 1, 128, 64, False, False, False, 16),  # no gate, two warpgroups in dq, dk walks
+    (1, 1, 1, 64, 64, True, False, False, 16),     # T = 1 (dg is exactly 0)
 ])
-def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, min_piece, monkeypatch):
+def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, segments, min_piece,
+                                          monkeypatch):
     """dq, dk, dv, dg, d initial state of the Mosaic GPU backward (output and final-state
     cotangents) against autodiff of the float64 step-by-step oracle."""
     monkeypatch.setattr(mg, "MIN_PIECE_CHUNKS", min_piece)
@@ -135,13 +147,15 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, min_piece,
     kd, ks, k0 = jax.random.split(jax.random.PRNGKey(T), 3)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
     s0 = normal(k0, (B, H, K, V)) if init else None
+    seg = _segments(B, T, T + 5) if segments else None
     names = [n for n, x in zip(("q", "k", "v", "g", "s0"), (q, k, v, g, s0)) if x is not None]
     argnums = tuple(("q", "k", "v", "g", "s0").index(n) for n in names)
-    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(q, k, v, g, s0)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams(), segment_ids=seg), do, dstate),
+                   argnums)(q, k, v, g, s0)
     with jax.enable_x64(True):
         f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
         ref = lambda q, k, v, g, s0: gated_linear_reference(q, k, v, g=g, scale=0.125,
-                                                            initial_state=s0)
+                                                            initial_state=s0, segment_ids=seg)
         want = jax.grad(_loss(ref, f64(do), f64(dstate)), argnums)(
             *map(f64, (q, k, v, g, s0)))
         want = [np.asarray(w) for w in want]
@@ -160,8 +174,8 @@ def test_accepts_declines_unsupported_calls():
         mp.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
         assert mg.mosaic_gpu_accepts(q, q, q, **kw) is None
         assert "gk" in mg.mosaic_gpu_accepts(q, q, q, **{**kw, "gk": jnp.zeros((1, 64, 1, 128))})
-        assert "segment_ids" in mg.mosaic_gpu_accepts(
-            q, q, q, **{**kw, "segment_ids": jnp.zeros((1, 64), jnp.int32)})
+        assert mg.mosaic_gpu_accepts(
+            q, q, q, **{**kw, "segment_ids": jnp.zeros((1, 64), jnp.int32)}) is None
         assert mg.mosaic_gpu_accepts(
             q, q, q, **{**kw, "initial_state": jnp.zeros((1, 1, 128, 128))}) is None
         assert "chunk_size" in mg.mosaic_gpu_accepts(q, q, q, **{**kw, "chunk_size": 32})

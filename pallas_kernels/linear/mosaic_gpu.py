@@ -30,8 +30,11 @@ dg_s = sum_{t >= s} dL/dG_t; without an initial state dg_0 = 0 exactly (g_0 then
 zeros; the sum would leave rounding noise). Saved for the backward: q, k, v, g, the initial and
 final states (nothing per chunk).
 
+Segment resets (packed documents) are gates of -80 at segment starts
+(``mosaic_gpu_gated_linear_attention``).
+
 Scope: scalar gate g or none, no per-channel gate, K and V in {64, 128} (the backward runs
-swap their roles), bf16 q/k/v, no segment_ids, default chunk; ``mosaic_gpu_accepts`` declines
+swap their roles), bf16 q/k/v, default chunk; ``mosaic_gpu_accepts`` declines
 every other call (the op then falls back).
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernel on CPU
@@ -48,12 +51,14 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, walk
+from pallas_kernels.linear.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, V_BLOCK, walk
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
 
 MIN_PIECE_CHUNKS = 16   # a piece shorter than this costs more in its extra state pass than it wins
 MAX_PIECES = 8
 DEFAULT_SMS = 132       # H100 SXM; the device's own count is used when there is one
+WARPGROUPS_PER_CTA = 2  # V blocks of 64 sharing one CTA's q/k tiles (1: one CTA per V block)
+RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-35
 
 
 def _num_sms() -> int:
@@ -62,11 +67,16 @@ def _num_sms() -> int:
         else DEFAULT_SMS
 
 
-def _pieces(batch: int, heads: int, num_chunks: int) -> int:
-    """Pieces per sequence: doubled while B · H · P stays within the SM count and each piece
-    keeps at least MIN_PIECE_CHUNKS chunks (1 for the B·T = 32k, H = 16, T <= 4k benchmark)."""
+def _groups(value_dim: int) -> int:
+    return min(WARPGROUPS_PER_CTA, value_dim // V_BLOCK)
+
+
+def _pieces(ctas: int, num_chunks: int) -> int:
+    """Pieces per sequence: doubled while ``ctas`` (per piece) · P stays within the SM count
+    and each piece keeps at least MIN_PIECE_CHUNKS chunks (1 for the B·T = 32k, H = 16,
+    T <= 4k benchmark)."""
     pieces, sms = 1, _num_sms()
-    while (pieces < MAX_PIECES and batch * heads * 2 * pieces <= sms
+    while (pieces < MAX_PIECES and ctas * 2 * pieces <= sms
            and num_chunks // (2 * pieces) >= MIN_PIECE_CHUNKS):
         pieces *= 2
     return pieces
@@ -93,7 +103,8 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
     unchanged; with ``reverse`` they come first and add nothing)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    P = pieces or _pieces(B, H, -(-T // CHUNK))
+    groups = _groups(V)
+    P = pieces or _pieces(B * H * V // (V_BLOCK * groups), -(-T // CHUNK))
     Tp = common.round_up(T, CHUNK * P)
     pad = lambda x: cc.pad_time(x, Tp)
     q, k, v = pad(q), pad(k), pad(v)
@@ -102,7 +113,8 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
         gp = pad(g.astype(jnp.float32))
         b = cc.chunk_cumsum(jnp.swapaxes(gp, 1, 2), CHUNK, axis=2)
         gamma = jnp.sum(gp.reshape(B, P, Tp // P, H), axis=2)
-    run = functools.partial(walk, scale=scale, pieces=P, reverse=reverse, interpret=interpret)
+    run = functools.partial(walk, scale=scale, pieces=P, reverse=reverse, groups=groups,
+                            interpret=interpret)
     if P > 1:
         _, local = run(None, k, v, b, None, states_only=True)
         gamma = jnp.zeros((B, P, H), jnp.float32) if gamma is None else gamma
@@ -167,8 +179,18 @@ def mosaic_gpu_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_s
                                       interpret: Any = None) -> tuple[jax.Array, jax.Array]:
     """The op through the Hopper kernel (registry contract; call only where
     ``mosaic_gpu_accepts`` returned None). ``interpret``: e.g. ``plgpu.InterpretGPUParams()``
-    to run on CPU. Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32)."""
-    del gk, segment_ids, chunk_size  # declined by mosaic_gpu_accepts
+    to run on CPU. Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32).
+
+    Segment resets become log gates: the gate of a step that starts a segment is replaced by
+    RESET_LOG_GATE, so everything before it decays by e^-80 (below float32 resolution of
+    any sum it joins) and the chunk-local cumulative gates stay finite; the gradient of the
+    replaced gates is exactly zero (they never reach the output)."""
+    del gk, chunk_size  # declined by mosaic_gpu_accepts
+    if segment_ids is not None:
+        B, T, H = q.shape[:3]
+        starts = cc.segment_starts(segment_ids, B, T)[..., None]
+        g = jnp.where(starts, RESET_LOG_GATE, jnp.zeros((B, T, H), jnp.float32) if g is None
+                      else g)
     return _recurrence(q, k, v, g, initial_state, float(scale), interpret)
 
 
@@ -179,7 +201,6 @@ def mosaic_gpu_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size
         return reason
     reasons = [
         (gk is not None, "per-channel gates gk are not supported"),
-        (segment_ids is not None, "segment_ids are not supported"),
         (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
         (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
         (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),

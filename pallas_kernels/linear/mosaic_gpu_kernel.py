@@ -4,10 +4,10 @@ Per batch row and head, state S [K, V] float32, log gate g_t <= 0 per step (or n
 
     S_t = exp(g_t) S_{t-1} + k_t^T v_t,        o_t = scale · q_t S_t
 
-The sequence is cut into P *pieces* of whole chunks; one CTA walks one (head, batch row, piece)
-chunk by chunk from the state handed to it (zeros, or ``s0``), with one warpgroup per V block
-of 64 columns (two for V = 128: they share the q, k and gate tiles, each keeps its own
-f32 state block [K, 64] in registers). With b_i = sum_{s <= i in the chunk} g_s (the
+The sequence is cut into P *pieces* of whole chunks; one CTA walks one (V blocks, head, batch
+row, piece) chunk by chunk from the state handed to it (zeros, or ``s0``), with one warpgroup
+per V block of 64 columns (by default two for V = 128: they share the q, k and gate tiles,
+each keeps its own f32 state block [K, 64] in registers). With b_i = sum_{s <= i in the chunk} g_s (the
 chunk-local cumulative log gate, <= 0, so every exponent below is <= 0 and nothing overflows)
 and S the state entering the chunk:
 
@@ -62,21 +62,21 @@ class Walk:
     reverse: bool
     states_only: bool
     has_s0: bool
-    groups: int          # warpgroups = V // V_BLOCK
+    groups: int          # warpgroups per CTA, each with its own V block of 64 columns
     interpret: bool
 
 
 def _kernel(cfg: Walk, q_ref, k_ref, v_ref, b_ref, s0_ref, *refs):
-    """One CTA: head ``h``, row ``r`` = batch row * pieces + piece; warpgroup ``w`` owns the
-    value columns [64 w, 64 w + 64)."""
+    """One CTA: V blocks ``vb``, head ``h``, row ``r`` = batch row * pieces + piece; its
+    warpgroup ``w`` owns the value columns of block ``vb * groups + w``."""
     o_ref = None if cfg.states_only else refs[0]
     sf_ref, loaded, consumed, s0_loaded = refs[-4:]
-    h, r = jax.lax.axis_index("heads"), jax.lax.axis_index("rows")
+    vb, h, r = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
     bi, piece = jax.lax.div(r, cfg.pieces), jax.lax.rem(r, cfg.pieces)
     # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
     w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
     K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
-    cols = pl.ds(w * Vb, Vb)
+    cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     # float32 state blocks: (8, 32) tiles, 128-byte swizzle (conflict-free wgmma-layout loads)
     f32_block = plgpu.SMEM((cfg.groups, K, Vb), jnp.float32,
                            transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
@@ -90,7 +90,7 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, b_ref, s0_ref, *refs):
     state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
              else wgmma_zeros((K, Vb)))
     state = pl.run_scoped(functools.partial(_walk, cfg, q_ref, k_ref, v_ref, b_ref, o_ref,
-                                            loaded, consumed, bi, piece, h, w, state),
+                                            loaded, consumed, bi, piece, h, vb, w, state),
                           *_walk_scratch(cfg, q_ref.dtype, K, o_ref), **shared)
 
     def final_state(buf):
@@ -120,12 +120,12 @@ def _walk_scratch(cfg: Walk, dtype, K: int, o_ref) -> list:
     return scratch
 
 
-def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, piece, h, w,
+def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, piece, h, vb, w,
           state, k_smem, v_smem, bc_smem, br_smem, vd_smem, *more):
     """The chunk loop of one warpgroup; returns its final state block."""
     q_smem, a_smem, s_smem, o_smem = more if more else (None,) * 4
     K, C, Vb, N = k_smem.shape[-1], CHUNK, V_BLOCK, cfg.chunks
-    cols = pl.ds(w * Vb, Vb)
+    cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     wgmma_layout = plgpu.Layout.WGMMA
     chunk_at = ((lambda n: piece * N + N - 1 - n) if cfg.reverse else (lambda n: piece * N + n))
 
@@ -136,8 +136,8 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
             plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], bar)
         plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem.at[slot], bar)
         for g in range(cfg.groups):
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h, pl.ds(g * Vb, Vb)], v_smem.at[g, slot],
-                                    bar)
+            v_cols = pl.ds((vb * cfg.groups + g) * Vb, Vb)
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h, v_cols], v_smem.at[g, slot], bar)
         if cfg.gated:  # b twice: one buffer per register layout (column, row) it is read in
             for b_smem in (bc_smem, br_smem):
                 plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], b_smem.at[slot], bar)
@@ -221,22 +221,25 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
 
 def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
          s0: jax.Array | None, *, scale: float, pieces: int = 1, reverse: bool = False,
-         states_only: bool = False, out_dtype: Any = None, interpret: Any = None
-         ) -> tuple[jax.Array | None, jax.Array]:
+         states_only: bool = False, out_dtype: Any = None, groups: int | None = None,
+         interpret: Any = None) -> tuple[jax.Array | None, jax.Array]:
     """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of
     ``pieces`` * CHUNK (q unused, may be None, with ``states_only``); b [B, H, Tp] float32
     chunk-local cumulative log gates, or None (no gate); s0 [B * pieces, H, K, V] float32 the
     state handed to each piece (row = batch row * pieces + piece), or None (zeros).
+    ``groups``: warpgroups (V blocks of 64) per CTA, sharing its q/k tiles; default all of V's
+    up to 2 (V = 128: one CTA per head, batch row and piece).
     Returns (o [B, Tp, H, V] in ``out_dtype`` (default k's), or None with ``states_only``;
     each piece's final state [B * pieces, H, K, V] float32)."""
     B, Tp, H, K = k.shape
     V = v.shape[-1]
     num_chunks = Tp // CHUNK
-    if Tp % (pieces * CHUNK) or V % V_BLOCK or K not in HEAD_DIMS:
+    groups = min(2, V // V_BLOCK) if groups is None else groups
+    if Tp % (pieces * CHUNK) or V % (V_BLOCK * groups) or K not in HEAD_DIMS:
         raise ValueError(f"walk: T={Tp} must be a multiple of pieces*{CHUNK}={pieces * CHUNK}, "
-                         f"V={V} of {V_BLOCK}, K={K} in {HEAD_DIMS}")
+                         f"V={V} of {V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
     cfg = Walk(num_chunks // pieces, pieces, float(scale), b is not None, reverse, states_only,
-               s0 is not None, V // V_BLOCK, interpret is not None)
+               s0 is not None, groups, interpret is not None)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
     b = b if cfg.gated else placeholder((1, 1, CHUNK))
     s0 = s0 if cfg.has_s0 else placeholder((1, 1, K, V_BLOCK))
@@ -254,8 +257,8 @@ def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
             plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
             plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
         ],
-        grid=(H, B * pieces),
-        grid_names=("heads", "rows"),
+        grid=(V // (V_BLOCK * groups), H, B * pieces),
+        grid_names=("vblocks", "heads", "rows"),
         **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
         **({} if interpret is None else {"interpret": interpret}),
     )(q, k, v, b, s0)
