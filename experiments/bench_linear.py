@@ -63,6 +63,23 @@ def attnlab_fn(gate: str, impl: str):
     return lambda q, k, v, gk: op(q, k, v, gk=gk, scale=scale, impl=impl)[0]
 
 
+def attnlab_one_warpgroup_fn(gate: str):
+    """The Hopper kernel with one warpgroup (V block) per CTA instead of two sharing q/k
+    (``mosaic_gpu.WARPGROUPS_PER_CTA``, read while the call is traced): the layout question
+    the next GPU run settles."""
+    from pallas_kernels.linear import mosaic_gpu
+
+    fn = attnlab_fn(gate, "mosaic_gpu")
+
+    def run(*args):
+        saved, mosaic_gpu.WARPGROUPS_PER_CTA = mosaic_gpu.WARPGROUPS_PER_CTA, 1
+        try:
+            return fn(*args)
+        finally:
+            mosaic_gpu.WARPGROUPS_PER_CTA = saved
+    return run
+
+
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -93,6 +110,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab xla": ("jax", lambda gate: attnlab_fn(gate, "xla")),
     "attnlab pallas": ("jax", lambda gate: attnlab_fn(gate, "pallas")),
     "attnlab mosaic_gpu": ("jax", lambda gate: attnlab_fn(gate, "mosaic_gpu")),
+    "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }
