@@ -67,14 +67,16 @@ def test_sequence_length_the_data_cannot_give(tmp_path):
         train(config, str(tmp_path), devices=jax.devices()[:1])
 
 
-def readme_test_command() -> str:
+def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```(?:bash|sh)?\n(.*?)\n```", text, re.S)
-    return commands[1].strip()
+    return [c.strip() for c in re.findall(r"```(?:bash|sh)?\n(.*?)\n```", text, re.S)]
 
 
-def test_ci_runs_the_readme_test_command():
-    command = readme_test_command()
-    assert "pytest" in command and "[test]" in command
+def test_ci_runs_the_readme_test_commands():
+    """The suite (jax 0.10 / Python 3.11) and the Mosaic GPU interpret tests (jax 0.12)."""
+    suite, mosaic = readme_commands()[1:3]
+    assert "pytest" in suite and "[test]" in suite
+    assert "pytest" in mosaic and "jax>=0.12" in mosaic and "mosaic_gpu" in mosaic
     ci = (ROOT / ".ci" / "run").read_text()
-    assert command in ci, "the README's test command and .ci/run have drifted apart"
+    for command in (suite, mosaic):
+        assert command in ci, "the README's test commands and .ci/run have drifted apart"
