@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
-# Run the benchmark scripts on the GPU machine in one go and pack the results into $OUT/results.tgz.
-# Usage (repo root, wheels in .whl/):  bash experiments/run_gpu.sh [linear_s delta_s softmax_s]
-# Each script gets a soft deadline (cases that would start later are recorded as skipped) and a
-# hard timeout 40 s beyond it; the JSON/CSV are rewritten after every case, so partial runs survive.
+# Run check and benchmark scripts on the GPU machine in one go; results land in $OUT/results
+# (also packed as $OUT/results.tgz), a short summary is printed last.
+# Usage (repo root, wheels in .whl/):  bash experiments/run_gpu.sh STEP[:SECONDS] ... [-- ARGS]
+#   STEP: a module of experiments/ (check_mosaic_linear, check_mosaic_delta, check_mosaic_softmax,
+#   bench_linear, bench_delta, bench_softmax); SECONDS: its soft deadline (benchmarks skip the
+#   cases that would start later; default 120) — every step is killed 40 s past it.
+#   ARGS after "--" go to every bench_* step (e.g. -- --T 4096 --impls "attnlab mosaic_gpu").
+# Example (one device call, about 9 minutes):
+#   bash experiments/run_gpu.sh check_mosaic_linear:100 check_mosaic_delta:100 bench_linear:200
 set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 R=$OUT/results; mkdir -p "$R"
-LIN=${1:-220}; DEL=${2:-100}; SOFT=${3:-130}
-shift $(( $# < 3 ? $# : 3 ))
+steps=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do steps+=("$1"); shift; done
+[ $# -gt 0 ] && shift  # the "--"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > "$R/nvidia_smi.csv"
-run() {  # name soft_deadline_s args...
-  local name=$1 soft=$2; shift 2
-  timeout $((soft + 40)) python3 -m experiments.$name --out "$R" --deadline-s "$soft" "$@" > "$R/$name.log" 2>&1
+for step in "${steps[@]}"; do
+  name=${step%%:*}; soft=${step#*:}; [ "$soft" = "$step" ] && soft=120
+  if [ ! -f "experiments/$name.py" ]; then echo "$name: no such script" >> "$R/exit_codes.txt"; continue; fi
+  case $name in
+    bench_*) extra=(--deadline-s "$soft" "$@") ;;
+    *) extra=() ;;
+  esac
+  timeout $((soft + 40)) python3 -m "experiments.$name" --out "$R" "${extra[@]}" > "$R/$name.log" 2>&1
   echo "$name exit $?" >> "$R/exit_codes.txt"
-}
-[ "$LIN" -gt 0 ] && run bench_linear "$LIN" "$@"
-[ "$DEL" -gt 0 ] && run bench_delta "$DEL"
-[ "$SOFT" -gt 0 ] && run bench_softmax "$SOFT"
-(cd "$OUT" && tar czf results.tgz results && cp results/*.json . )
+done
+(cd "$OUT" && tar czf results.tgz results)
 cat "$R/exit_codes.txt"
-for f in "$R"/*_summary.txt; do cat "$f"; done
+for f in "$R"/*_summary.txt; do [ -f "$f" ] && cat "$f"; done
+for name in "${steps[@]}"; do  # each check script prints its table last
+  name=${name%%:*}; case $name in check_*) echo "== $name"; tail -12 "$R/$name.log" ;; esac
+done
 grep -h "Error\|error" "$R"/*.log | sort | uniq -c | sort -rn | head -20
