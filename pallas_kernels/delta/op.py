@@ -111,3 +111,11 @@ def recurrent_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
     o, state = delta_rule_reference(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                     segment_ids=segment_ids)
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None
+
+
+# The Hopper kernels (Mosaic GPU; bf16, K and V in {64, 128}): auto picks them on H100/H200 for
+# the calls they support; they decline everything else (off Hopper too).
+from pallas_kernels.delta.mosaic_gpu import (mosaic_gpu_accepts,  # noqa: E402
+                                             mosaic_gpu_chunk_delta_rule)
+
+register_implementation("mosaic_gpu", mosaic_gpu_chunk_delta_rule, mosaic_gpu_accepts, priority=0)

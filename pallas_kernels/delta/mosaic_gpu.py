@@ -1,0 +1,170 @@
+"""The (gated) delta rule on Hopper: the WY prepass, the custom_vjp and the chunk-parallel
+backward around the Mosaic GPU walk kernels (``mosaic_gpu_kernel``, whose docstring has the
+per-chunk math of both walks).
+
+    S_t = e^{g_t} S_{t-1} + β_t k_t ⊗ (v_t - e^{g_t} S_{t-1}^T k_t),      o_t = scale · q_t S_t
+
+Forward = (a) the prepass, W = T diag(β Γ) K and U = T diag(β) V per chunk (``chunk_math.prepare``
+batched over every (batch, head, chunk) in XLA: it does not depend on the state, so it is fully
+parallel; W and U go to the walk in bf16), then (b) the forward walk (Δ = U - W S, o, S_next;
+three tensor-core products per chunk on the sequential path, the same shape of work as the
+linear-attention walk plus one [C, K] x [K, 64] product).
+
+Backward (``jax.custom_vjp`` over the time-padded q, k, v, β, b = chunk-local cumulative log
+gate, and the initial state): the forward under the vjp also writes the state entering every
+chunk in bf16 ([B, N, H, K, V], the same size as the per-chunk states flash-linear-attention
+materialises for its backward; saving them costs one TMA store per chunk, recomputing them
+would cost a second forward walk). The reverse walk then carries the state cotangent from the
+final state's cotangent down to chunk 0, writing the cotangent of the state leaving every chunk
+(bf16) and returning the initial state's cotangent. With both per-chunk states known, every
+chunk's gradients are independent: ``chunk_math.backward`` (the hand-written per-chunk
+backward of the XLA and portable paths) runs batched over all chunks in XLA and gives dq, dk,
+dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. Saved for the backward:
+q, k, v, β, b, W, the initial state and the per-chunk states.
+
+Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
+state entering a segment is scaled by e^-80 (below float32 resolution of any sum it joins);
+the replaced gates get exactly zero gradient.
+
+Scope: bf16 q/k/v, K and V in {64, 128}, g optional, segments and initial state supported,
+the default chunk only; ``mosaic_gpu_accepts`` declines everything else and everything off
+Hopper. One CTA per (V blocks, head, batch row) walks the whole sequence (no sequence split
+yet: at small B·H and long T most SMs idle).
+
+CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernels on CPU.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import chunk_common as cc
+from pallas_kernels import common
+from pallas_kernels.delta import chunk_math
+from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, walk
+from pallas_kernels.mosaic_gpu_common import hopper_accepts
+
+RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-35
+F32 = jnp.float32
+
+
+def _chunks(x: jax.Array) -> jax.Array:
+    """[B, Tp, H, D] -> [B, H, N, C, D]."""
+    B, Tp, H, D = x.shape
+    return jnp.moveaxis(x.reshape(B, Tp // CHUNK, CHUNK, H, D), 3, 1)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    """[B, H, N, C, D] -> [B, Tp, H, D]."""
+    B, H, N, C, D = x.shape
+    return jnp.moveaxis(x, 1, 3).reshape(B, N * C, H, D)
+
+
+def _gates(b: jax.Array | None) -> chunk_math.Gates:
+    """b [B, H, Tp] -> per-chunk Gates ([B, H, N, C, 1] and [B, H, N, 1, C]; no run ids)."""
+    if b is None:
+        return chunk_math.Gates(None, None, None, None)
+    B, H, Tp = b.shape
+    chunked = b.reshape(B, H, Tp // CHUNK, CHUNK)
+    return chunk_math.Gates(chunked[..., :, None], chunked[..., None, :], None, None)
+
+
+def _over_chunks(f):
+    return jax.vmap(jax.vmap(jax.vmap(f)))
+
+
+def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None):
+    """The prepass: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype."""
+    def one(k, v, beta, gates):
+        p = chunk_math.prepare(k, v, beta, gates)
+        return p.W, p.U
+    f32 = lambda x: _chunks(x).astype(F32)
+    W, U = _over_chunks(one)(f32(k), f32(v), f32(beta[..., None]), _gates(b))
+    return _unchunk(W).astype(k.dtype), _unchunk(U).astype(v.dtype)
+
+
+def _forward(q, k, v, beta, b, s0, scale: float, interpret: Any, save_states: bool = False):
+    W, U = _prepare(k, v, beta, b)
+    s0 = None if s0 is None else s0.astype(F32)
+    outs = walk(q, k, W, U, b, s0, scale=scale, save_states=save_states, interpret=interpret)
+    return outs, W
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _delta(q, k, v, beta, b, s0, scale, interpret):
+    (o, final), _ = _forward(q, k, v, beta, b, s0, scale, interpret)
+    return o, final
+
+
+def _delta_fwd(q, k, v, beta, b, s0, scale, interpret):
+    (o, final, states), W = _forward(q, k, v, beta, b, s0, scale, interpret, save_states=True)
+    return (o, final), (q, k, v, beta, b, s0, W, states)
+
+
+def _delta_bwd(scale, interpret, residuals, cotangents):
+    q, k, v, beta, b, s0, W, states = residuals
+    do, d_final = cotangents
+    do = do.astype(q.dtype)
+    ds0, d_states = walk(q, k, W, do, b, d_final.astype(F32), scale=scale, reverse=True,
+                         save_states=True, interpret=interpret)
+
+    def one(q, k, v, beta, gates, s, do, ds):
+        dq, dk, dv, dbeta, db_col, db_row, _ = chunk_math.backward(q, k, v, beta, gates, s, do,
+                                                                   ds)
+        return dq, dk, dv, dbeta[:, 0], db_col[:, 0] + db_row[0]
+    per_head_chunk = lambda x: jnp.moveaxis(x, 1, 2).astype(F32)  # [B, N, H, K, V] -> [B, H, N, ...]
+    f32 = lambda x: _chunks(x).astype(F32)
+    dq, dk, dv, dbeta, db = _over_chunks(one)(
+        f32(q), f32(k), f32(v), f32(beta[..., None]), _gates(b), per_head_chunk(states),
+        scale * f32(do), per_head_chunk(d_states))
+    B, H, N, C = db.shape
+    dbeta = _unchunk(dbeta[..., None])[..., 0].astype(beta.dtype)
+    db = None if b is None else db.reshape(B, H, N * C)
+    ds0 = None if s0 is None else ds0.astype(s0.dtype)
+    return (_unchunk(dq).astype(q.dtype), _unchunk(dk).astype(k.dtype),
+            _unchunk(dv).astype(v.dtype), dbeta, db, ds0)
+
+
+_delta.defvjp(_delta_fwd, _delta_bwd)
+
+
+def mosaic_gpu_chunk_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+                                g: jax.Array | None, *, scale: float,
+                                initial_state: jax.Array | None,
+                                segment_ids: jax.Array | None, chunk_size: int | None,
+                                interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The op through the Hopper kernels (registry contract; call only where
+    ``mosaic_gpu_accepts`` returned None). ``interpret``: e.g. ``plgpu.InterpretGPUParams()``
+    to run on CPU. Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32).
+    Time is zero-padded to whole chunks (padded steps have k = 0, β = 0 and gate 0, so the
+    state passes through them unchanged)."""
+    del chunk_size  # declined unless None or CHUNK
+    B, T, H = q.shape[:3]
+    if segment_ids is not None:
+        starts = cc.segment_starts(segment_ids, B, T)[..., None]
+        g = jnp.where(starts, RESET_LOG_GATE, jnp.zeros((B, T, H), F32) if g is None else g)
+    Tp = common.round_up(T, CHUNK)
+    pad = lambda x: cc.pad_time(x, Tp)
+    b = None
+    if g is not None:
+        b = cc.chunk_cumsum(jnp.swapaxes(pad(g.astype(F32)), 1, 2), CHUNK, axis=2)
+    o, final = _delta(pad(q), pad(k), pad(v), pad(beta.astype(F32)), b, initial_state,
+                      float(scale), interpret)
+    return o[:, :T], final
+
+
+def mosaic_gpu_accepts(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: Any, *,
+                       chunk_size: int | None, **_: Any) -> str | None:
+    """None when the Hopper kernels run this call, else the reason they decline."""
+    if (reason := hopper_accepts()) is not None:
+        return reason
+    reasons = [
+        (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
+        (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
+        (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),
+        (v.shape[-1] not in HEAD_DIMS, f"value dim must be one of {HEAD_DIMS}"),
+    ]
+    return next((reason for failed, reason in reasons if failed), None)

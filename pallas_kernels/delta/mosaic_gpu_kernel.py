@@ -1,0 +1,322 @@
+"""The Hopper (Mosaic GPU) walk kernels of the chunkwise (gated) delta rule.
+
+Per batch row and head, state S [K, V] float32, log gate g_t <= 0 per step (or none), chunks of
+C = 64 steps; b_i = sum_{s <= i in the chunk} g_s the chunk-local cumulative log gate (<= 0, so
+every exponent below is <= 0 and nothing overflows), and per chunk
+
+    D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}}.
+
+The WY / UT prepass (``mosaic_gpu.py``, chunk-parallel, independent of the state) hands every
+chunk its W = T diag(β Γ) K [C, K] and U = T diag(β) V [C, V], T = (I + A)^-1, A =
+strictly-lower(diag(β) K K^T ⊙ D) (``chunk_math``). What is left is the sequential part: the
+walks below, one CTA per (V blocks, head, batch row), chunks in order, the f32 state block
+[K, 64] of each warpgroup in registers (two warpgroups share a CTA's q/k/W tiles for V = 128).
+
+``forward`` (chunks first to last), S the state entering the chunk:
+
+    Δ      = U - W S                                       wgmma 1: W S
+    o      = scale (Γ ⊙ (q S) + ((q k^T) ⊙ D) Δ)            wgmma 1: q k^T, q S;  2: A Δ
+    S_next = γ S + k^T (λ ⊙ Δ)                              wgmma 2: k^T (λ Δ)
+
+``reverse`` (chunks last to first) carries R, the cotangent of the state *leaving* the chunk
+(from the final state's cotangent), with dO the output's cotangent:
+
+    dΔ     = scale ((k q^T) ⊙ D^T) dO + λ ⊙ (k R)            wgmma 1: k q^T, k R;  2: A' dO
+    R_prev = γ R + q^T (scale Γ ⊙ dO) - W^T dΔ              wgmma 2: q^T (Γ dO);  3: W^T (-dΔ)
+
+and after chunk 0 holds the initial state's cotangent.
+
+Both walks read the same tiles: q, k, W [C, K] (shared by the warpgroups), one [C, 64] tile
+per warpgroup (U forward, dO reverse) and b; they arrive by TMA, double-buffered (warpgroup 0
+issues the copies; a slot is refilled once every warpgroup is done reading it). The products
+run on the tensor cores from shared memory (bf16 operands, f32 accumulators); the bf16 copy
+of the carried state for them lives in shared memory. ``save_states`` writes that bf16 copy
+at the start of each chunk to an output [B, N, H, K, V] (forward: the state entering chunk n;
+reverse: the cotangent of the state leaving it), which the chunk-parallel backward reads.
+The forward's o leaves by TMA from the buffer Δ used (free once wgmma 2 is done).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+
+CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
+V_BLOCK = 64        # value columns per warpgroup
+STAGES = 2          # TMA buffering depth of the per-chunk tiles
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """Static configuration of one kernel launch."""
+    chunks: int
+    scale: float
+    gated: bool
+    reverse: bool
+    has_s0: bool
+    save_states: bool
+    groups: int          # warpgroups per CTA, each with its own V block of 64 columns
+    interpret: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One chunk's shared-memory operands, as seen by warpgroup ``w``."""
+    q: Any          # [C, K] bf16 (TMA slot)
+    k: Any          # [C, K]
+    w: Any          # [C, K]
+    x: Any          # [C, 64] U (forward) or dO (reverse), this warpgroup's columns
+    state: Any      # [K, 64] bf16 copy of the carried state
+    a: Any          # [C, C] masked, decayed scores
+    y1: Any         # [C, 64] Δ then o (forward), scale Γ dO (reverse)
+    y2: Any         # [C, 64] λ Δ (forward), -dΔ (reverse)
+
+
+def _t(ref):
+    return ref.transpose((1, 0))
+
+
+def _rows(x: jax.Array, shape) -> jax.Array:
+    """A per-row [C] factor broadcast over the columns of ``shape``."""
+    return jax.lax.broadcast_in_dim(x, shape, [0])
+
+
+def _forward_chunk(cfg: Walk, t: Tiles, state, gate):
+    """One forward chunk (module docstring); returns (state leaving it, o)."""
+    C, Vb = t.a.shape[0], t.y1.shape[-1]
+    layout = plgpu.Layout.WGMMA
+    ws, scores, qs = products((wgmma_zeros((C, Vb)), wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
+                              ((t.w, t.state), (t.q, _t(t.k)), (t.q, t.state)), cfg.interpret)
+    delta = plgpu.layout_cast(t.x[...], layout).astype(jnp.float32) - ws
+    causal = gate.row >= gate.col
+    if cfg.gated:
+        scores = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0))
+        qs = qs * _rows(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
+        delta_out = delta * _rows(jnp.exp(gate.b_last - gate.b_col), (C, Vb))
+        state = state * jnp.exp(gate.b_last)
+    else:
+        qs, delta_out = qs * cfg.scale, delta
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left y1
+    t.y1[...] = delta.astype(t.y1.dtype)
+    t.y2[...] = delta_out.astype(t.y2.dtype)
+    t.a[...] = jnp.where(causal, scores * cfg.scale, 0.0).astype(t.a.dtype)
+    plgpu.commit_smem()
+    o, state = products((qs, state), ((t.a, t.y1), (_t(t.k), t.y2)), cfg.interpret)
+    return state, o
+
+
+def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate):
+    """One reverse chunk (module docstring); returns (the cotangent entering it, None)."""
+    C, Vb = t.a.shape[0], t.y1.shape[-1]
+    layout = plgpu.Layout.WGMMA
+    kq, kr = products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
+                      ((t.k, _t(t.q)), (t.k, t.state)), cfg.interpret)
+    do = plgpu.layout_cast(t.x[...], layout).astype(jnp.float32)
+    anti_causal = gate.row <= gate.col
+    if cfg.gated:
+        kq = kq * jnp.exp(jnp.where(anti_causal, -gate.diff(), 0.0))
+        kr = kr * _rows(jnp.exp(gate.b_last - gate.b_col), (C, Vb))
+        gdo = do * _rows(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
+        carry = carry * jnp.exp(gate.b_last)
+    else:
+        gdo = do * cfg.scale
+    t.a[...] = jnp.where(anti_causal, kq * cfg.scale, 0.0).astype(t.a.dtype)
+    t.y1[...] = gdo.astype(t.y1.dtype)
+    plgpu.commit_smem()
+    d_delta, carry = products((kr, carry), ((t.a, t.x), (_t(t.q), t.y1)), cfg.interpret)
+    t.y2[...] = (-d_delta).astype(t.y2.dtype)
+    plgpu.commit_smem()
+    (carry,) = products((carry,), ((_t(t.w), t.y2),), cfg.interpret)
+    return carry, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gate:
+    """The chunk's b in the two register layouts it is read in, its last value, and iotas."""
+    b_col: Any
+    b_row: Any
+    b_last: Any
+    row: Any
+    col: Any
+
+    def diff(self):
+        """[C, C] b_i - b_j."""
+        C = self.row.shape[0]
+        return (jax.lax.broadcast_in_dim(self.b_col, (C, C), [0])
+                - jax.lax.broadcast_in_dim(self.b_row, (C, C), [1]))
+
+
+def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
+    """One CTA: V blocks ``vb``, head ``h``, batch row ``bi``; warpgroup ``w`` owns the value
+    columns of block ``vb * groups + w``."""
+    refs = list(refs)
+    o_ref = None if cfg.reverse else refs.pop(0)
+    states_ref = refs.pop(0) if cfg.save_states else None
+    sf_ref, loaded, consumed, s0_loaded = refs
+    vb, h, bi = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
+    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
+    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
+    K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
+    cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
+    f32_block = plgpu.SMEM((cfg.groups, K, Vb), jnp.float32,
+                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+
+    def initial_state(buf):
+        plgpu.copy_gmem_to_smem(s0_ref.at[bi, h, :, cols], buf.at[w], s0_loaded.at[w])
+        plgpu.barrier_wait(s0_loaded.at[w])
+        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
+
+    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
+    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
+             else wgmma_zeros((K, Vb)))
+    dtype = k_ref.dtype
+    scratch = [tiled_smem((STAGES, C, K), dtype) for _ in range(3)]            # q, k, W
+    scratch += [tiled_smem((cfg.groups, STAGES, C, Vb), dtype),                # U or dO
+                plgpu.SMEM((STAGES, C), jnp.float32),                         # b, as a column
+                plgpu.SMEM((STAGES, C), jnp.float32),                         # b, as a row
+                tiled_smem((cfg.groups, K, Vb), dtype),                       # bf16 state
+                tiled_smem((cfg.groups, C, C), dtype)]                        # A
+    scratch += [tiled_smem((cfg.groups, C, Vb), dtype) for _ in range(2)]     # y1, y2
+    loop = functools.partial(_walk, cfg, (q_ref, k_ref, w_ref, x_ref, b_ref), o_ref, states_ref,
+                             loaded, consumed, (bi, h, vb, w), state)
+    state = pl.run_scoped(loop, *scratch, **shared)
+
+    def final_state(buf):
+        buf[w] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[bi, h, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(final_state, f32_block, **shared)
+
+
+def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
+          q_smem, k_smem, w_smem, x_smem, bc_smem, br_smem, s_smem, a_smem, y1_smem, y2_smem):
+    """The chunk loop of one warpgroup; returns its final carried state block."""
+    q_ref, k_ref, w_ref, x_ref, b_ref = in_refs
+    bi, h, vb, w = where
+    C, Vb, N, G = CHUNK, V_BLOCK, cfg.chunks, cfg.groups
+    cols = pl.ds((vb * G + w) * Vb, Vb)
+    chunk_at = (lambda n: N - 1 - n) if cfg.reverse else (lambda n: n)
+    layout = plgpu.Layout.WGMMA
+    step = _reverse_chunk if cfg.reverse else _forward_chunk
+
+    def issue_loads(n, slot):
+        rows = pl.ds(chunk_at(n) * C, C)
+        bar = loaded.at[slot]
+        for ref, buf in ((q_ref, q_smem), (k_ref, k_smem), (w_ref, w_smem)):
+            plgpu.copy_gmem_to_smem(ref.at[bi, rows, h], buf.at[slot], bar)
+        for g in range(G):
+            g_cols = pl.ds((vb * G + g) * Vb, Vb)
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h, g_cols], x_smem.at[g, slot], bar)
+        if cfg.gated:  # b twice: one buffer per register layout it is read in
+            for buf in (bc_smem, br_smem):
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf.at[slot], bar)
+
+    def producer(fn):
+        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
+        if G == 1:
+            fn()
+        else:
+            pl.when(w == 0)(fn)
+
+    for n in range(min(STAGES, N)):
+        producer(functools.partial(issue_loads, n, n))
+    s_smem[w] = state.astype(s_smem.dtype)
+    plgpu.commit_smem()
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
+
+    def chunk_step(n, state):
+        slot = jax.lax.rem(n, STAGES)
+        chunk = chunk_at(n)
+        plgpu.barrier_wait(loaded.at[slot])
+        if cfg.save_states:
+            plgpu.copy_smem_to_gmem(s_smem.at[w], states_ref.at[bi, chunk, h, :, cols])
+        if cfg.gated:
+            b_col = plgpu.layout_cast(bc_smem[slot], layout.reduce(1))
+            b_row = plgpu.layout_cast(br_smem[slot], layout.reduce(0))
+            gate = _Gate(b_col, b_row, bc_smem[slot, C - 1], row, col)
+        else:
+            gate = _Gate(None, None, None, row, col)
+        tiles = Tiles(q_smem.at[slot], k_smem.at[slot], w_smem.at[slot], x_smem.at[w, slot],
+                      s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w])
+        state, o = step(cfg, tiles, state, gate)
+        if G > 1:
+            plgpu.barrier_arrive(consumed.at[slot])
+
+        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
+        def _():
+            def refill():
+                if G > 1:
+                    plgpu.barrier_wait(consumed.at[slot])
+                issue_loads(n + STAGES, slot)
+            producer(refill)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved state has left s_smem
+        s_smem[w] = state.astype(s_smem.dtype)
+        if o is not None:
+            y1_smem[w] = o.astype(y1_smem.dtype)
+        plgpu.commit_smem()
+        if o is not None:
+            plgpu.copy_smem_to_gmem(y1_smem.at[w], o_ref.at[bi, pl.ds(chunk * C, C), h, cols])
+        return state
+
+    state = jax.lax.fori_loop(0, N, chunk_step, state)
+    plgpu.wait_smem_to_gmem(0)
+    return state
+
+
+def walk(q: jax.Array, k: jax.Array, w: jax.Array, x: jax.Array, b: jax.Array | None,
+         s0: jax.Array | None, *, scale: float, reverse: bool = False,
+         save_states: bool = False, groups: int | None = None,
+         interpret: Any = None) -> tuple[jax.Array, ...]:
+    """The kernel call. q, k, w [B, Tp, H, K] and x [B, Tp, H, V] (U forward, dO reverse) bf16
+    with Tp a multiple of CHUNK; b [B, H, Tp] float32 chunk-local cumulative log gates or None;
+    s0 [B, H, K, V] float32 the carry entering the walk (forward: the initial state; reverse: the
+    final state's cotangent) or None (zeros). ``groups``: warpgroups (V blocks of 64) per CTA,
+    default all of V's up to 2.
+    Returns forward (o [B, Tp, H, V] in q's dtype, final state [B, H, K, V] f32), reverse (the
+    initial state's cotangent [B, H, K, V] f32,); with ``save_states`` one more output, the bf16
+    carried state of every chunk [B, N, H, K, V] (module docstring)."""
+    B, Tp, H, K = k.shape
+    V = x.shape[-1]
+    N = Tp // CHUNK
+    groups = min(2, V // V_BLOCK) if groups is None else groups
+    if Tp % CHUNK or V % (V_BLOCK * groups) or K not in HEAD_DIMS:
+        raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={V} of "
+                         f"{V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
+    cfg = Walk(N, float(scale), b is not None, reverse, s0 is not None, save_states, groups,
+               interpret is not None)
+    placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
+    b = b if cfg.gated else placeholder((1, 1, CHUNK))
+    s0 = s0 if cfg.has_s0 else placeholder((1, 1, K, V_BLOCK))
+    state_type = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)
+    out_type = [] if reverse else [jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype)]
+    if save_states:
+        out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
+    out_type.append(state_type)
+    copies = 3 + groups + (2 if cfg.gated else 0)
+    outs = plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=tuple(out_type),
+        scratch_types=[
+            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
+            plgpu.Barrier(num_arrivals=groups, num_barriers=STAGES),       # slot read by all
+            plgpu.Barrier(num_arrivals=1, num_barriers=groups),            # s0 block loaded
+        ],
+        grid=(V // (V_BLOCK * groups), H, B),
+        grid_names=("vblocks", "heads", "rows"),
+        **({"num_threads": groups, "thread_name": "wg"} if groups > 1 else {}),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, w, x, b, s0)
+    outs = tuple(outs)
+    if save_states:  # the final carry last, the per-chunk states after it
+        outs = outs[:-2] + (outs[-1], outs[-2])
+    return outs

@@ -1,0 +1,161 @@
+"""The Hopper (Mosaic GPU) kernels of the (gated) delta rule, checked on CPU:
+
+* both walks (forward; reverse, the state cotangent) lower through Mosaic GPU for the cuda
+  platform (layouts, shared-memory budget) on every supported jax, no GPU needed, and so does
+  the op's forward + backward;
+* in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before) the op's
+  output and final state match the float64 step-by-step oracle (race detection on, padded last
+  chunk, K != V, one and two warpgroups, with and without g, initial state, segments, T = 1),
+  and its gradients of q, k, v, beta, g and the initial state (output and final-state
+  cotangents) match autodiff of the oracle;
+* ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from kernel_utils import TOL_BF16, assert_close, log_gate, normal, random_segments
+from pallas_kernels import mosaic_gpu_common
+from pallas_kernels.delta import mosaic_gpu as mg
+from pallas_kernels.delta import mosaic_gpu_kernel as mk
+from pallas_kernels.delta.reference import delta_rule_reference
+
+plgpu = mosaic_gpu_common.plgpu
+needs_interpreter = pytest.mark.skipif(
+    plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
+    reason="GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12")
+NAMES = ("q", "k", "v", "beta", "g", "s0")
+
+
+def _inputs(seed, B, T, H, K, V, gated, init, segments):
+    """bf16 q, k (L2-normalised rows), v; float32 beta in (0.1, 0.9), g, s0; segment ids."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    q = normal(ks[0], (B, T, H, K), jnp.bfloat16)
+    k = normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = normal(ks[2], (B, T, H, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, T, H), jnp.float32, 0.1, 0.9)
+    g = log_gate(ks[4], (B, T, H), -0.5, -0.01) if gated else None
+    s0 = normal(ks[5], (B, H, K, V)) if init else None
+    seg = random_segments(ks[6], B, T) if segments else None
+    return (q, k, v, beta, g, s0), seg
+
+
+def _kernel_op(scale, segment_ids, interpret):
+    return lambda q, k, v, beta, g, s0: mg.mosaic_gpu_chunk_delta_rule(
+        q, k, v, beta, g, scale=scale, initial_state=s0, segment_ids=segment_ids,
+        chunk_size=None, interpret=interpret)
+
+
+def _oracle_op(scale, segment_ids):
+    return lambda q, k, v, beta, g, s0: delta_rule_reference(
+        q, k, v, beta, g, scale=scale, initial_state=s0, segment_ids=segment_ids)
+
+
+def _f64(x):
+    return None if x is None else jnp.asarray(np.asarray(x, np.float64))
+
+
+@pytest.mark.parametrize("K,V,gated,reverse,save_states,with_s0", [
+    (128, 128, True, False, True, True),    # two warpgroups, states saved for the backward
+    (128, 128, True, True, True, True),     # the reverse walk as the backward runs it
+    (64, 128, False, False, False, False),  # no gate, K != V
+    (128, 64, True, True, False, False),    # one warpgroup
+])
+def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
+    B, T, H = 2, 256, 3
+    sd = jax.ShapeDtypeStruct
+    args = ((sd((B, T, H, K), jnp.bfloat16),) * 3
+            + (sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None,
+               sd((B, H, K, V), jnp.float32) if with_s0 else None))
+    run = jax.jit(lambda q, k, w, x, b, s0: mk.walk(q, k, w, x, b, s0, scale=0.1,
+                                                    reverse=reverse, save_states=save_states))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def _loss(run, do, dstate):
+    """sum(o * do) + sum(final state * dstate): exercises both cotangents."""
+    def loss(*args):
+        o, s = run(*args)
+        return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(do.dtype) * dstate)
+    return loss
+
+
+@pytest.mark.parametrize("K,V,gated", [(128, 128, True), (64, 128, False)])
+def test_backward_lowers_for_cuda(K, V, gated):
+    B, T, H = 1, 200, 2
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
+            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32),
+            sd((B, T, H), jnp.float32) if gated else None, sd((B, H, K, V), jnp.float32))
+    do, dstate = jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V))
+    grads = jax.jit(jax.grad(_loss(_kernel_op(0.1, None, None), do, dstate),
+                             argnums=(0, 1, 2, 3, 5) + ((4,) if gated else ())))
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # the forward and the reverse walk
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments", [
+    (2, 150, 2, 128, 128, True, False, False),  # two warpgroups, padded last chunk
+    (1, 100, 1, 64, 128, False, True, False),   # no gate, initial state, K != V
+    (1, 200, 1, 128, 64, True, True, True),     # one warpgroup, segments
+    (1, 1, 1, 64, 64, True, True, False),       # T = 1
+])
+def test_interpret_matches_oracle(B, T, H, K, V, gated, init, segments):
+    args, seg = _inputs(T, B, T, H, K, V, gated, init, segments)
+    scale = K ** -0.5
+    o, s = _kernel_op(scale, seg, plgpu.InterpretGPUParams(detect_races=True))(*args)
+    with jax.enable_x64(True):
+        ro, rs = (np.asarray(x) for x in _oracle_op(scale, seg)(*map(_f64, args)))
+    assert o.dtype == jnp.bfloat16 and o.shape == ro.shape
+    assert s.dtype == jnp.float32 and s.shape == rs.shape
+    assert_close(o, ro, TOL_BF16, "o")
+    assert_close(s, rs, TOL_BF16, "final state")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments", [
+    (1, 150, 2, 64, 128, True, True, False),    # K != V, gated, initial state
+    (1, 100, 1, 128, 64, False, False, True),   # DeltaNet, segments, one warpgroup
+    (1, 1, 1, 64, 64, True, False, False),      # T = 1
+])
+def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, segments):
+    """dq, dk, dv, dbeta, dg, d initial state of the Mosaic GPU backward against autodiff of
+    the float64 step-by-step oracle."""
+    args, seg = _inputs(T + 7, B, T, H, K, V, gated, init, segments)
+    kd, ks = jax.random.split(jax.random.PRNGKey(T), 2)
+    do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    argnums = tuple(i for i, x in enumerate(args) if x is not None)
+    got = jax.grad(_loss(_kernel_op(0.125, seg, plgpu.InterpretGPUParams()), do, dstate),
+                   argnums)(*args)
+    with jax.enable_x64(True):
+        want = jax.grad(_loss(_oracle_op(0.125, seg), _f64(do), _f64(dstate)), argnums)(
+            *map(_f64, args))
+        want = [np.asarray(w) for w in want]
+    for i, a, b in zip(argnums, got, want):
+        assert a.dtype == args[i].dtype and a.shape == b.shape
+        assert_close(a, b, TOL_BF16, f"d{NAMES[i]}")
+
+
+def test_accepts_declines_unsupported_calls():
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    beta = jnp.zeros((1, 64, 1), jnp.float32)
+    kw = dict(chunk_size=None, initial_state=None, segment_ids=None, scale=0.1)
+    reason = mg.mosaic_gpu_accepts(q, q, q, beta, None, **kw)
+    assert reason is not None and "Hopper" in reason  # this machine has no Hopper GPU
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
+        assert mg.mosaic_gpu_accepts(q, q, q, beta, beta, **kw) is None
+        assert mg.mosaic_gpu_accepts(
+            q, q, q, beta, None, **{**kw, "segment_ids": jnp.zeros((1, 64), jnp.int32),
+                                    "initial_state": jnp.zeros((1, 1, 128, 128))}) is None
+        assert "chunk_size" in mg.mosaic_gpu_accepts(q, q, q, beta, None,
+                                                     **{**kw, "chunk_size": 32})
+        assert "bfloat16" in mg.mosaic_gpu_accepts(q.astype(jnp.float32), q, q, beta, None, **kw)
+        assert "key dim" in mg.mosaic_gpu_accepts(q[..., :32], q[..., :32], q, beta, None, **kw)
+        assert "value dim" in mg.mosaic_gpu_accepts(q, q, q[..., :96], beta, None, **kw)
