@@ -126,14 +126,16 @@ class Coords(NamedTuple):
 def forward_coords(cfg: KernelConfig, b: Any, h: Any, i: Any, j: Any, index_ref: Any) -> Coords:
     """Grid (B, Hq, nq, fwd_width): query block i of head h, its j-th visited key block."""
     slot = map_slot(cfg, b, h, i, j, cfg.num_q_blocks, cfg.fwd_width)
-    return Coords(b, h, i, h // cfg.groups, index_ref[slot], slot)
+    return Coords(b, h, i, lax.div(h, cfg.groups), index_ref[slot], slot)
 
 
 def transposed_coords(cfg: KernelConfig, b: Any, hk: Any, kb: Any, j: Any, index_ref: Any) -> Coords:
     """Grid (B, Hkv, nk, groups * bwd_width): key block kb of k/v head hk; step j is visit
     j % bwd_width of q head hk * groups + j // bwd_width."""
-    h = hk * cfg.groups + j // cfg.bwd_width
-    slot = map_slot(cfg, b, h, kb, j % cfg.bwd_width, cfg.num_k_blocks, cfg.bwd_width)
+    # lax.div / rem: grid indices are >= 0, and floor division would lower through sign,
+    # which Mosaic TPU's lowering cannot place without a TPU attached (export from a CPU host)
+    h = hk * cfg.groups + lax.div(j, cfg.bwd_width)
+    slot = map_slot(cfg, b, h, kb, lax.rem(j, cfg.bwd_width), cfg.num_k_blocks, cfg.bwd_width)
     return Coords(b, h, index_ref[slot], hk, kb, slot)
 
 

@@ -177,7 +177,11 @@ class ChunkedCausal(FormulaMask):
             raise ValueError(f"ChunkedCausal.chunk must be a positive int, got {self.chunk!r}")
 
     def element(self, q: Any, k: Any) -> Any:
-        return (k <= q) & (k // self.chunk == q // self.chunk)
+        # positions are >= 0: truncating division on jax values (floor division would lower
+        # through sign, which Mosaic TPU's lowering cannot place on a host without a TPU)
+        chunk_of = ((lambda x: jax.lax.div(x, self.chunk)) if array_module(q, k) is jnp
+                    else (lambda x: x // self.chunk))
+        return (k <= q) & (chunk_of(k) == chunk_of(q))
 
     def block_classes(self, nq: int, nk: int, bq: int, bk: int) -> np.ndarray:
         c = self.chunk
