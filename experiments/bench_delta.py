@@ -4,8 +4,8 @@
 
 Cases: "deltanet" (no g) and "gated" (g per head and step). Keys L2-normalised, β in (0, 1).
 Shapes as the linear benchmark (B·T = 32768, H = 16, K = V = 128). Implementations: attnlab
-``impl="xla"`` / ``"pallas"``, jax-linear-attention 0.1.0 Mosaic GPU (``deltanet``,
-``gated_deltanet``), flash-linear-attention 0.6.0 Triton (``chunk_delta_rule``,
+``impl="xla"`` / ``"pallas"`` / ``"mosaic_gpu"`` (Hopper), jax-linear-attention 0.1.0 Mosaic GPU
+(``deltanet``, ``gated_deltanet``), flash-linear-attention 0.6.0 Triton (``chunk_delta_rule``,
 ``chunk_gated_delta_rule``). FLOPs of the chunked WY algorithm with C = 64, per token and head
 2·C·(3K + 2V) (scores, K·Kᵀ, the W and U products, intra outputs) + 6·K·V (three state
 products); forward+backward counts 3x. Bytes as in bench_linear.
@@ -84,6 +84,7 @@ def fla_fn(case: str):
 IMPLS = {
     "attnlab xla": ("jax", lambda case: attnlab_fn(case, "xla")),
     "attnlab pallas": ("jax", lambda case: attnlab_fn(case, "pallas")),
+    "attnlab mosaic_gpu": ("jax", lambda case: attnlab_fn(case, "mosaic_gpu")),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

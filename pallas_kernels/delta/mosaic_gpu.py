@@ -72,6 +72,12 @@ def _gates(b: jax.Array | None) -> chunk_math.Gates:
     return chunk_math.Gates(chunked[..., :, None], chunked[..., None, :], None, None)
 
 
+def gate_cumsum(g: jax.Array) -> jax.Array:
+    """Time-padded log gates g [B, Tp, H] -> b [B, H, Tp] float32, the chunk-local cumulative
+    sums the walks read."""
+    return cc.chunk_cumsum(jnp.swapaxes(g.astype(F32), 1, 2), CHUNK, axis=2)
+
+
 def _over_chunks(f):
     return jax.vmap(jax.vmap(jax.vmap(f)))
 
@@ -148,9 +154,7 @@ def mosaic_gpu_chunk_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: 
         g = jnp.where(starts, RESET_LOG_GATE, jnp.zeros((B, T, H), F32) if g is None else g)
     Tp = common.round_up(T, CHUNK)
     pad = lambda x: cc.pad_time(x, Tp)
-    b = None
-    if g is not None:
-        b = cc.chunk_cumsum(jnp.swapaxes(pad(g.astype(F32)), 1, 2), CHUNK, axis=2)
+    b = None if g is None else gate_cumsum(pad(g))
     o, final = _delta(pad(q), pad(k), pad(v), pad(beta.astype(F32)), b, initial_state,
                       float(scale), interpret)
     return o[:, :T], final
