@@ -14,7 +14,7 @@ saved per-step states fit in 4 GiB, else of the chunked XLA path (``grad_ref`` s
 forward+backward times at the anchor shapes. Each case runs on its own: a failure is printed
 and the next case goes on. Prints a table; writes ``check_mosaic_linear.json`` into ``--out``.
 
-    python -m experiments.check_mosaic_linear --out experiments/results [--quick]
+    python -m experiments.check_mosaic_linear --out experiments/results [--quick] [--interpret]
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ CASES = [
     (2, 512, 4, 128, "none", False),
     (2, 1000, 4, 128, "g", False),          # T not a multiple of the chunk
     (2, 1000, 4, 128, "g+s0", False),       # an initial state (its gradient too)
+    (2, 2048, 4, 128, "none+seg", False),   # packed documents (reset gates)
     (2, 16384, 16, 128, "g", False),        # the sequence split: 4 pieces
     (1, 65536, 16, 128, "none", False),     # 8 pieces
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
@@ -47,27 +48,34 @@ ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D,
 
 
 def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
-    """gate: "none", "g" (scalar log gate) or "g+s0" (and a random initial state)."""
-    ks = jax.random.split(jax.random.key(seed), 6)
+    """gate: "none" or "g" (scalar log gate), optionally "+s0" (a random initial state) or
+    "+seg" (random packed documents, mean length 300)."""
+    ks = jax.random.split(jax.random.key(seed), 7)
     q, k, v, do = (jax.random.normal(ks[i], (B, T, H, D), jnp.bfloat16) for i in range(4))
     g = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0) if gate.startswith("g")
          else None)
     s0 = jax.random.normal(ks[5], (B, H, D, D)) if gate.endswith("+s0") else None
-    return q, k, v, g, s0, do
+    seg = (jnp.cumsum(jax.random.bernoulli(ks[6], 1 / 300, (B, T)), axis=1, dtype=jnp.int32)
+           if gate.endswith("+seg") else None)
+    return q, k, v, g, s0, seg, do
 
 
-def kernel_fn(scale: float, s0=None):
+INTERPRET = None  # --interpret: plgpu.InterpretGPUParams(), to dry-run this script on a CPU
+
+
+def kernel_fn(scale: float, s0=None, seg=None):
     def run(q, k, v, g):
         return mosaic_gpu.mosaic_gpu_gated_linear_attention(
-            q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=None,
-            chunk_size=None)
+            q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=seg,
+            chunk_size=None, interpret=INTERPRET)
     return run
 
 
-def xla_fn(scale: float, s0=None):
+def xla_fn(scale: float, s0=None, seg=None):
     def run(q, k, v, g):
         return chunk_gated_linear_attention(q, k, v, g=g, scale=scale, initial_state=s0,
-                                            output_final_state=True, impl="xla")
+                                            segment_ids=seg, output_final_state=True,
+                                            impl="xla")
     return run
 
 
@@ -80,47 +88,51 @@ def fwd_bwd(fn):
 
 def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dict:
     row = {"B": B, "T": T, "H": H, "D": D, "gate": gate, "status": "error"}
-    q, k, v, g, s0, do = make_inputs(B * T + D, B, T, H, D, gate)
+    q, k, v, g, s0, seg, do = make_inputs(B * T + D, B, T, H, D, gate)
     scale = D ** -0.5
     reason = mosaic_gpu.mosaic_gpu_accepts(q, k, v, g=g, gk=None, initial_state=s0,
-                                           segment_ids=None, chunk_size=None)
-    if reason is not None:
+                                           segment_ids=seg, chunk_size=None)
+    if reason is not None and INTERPRET is None:
         row.update(status="declined", note=reason)
         return row
-    kernel = jax.jit(kernel_fn(scale, s0))
-    bc.poison_device_memory("jax", gib=2.0)
+    kernel = jax.jit(kernel_fn(scale, s0, seg))
+    if INTERPRET is None:
+        bc.poison_device_memory("jax", gib=2.0)
     o, s = jax.block_until_ready(kernel(q, k, v, g))
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     o_ref, s_ref = jax.jit(lambda q, k, v, g: gated_linear_reference(
-        f32(q), f32(k), f32(v), g=g, scale=scale, initial_state=s0))(q, k, v, g)
+        f32(q), f32(k), f32(v), g=g, scale=scale, initial_state=s0, segment_ids=seg))(q, k, v, g)
     row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
     row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, do, scale)
+    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do, scale)
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
-    row["auto_impl"] = _auto_choice(q, k, v, g, scale)
+    row["auto_impl"] = _auto_choice(q, k, v, g, s0, seg, scale)
+    if INTERPRET is not None:  # CPU dry run: timings would mean nothing
+        return row
     args = [(q, k, v, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
-    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0)), args)
+    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg)), args)
     if with_bwd:
         args = [(q, k, v, g, do)]
-        row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale))), args)
-        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale))), args)
+        row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale, s0, seg))), args)
+        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg))), args)
     return row
 
 
-def check_gradients(row: dict, q, k, v, g, s0, do, scale: float) -> list[float]:
+def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float) -> list[float]:
     """Record the relative errors of dq, dk, dv (and dg) in ``row``; return them."""
     B, T, H, D = q.shape
-    bc.poison_device_memory("jax", gib=2.0)
-    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale, s0)))(q, k, v, g, do))
+    if INTERPRET is None:
+        bc.poison_device_memory("jax", gib=2.0)
+    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale, s0, seg)))(q, k, v, g, do))
     if B * H * D * D * 4 * T <= ORACLE_GRAD_BYTES:
         row["grad_ref"] = "oracle"
         ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale,
-                                                        initial_state=s0)
+                                                        initial_state=s0, segment_ids=seg)
     else:
         row["grad_ref"] = "xla"
-        ref = xla_fn(scale, s0)
+        ref = xla_fn(scale, s0, seg)
     f32 = lambda x: x.astype(jnp.float32)
     want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
     errs = []
@@ -133,11 +145,11 @@ def check_gradients(row: dict, q, k, v, g, s0, do, scale: float) -> list[float]:
     return errs
 
 
-def _auto_choice(q, k, v, g, scale) -> str:
+def _auto_choice(q, k, v, g, s0, seg, scale) -> str:
     from pallas_kernels.linear import REGISTRY
     try:
-        return REGISTRY.choose(None, q, k, v, g=g, gk=None, scale=scale, initial_state=None,
-                               segment_ids=None, chunk_size=None).name
+        return REGISTRY.choose(None, q, k, v, g=g, gk=None, scale=scale, initial_state=s0,
+                               segment_ids=seg, chunk_size=None).name
     except ValueError as e:
         return f"none ({e})"
 
@@ -146,12 +158,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
+    ap.add_argument("--interpret", action="store_true",
+                    help="dry run on CPU in GPU interpret mode (jax >= 0.12; small shapes)")
     args = ap.parse_args()
+    if args.interpret:
+        global INTERPRET
+        from pallas_kernels.mosaic_gpu_common import plgpu
+        INTERPRET = plgpu.InterpretGPUParams()
     env = bc.environment()
     print(env, flush=True)
     rows = []
     for case in CASES:
-        if args.quick and case[1] > 1000:
+        if args.interpret:  # every gate kind once, at a size the CPU interpreter gets through
+            if case[1] > 2048:
+                continue
+            case = (1, 200, 1) + case[3:5] + (False,)
+        elif args.quick and case[1] > 1000:
             continue
         try:
             row = check_case(*case)
