@@ -7,8 +7,15 @@ Implementations are registered by name with a ``run`` function and an ``accepts`
 ``impl=None`` (auto) tries the registered implementations by ascending priority and runs the
 first whose ``accepts`` returns None (fail-closed: a reason string means "not this call");
 ``impl="<name>"`` runs that one or raises with its reason. Built in: "cudnn" (NVIDIA GPUs, the
-masks cuDNN runs at speed; priority 5), "pallas" (portable Pallas kernel: CPU interpret mode and
-Mosaic TPU; priority 10) and "xla" (plain jnp, priority 100, accepts every mask object).
+masks cuDNN runs at speed; priority 5), "mosaic_gpu" (our Hopper kernels, ``mosaic_gpu_op``;
+priority 6), "pallas" (portable Pallas kernel: CPU interpret mode and Mosaic TPU; priority 10)
+and "xla" (plain jnp, priority 100, accepts every mask object).
+
+Why cuDNN before mosaic_gpu: cuDNN takes only Full / Causal / Local(left, 0) without segments
+or soft cap, where it is the measured anchor (1.12 / 4.27 ms at the DESIGN.md shape); every
+other Hopper call (block-sparse and other formula masks, packed segments) declines there and
+runs the Hopper kernel, which visits only the blocks the block map lists. ``impl="mosaic_gpu"``
+runs it on the cuDNN cases too (the benchmark compares the two).
 
 Both ``run`` and ``accepts`` take ``(q, k, v, *, mask, segment_ids, scale, logits_soft_cap,
 block_sizes)`` with inputs already checked, ``mask`` a Mask or a BlockMap, ``scale`` a float.
@@ -23,6 +30,7 @@ from pallas_kernels import common
 from pallas_kernels.sparse.cudnn import cudnn_accepts, dpa_attention
 from pallas_kernels.sparse.masks import Full, Mask
 from pallas_kernels.sparse.mask_info import BlockMap, BlockSizes
+from pallas_kernels.sparse.mosaic_gpu_op import mosaic_gpu_accepts, mosaic_gpu_flash_attention
 from pallas_kernels.sparse.pallas_op import pallas_accepts, pallas_flash_attention
 from pallas_kernels.sparse.reference import attention_reference
 
@@ -53,6 +61,7 @@ def _xla_accepts(q, k, v, *, mask, **_: Any) -> str | None:
 
 
 register_implementation("cudnn", dpa_attention, cudnn_accepts, priority=5)
+register_implementation("mosaic_gpu", mosaic_gpu_flash_attention, mosaic_gpu_accepts, priority=6)
 register_implementation("pallas", pallas_flash_attention, pallas_accepts, priority=10)
 register_implementation("xla", _xla_run, _xla_accepts, priority=100)
 

@@ -1,0 +1,260 @@
+"""Backward Hopper (Mosaic GPU) kernels of block-sparse flash attention.
+
+With lse2 saved by the forward and delta = rowsum(dO ⊙ O) (XLA), every visited pair of a
+64-query and a 64-key tile gives (base-2 logits as in the forward, ``mosaic_gpu_util``)
+
+    p  = exp2(s2 - lse2)  (0 on masked pairs),   dp = dO v^T,   ds = p (dp - delta)
+    dq += scale ds k,     dk += scale ds^T q,    dv += p^T dO
+
+in two kernels, each with two consumer warpgroups and a TMA producer warpgroup as in the
+forward, and no atomics:
+
+* dq: one CTA per (query block of 128 rows, q head, batch row); each consumer owns 64 rows
+  (q, dO, lse2, delta loaded once, dq in registers) and walks the forward visit list; the
+  producer brings each visited 128-key block of k and v, which the consumers take as two
+  64-key halves (s, dp: [64, 64] float32, so s, dp and dq fit in the registers).
+* dk/dv: one CTA per (key block of 128, k/v head, batch row); each consumer owns 64 keys
+  (k, v loaded once, dk and dv in registers, computed transposed: s^T = k q^T) and walks the
+  transposed visit list of every q head of its group in turn (GQA: dk and dv summed in
+  registers over the group); the producer brings each visited 128-row block of q, dO, lse2
+  and delta, taken as two 64-row halves.
+
+Padded query rows carry dO = 0 and delta = 0, so they add nothing; rows that saw nothing
+have lse2 = +inf, so their p is 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
+from pallas_kernels.sparse.mosaic_gpu_fwd import (BLOCK_K, BLOCK_Q, CONSUMER_REGISTERS, CONSUMERS,
+                                                  PRODUCER_REGISTERS, STAGES, WG_ROWS)
+from pallas_kernels.sparse.mosaic_gpu_util import (Walk, mask_logits, product, refill_wait, scores,
+                                                   unpack, walk_visits)
+
+HALF = 64  # rows of a visited block taken per step (the wgmma N of s and dp)
+# per-row / per-column vectors of a wgmma-layout tile
+ROW, COL = (plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)) if plgpu else (None, None)
+
+
+def _roles(cfg: Walk, consumer, producer) -> None:
+    """Warpgroups 0 .. CONSUMERS - 1 run ``consumer(wg)``, the last one ``producer()``."""
+    wg = jax.lax.axis_index("wg")
+
+    @pl.when(wg < CONSUMERS)
+    def _():
+        if not cfg.interpreted:
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        consumer(wg)
+
+    @pl.when(wg == CONSUMERS)
+    def _():
+        if not cfg.interpreted:
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        producer()
+
+
+def _launch(cfg: Walk, kernel, out_type, grid, names, *args):
+    return plgpu.kernel(
+        functools.partial(kernel, cfg), out_type=out_type, grid=grid, grid_names=names,
+        num_threads=CONSUMERS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({"interpret": cfg.interpret} if cfg.interpreted else {}),
+    )(*args)
+
+
+# ----------------------------------------------------------------------------------------- dq
+
+def _dq_kernel(cfg: Walk, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, seg_ref,
+               dq_ref):
+    nq = q_ref.shape[1] // BLOCK_Q
+    qi, h, b = (jax.lax.axis_index(n) for n in ("qblocks", "heads", "batch"))
+    q_block = nq - 1 - qi
+    row = cfg.map_row(b, h, q_block, nq)
+    D, Dv, dtype = q_ref.shape[-1], v_ref.shape[-1], q_ref.dtype
+    W = CONSUMERS
+    scratch = [tiled_smem((W, WG_ROWS, D), dtype),                         # q, then dq
+               tiled_smem((W, WG_ROWS, Dv), dtype),                        # dO
+               plgpu.SMEM((W, WG_ROWS), jnp.float32),                      # lse2
+               plgpu.SMEM((W, WG_ROWS), jnp.float32),                      # delta
+               tiled_smem((STAGES, BLOCK_K, D), dtype),                    # k ring
+               tiled_smem((STAGES, BLOCK_K, Dv), dtype),                   # v ring
+               tiled_smem((W, WG_ROWS, HALF), dtype) if cfg.interpreted else None,  # ds stage
+               plgpu.SMEM((W, WG_ROWS), jnp.int32) if cfg.use_segments else None,
+               plgpu.SMEM((STAGES, BLOCK_K), jnp.int32) if cfg.use_segments else None]
+    seg_copies = 1 if cfg.use_segments else 0
+    barriers = [plgpu.Barrier(num_arrivals=4 + seg_copies, num_barriers=W),       # q side loaded
+                plgpu.Barrier(num_arrivals=2 + seg_copies, num_barriers=STAGES),  # k, v loaded
+                plgpu.Barrier(num_arrivals=W, num_barriers=STAGES)]               # slot consumed
+
+    def body(scratch, barriers):
+        q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, stage, qseg, kseg = scratch
+        q_loaded, loaded, consumed = barriers
+
+        def consumer(wg):
+            first = q_block * BLOCK_Q + wg * WG_ROWS
+            rows = pl.ds(first, WG_ROWS)
+            for src, dst in ((q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
+                             (lse_ref.at[b, h, rows], lse_smem),
+                             (delta_ref.at[b, h, rows], delta_smem)) + (
+                                 ((seg_ref.at[b, rows], qseg),) if cfg.use_segments else ()):
+                plgpu.copy_gmem_to_smem(src, dst.at[wg], q_loaded.at[wg])
+            plgpu.barrier_wait(q_loaded.at[wg])
+            lse = plgpu.layout_cast(lse_smem[wg], ROW)
+            delta = plgpu.layout_cast(delta_smem[wg], ROW)
+            q_seg = plgpu.layout_cast(qseg[wg], ROW) if cfg.use_segments else None
+
+            def visit(step, _, code, dq):
+                k_block, kind = unpack(code)
+                slot = jax.lax.rem(step, STAGES)
+                plgpu.barrier_wait(loaded.at[slot])
+                for half in range(BLOCK_K // HALF):
+                    keys = pl.ds(half * HALF, HALF)
+                    k_tile, v_tile = k_ring.at[slot, keys], v_ring.at[slot, keys]
+                    s, dp = scores(cfg, (q_smem.at[wg], k_tile), (do_smem.at[wg], v_tile))
+                    k_seg = (plgpu.layout_cast(kseg[slot, keys], COL) if cfg.use_segments
+                             else None)
+                    s = mask_logits(cfg, s * cfg.log2_scale, kind, first,
+                                    k_block * BLOCK_K + half * HALF, q_seg, k_seg)
+                    p = jnp.exp2(s - jax.lax.broadcast_in_dim(lse, s.shape, [0]))
+                    ds = p * (dp - jax.lax.broadcast_in_dim(delta, s.shape, [0]))
+                    dq = product(dq, ds.astype(dtype), k_tile,
+                                 None if stage is None else stage.at[wg], cfg.interpreted)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dq
+
+            dq = walk_visits(rows_ref, lambda _: row, 1, visit, wgmma_zeros((WG_ROWS, D)))
+            q_smem[wg] = (dq * cfg.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        def producer():
+            kv_head = jax.lax.div(h, cfg.groups)
+
+            def load(step, _, code, carry):
+                keys = pl.ds(unpack(code)[0] * BLOCK_K, BLOCK_K)
+                slot = jax.lax.rem(step, STAGES)
+                refill_wait(step, STAGES, consumed)
+                for src, dst in ((k_ref.at[b, keys, kv_head], k_ring),
+                                 (v_ref.at[b, keys, kv_head], v_ring)) + (
+                                     ((seg_ref.at[b, keys], kseg),) if cfg.use_segments else ()):
+                    plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
+                return carry
+
+            walk_visits(rows_ref, lambda _: row, 1, load, ())
+
+        _roles(cfg, consumer, producer)
+
+    pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+# -------------------------------------------------------------------------------------- dk, dv
+
+def _dkv_kernel(cfg: Walk, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, seg_ref,
+                dk_ref, dv_ref):
+    nk = k_ref.shape[1] // BLOCK_K
+    kb, hk, b = (jax.lax.axis_index(n) for n in ("kblocks", "kvheads", "batch"))
+    D, Dv, dtype = q_ref.shape[-1], v_ref.shape[-1], q_ref.dtype
+    W = CONSUMERS
+    keys_per_wg = BLOCK_K // W
+    scratch = [tiled_smem((W, keys_per_wg, D), dtype),                     # k, then dk
+               tiled_smem((W, keys_per_wg, Dv), dtype),                    # v, then dv
+               tiled_smem((STAGES, BLOCK_Q, D), dtype),                    # q ring
+               tiled_smem((STAGES, BLOCK_Q, Dv), dtype),                   # dO ring
+               plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),                 # lse2 ring
+               plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),                 # delta ring
+               tiled_smem((W, keys_per_wg, HALF), dtype) if cfg.interpreted else None,  # stage
+               plgpu.SMEM((W, keys_per_wg), jnp.int32) if cfg.use_segments else None,
+               plgpu.SMEM((STAGES, BLOCK_Q), jnp.int32) if cfg.use_segments else None]
+    seg_copies = 1 if cfg.use_segments else 0
+    barriers = [plgpu.Barrier(num_arrivals=2 + seg_copies, num_barriers=W),       # k side loaded
+                plgpu.Barrier(num_arrivals=4 + seg_copies, num_barriers=STAGES),  # q side loaded
+                plgpu.Barrier(num_arrivals=W, num_barriers=STAGES)]               # slot consumed
+    row_of = lambda g: cfg.map_row(b, hk * cfg.groups + g, kb, nk)
+
+    def body(scratch, barriers):
+        k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, stage, kseg, qseg = scratch
+        k_loaded, loaded, consumed = barriers
+
+        def consumer(wg):
+            first = kb * BLOCK_K + wg * keys_per_wg
+            keys = pl.ds(first, keys_per_wg)
+            for src, dst in ((k_ref.at[b, keys, hk], k_smem), (v_ref.at[b, keys, hk], v_smem)) + (
+                    ((seg_ref.at[b, keys], kseg),) if cfg.use_segments else ()):
+                plgpu.copy_gmem_to_smem(src, dst.at[wg], k_loaded.at[wg])
+            plgpu.barrier_wait(k_loaded.at[wg])
+            k_seg = plgpu.layout_cast(kseg[wg], ROW) if cfg.use_segments else None
+
+            def visit(step, _, code, carry):
+                dk, dv = carry
+                q_block, kind = unpack(code)
+                slot = jax.lax.rem(step, STAGES)
+                plgpu.barrier_wait(loaded.at[slot])
+                for half in range(BLOCK_Q // HALF):
+                    rows = pl.ds(half * HALF, HALF)
+                    q_tile, do_tile = q_ring.at[slot, rows], do_ring.at[slot, rows]
+                    st, dpt = scores(cfg, (k_smem.at[wg], q_tile), (v_smem.at[wg], do_tile))
+                    lse = plgpu.layout_cast(lse_ring[slot, rows], COL)
+                    delta = plgpu.layout_cast(delta_ring[slot, rows], COL)
+                    q_seg = (plgpu.layout_cast(qseg[slot, rows], COL) if cfg.use_segments
+                             else None)
+                    st = mask_logits(cfg, st * cfg.log2_scale, kind,
+                                     q_block * BLOCK_Q + half * HALF, first, q_seg, k_seg,
+                                     transposed=True)
+                    pt = jnp.exp2(st - jax.lax.broadcast_in_dim(lse, st.shape, [1]))
+                    dst = pt * (dpt - jax.lax.broadcast_in_dim(delta, st.shape, [1]))
+                    wg_stage = None if stage is None else stage.at[wg]
+                    dv = product(dv, pt.astype(dtype), do_tile, wg_stage, cfg.interpreted)
+                    dk = product(dk, dst.astype(dtype), q_tile, wg_stage, cfg.interpreted)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk, dv
+
+            dk, dv = walk_visits(rows_ref, row_of, cfg.groups, visit,
+                                 (wgmma_zeros((keys_per_wg, D)), wgmma_zeros((keys_per_wg, Dv))))
+            k_smem[wg] = (dk * cfg.scale).astype(dtype)
+            v_smem[wg] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, keys, hk])
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, keys, hk])
+            plgpu.wait_smem_to_gmem(0)
+
+        def producer():
+            def load(step, g, code, carry):
+                h = hk * cfg.groups + g
+                rows = pl.ds(unpack(code)[0] * BLOCK_Q, BLOCK_Q)
+                slot = jax.lax.rem(step, STAGES)
+                refill_wait(step, STAGES, consumed)
+                for src, dst in ((q_ref.at[b, rows, h], q_ring), (do_ref.at[b, rows, h], do_ring),
+                                 (lse_ref.at[b, h, rows], lse_ring),
+                                 (delta_ref.at[b, h, rows], delta_ring)) + (
+                                     ((seg_ref.at[b, rows], qseg),) if cfg.use_segments else ()):
+                    plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
+                return carry
+
+            walk_visits(rows_ref, row_of, cfg.groups, load, ())
+
+        _roles(cfg, consumer, producer)
+
+    pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+def backward(cfg: Walk, q, k, v, do, lse2, delta, maps: tuple[jax.Array, jax.Array],
+             seg: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) in the dtypes of (q, k, v) from [B, Tp, H, *] inputs, lse2 and delta
+    [B, Hq, Tp] float32, the packed forward / transposed visit rows, segment ids or None."""
+    B, Tp, Hq, _ = q.shape
+    Hkv = k.shape[2]
+    seg = jnp.zeros((1, BLOCK_K), jnp.int32) if seg is None else seg  # placeholder: never read
+    fwd_rows, bwd_rows = (r.reshape(-1, r.shape[-1]) for r in maps)
+    inputs = (q, k, v, do, lse2, delta)
+    dq = _launch(cfg, _dq_kernel, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 (Tp // BLOCK_Q, Hq, B), ("qblocks", "heads", "batch"), *inputs, fwd_rows, seg)
+    dk, dv = _launch(cfg, _dkv_kernel, (jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                        jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                     (Tp // BLOCK_K, Hkv, B), ("kblocks", "kvheads", "batch"), *inputs, bwd_rows,
+                     seg)
+    return dq, dk, dv

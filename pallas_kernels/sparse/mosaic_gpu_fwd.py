@@ -1,0 +1,169 @@
+"""Forward Hopper (Mosaic GPU) kernel of block-sparse flash attention.
+
+One CTA per (query block of BLOCK_Q = 128 rows, q head, batch row), three warpgroups:
+
+* warpgroups 0 and 1 (consumers) own 64 query rows each; their q tile arrives once by TMA;
+* warpgroup 2 (producer, few registers) walks the block's visit list (``visit_rows``) and
+  brings the visited key / value blocks of BLOCK_K = 128 rows (and their segment ids) by TMA
+  into a STAGES-deep ring: slot ``v % STAGES`` is refilled once both consumers have signalled
+  that they are done with its keys (resp. values). GQA: the k/v head is ``h // groups`` in the
+  TMA source; k and v are never repeated.
+
+Per visit v (key block j, kind from the block map), each consumer keeps per row, in registers,
+
+    s2  = log2(e) scale q k_j^T                   (wgmma, float32 [64, 128]; -inf where masked)
+    m'  = max(m, max_k s2),    p = exp2(s2 - m'),   alpha = exp2(m - m')
+    l'  = alpha l + sum_k p,   acc' = alpha acc + p v_j      (wgmma, p in bf16)
+
+masking only visits that need it (``mosaic_gpu_util.mask_logits``: PARTIAL by the mask's
+formula, PAD_ONLY by k < T, every visit by segment ids when given). A row that saw nothing
+keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appears) and gets
+o = 0, lse2 = +inf. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
+[B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
+(reversed), which evens out causal work across the last wave of CTAs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
+from pallas_kernels.sparse.mosaic_gpu_util import (Walk, mask_logits, product, refill_wait, scores,
+                                                   unpack, walk_visits)
+
+BLOCK_Q = 128       # query rows per CTA (two consumer warpgroups of WG_ROWS)
+WG_ROWS = 64        # rows of one consumer warpgroup (the wgmma M)
+BLOCK_K = 128       # keys per visited block
+STAGES = 2          # depth of the k/v TMA ring
+CONSUMERS = 2
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+
+
+def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
+    nq = q_ref.shape[1] // BLOCK_Q
+    qi, h, b = (jax.lax.axis_index(n) for n in ("qblocks", "heads", "batch"))
+    q_block = nq - 1 - qi
+    row = cfg.map_row(b, h, q_block, nq)
+    D, Dv = q_ref.shape[-1], v_ref.shape[-1]
+    dtype = q_ref.dtype
+    seg_ids = [plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.int32),                # of the q rows
+               plgpu.SMEM((STAGES, BLOCK_K), jnp.int32)                    # of the k ring
+               ] if cfg.use_segments else [None, None]
+    scratch = [tiled_smem((CONSUMERS, WG_ROWS, D), dtype),           # q (then o when Dv = D)
+               None if Dv == D else tiled_smem((CONSUMERS, WG_ROWS, Dv), dtype),  # o
+               tiled_smem((STAGES, BLOCK_K, D), dtype),              # k ring
+               tiled_smem((STAGES, BLOCK_K, Dv), dtype),             # v ring
+               tiled_smem((CONSUMERS, WG_ROWS, BLOCK_K), dtype) if cfg.interpreted else None,
+               plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),        # lse2
+               *seg_ids]
+    copies = 2 if cfg.use_segments else 1
+    barriers = [plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS),   # q loaded
+                plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),      # k loaded
+                plgpu.Barrier(num_barriers=STAGES),                           # v loaded
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)]   # v consumed
+    body = functools.partial(_body, cfg, q_ref, k_ref, v_ref, rows_ref, seg_ref,
+                             o_ref, lse_ref, b, h, q_block, row)
+    pl.run_scoped(body, scratch, barriers, collective_axes="wg")
+
+
+def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
+          b, h, q_block, row, scratch, barriers):
+    q_smem, o_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kseg_smem = scratch
+    o_smem = q_smem if o_smem is None else o_smem
+    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed = barriers
+    wg = jax.lax.axis_index("wg")
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        if not cfg.interpreted:
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        first = q_block * BLOCK_Q + wg * WG_ROWS
+        rows = pl.ds(first, WG_ROWS)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_loaded.at[wg])
+        if cfg.use_segments:
+            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem.at[wg], q_loaded.at[wg])
+        plgpu.barrier_wait(q_loaded.at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        q_seg = (plgpu.layout_cast(qseg_smem[wg], row_layout) if cfg.use_segments else None)
+        Dv = v_smem.shape[-1]
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
+        acc = wgmma_zeros((WG_ROWS, Dv))
+
+        def visit(step, _, code, carry):
+            acc, m, l = carry
+            k_block, kind = unpack(code)
+            slot = jax.lax.rem(step, STAGES)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]))
+            k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
+                     if cfg.use_segments else None)
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            s = mask_logits(cfg, s * cfg.log2_scale, kind, first, k_block * BLOCK_K, q_seg, k_seg)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
+            p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
+            alpha = jnp.exp2(m - base)
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_loaded.at[slot])
+            acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
+                          None if p_smem is None else p_smem.at[wg], cfg.interpreted)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit, (acc, m, l))
+        seen = l > 0.0
+        l_safe = jnp.where(seen, l, 1.0)
+        o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
+        lse_smem[wg] = jnp.where(seen, m + jnp.log(l_safe) * (1.0 / jnp.log(2.0)), jnp.inf)
+        o_smem[wg] = o.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        if not cfg.interpreted:
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        kv_head = jax.lax.div(h, cfg.groups)
+
+        def load(step, _, code, carry):
+            keys = pl.ds(unpack(code)[0] * BLOCK_K, BLOCK_K)
+            slot = jax.lax.rem(step, STAGES)
+            refill_wait(step, STAGES, k_consumed)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_loaded.at[slot])
+            if cfg.use_segments:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot], k_loaded.at[slot])
+            refill_wait(step, STAGES, v_consumed)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_loaded.at[slot])
+            return carry
+
+        walk_visits(rows_ref, lambda _: row, 1, load, ())
+
+
+def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array,
+            seg: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """q [B, Tp, Hq, D], k [B, Tp, Hkv, D], v [B, Tp, Hkv, Dv] bf16 (Tp a multiple of BLOCK_Q
+    and BLOCK_K), rows [Bm, Hm, Tp / BLOCK_Q, 1 + W] packed forward visits, segment ids
+    [B, Tp] int32 or None -> (o [B, Tp, Hq, Dv] in q's dtype, lse2 [B, Hq, Tp] float32)."""
+    B, Tp, Hq, _ = q.shape
+    Dv = v.shape[-1]
+    placeholder = jnp.zeros((1, BLOCK_K), jnp.int32)  # never read without segments
+    rows = rows.reshape(-1, rows.shape[-1])
+    return plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=(jax.ShapeDtypeStruct((B, Tp, Hq, Dv), q.dtype),
+                  jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)),
+        grid=(Tp // BLOCK_Q, Hq, B),
+        grid_names=("qblocks", "heads", "batch"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({"interpret": cfg.interpret} if cfg.interpreted else {}),
+    )(q, k, v, rows, placeholder if seg is None else seg)

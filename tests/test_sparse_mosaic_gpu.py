@@ -1,0 +1,141 @@
+"""The Hopper (Mosaic GPU) kernels of the block-sparse softmax op, checked on CPU:
+
+* forward and backward lower through Mosaic GPU for the cuda platform (layout inference,
+  shared-memory budget; the compiled variant with register-operand wgmma) on every jax;
+* in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before) o and the
+  gradients of q, k, v match the float64 oracle: causal, local, chunked | local, full, a
+  random per-head BlockSparse with an empty query block, segments, GQA, Dv != D, T not a
+  multiple of the 128 blocks; one case with race detection;
+* ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
+  the op registers it after cuDNN.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from kernel_utils import TOL_BF16, assert_close
+from test_sparse_utils import allowed_matrix, oracle, qkv, segments
+from pallas_kernels import mosaic_gpu_common
+from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Dense, Full, Local,
+                                   implementations, make_block_map)
+from pallas_kernels.sparse import mosaic_gpu_op as mo
+
+plgpu = mosaic_gpu_common.plgpu
+needs_interpreter = pytest.mark.skipif(
+    plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
+    reason="GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12")
+
+
+def _block_sparse(seed: int, Hq: int, T: int) -> BlockSparse:
+    """Random 128-blocks per head (duplicates and -1 slots included), query block 1 empty."""
+    n = -(-T // 128)
+    kv = np.random.default_rng(seed).integers(-1, n, size=(Hq, n, 2))
+    kv[:, 1] = -1
+    return BlockSparse(kv, 128, 128)
+
+
+MASKS = {
+    "causal": lambda Hq, T: Causal(),
+    "local": lambda Hq, T: Local(70, 20),
+    "chunked_or_local": lambda Hq, T: ChunkedCausal(100) | Local(5, 5),
+    "full": lambda Hq, T: Full(),
+    "block_sparse": lambda Hq, T: _block_sparse(T, Hq, T),
+    "block_sparse_and_causal": lambda Hq, T: _block_sparse(T + 1, Hq, T) & Causal(),
+}
+
+
+def _run(mask, seg, interpret=None, scale=None):
+    return lambda q, k, v: mo.mosaic_gpu_flash_attention(
+        q, k, v, mask=mask, segment_ids=seg, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        interpret=interpret)
+
+
+@pytest.mark.parametrize("name,D,Dv,Hq,Hkv,with_segments", [
+    ("causal", 128, 128, 2, 1, False),
+    ("local", 64, 128, 2, 2, True),
+    ("block_sparse_and_causal", 128, 64, 4, 2, False),
+])
+def test_forward_and_backward_lower_for_cuda(name, D, Dv, Hq, Hkv, with_segments):
+    B, T = 2, 300
+    sd = jax.ShapeDtypeStruct
+    mask = MASKS[name](Hq, T)
+    args = (sd((B, T, Hq, D), jnp.bfloat16), sd((B, T, Hkv, D), jnp.bfloat16),
+            sd((B, T, Hkv, Dv), jnp.bfloat16), sd((B, T), jnp.int32))
+
+    def loss(q, k, v, seg):
+        o = _run(mask, seg if with_segments else None)(q, k, v)
+        return jnp.sum(o.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3  # forward, dq and dk/dv kernels
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,T,Hq,Hkv,D,Dv,with_segments", [
+    ("causal", 200, 2, 1, 64, 64, False),             # GQA, padded last block
+    ("local", 300, 1, 1, 128, 64, True),              # Dv != D, segments
+    ("chunked_or_local", 130, 2, 2, 64, 128, False),  # formula of an Or, T = 128 + 2
+    ("full", 100, 1, 1, 64, 64, True),                # one block, padded keys, segments
+    ("block_sparse", 300, 2, 1, 64, 64, False),       # per-head map, empty query block, GQA
+    ("block_sparse_and_causal", 256, 4, 2, 64, 64, False),
+])
+def test_interpret_matches_oracle(name, T, Hq, Hkv, D, Dv, with_segments):
+    B = 2 if with_segments else 1
+    mask = MASKS[name](Hq, T)
+    q, k, v, do = qkv(T + D, B, T, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)
+    seg = segments(T, B, T) if with_segments else None
+    out, vjp = jax.vjp(_run(mask, seg, plgpu.InterpretGPUParams()), q, k, v)
+    want, want_grads = oracle(q, k, v, allowed_matrix(mask, T, B, Hq, seg), do=do)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, want, TOL_BF16, "o")
+    if name == "block_sparse":
+        assert np.all(np.asarray(out[:, 128:256], np.float32) == 0)  # the empty query block
+    for what, got, ref, x in zip(("dq", "dk", "dv"), vjp(do), want_grads, (q, k, v)):
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert_close(got, ref, TOL_BF16, what)
+
+
+@needs_interpreter
+def test_interpret_has_no_races():
+    """Forward and backward with race detection on (two visits per block row: ring reuse)."""
+    T, mask = 384, Causal()
+    q, k, v, do = qkv(7, 1, T, 2, 1, 64, 64, dtype=jnp.bfloat16)
+    run = _run(mask, None, plgpu.InterpretGPUParams(detect_races=True))
+    out, vjp = jax.vjp(run, q, k, v)
+    grads = vjp(do)
+    want, want_grads = oracle(q, k, v, allowed_matrix(mask, T, 1, 2), do=do)
+    assert_close(out, want, TOL_BF16, "o")
+    for what, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
+        assert_close(got, ref, TOL_BF16, what)
+
+
+def test_accepts_declines_unsupported_calls(monkeypatch):
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    kw = dict(mask=Causal(), segment_ids=None, logits_soft_cap=None, block_sizes=None)
+    reason = mo.mosaic_gpu_accepts(q, q, q, **kw)
+    assert reason is not None and "Hopper" in reason  # this machine has no Hopper GPU
+    monkeypatch.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
+    accepts = lambda *a, **over: mo.mosaic_gpu_accepts(*(a or (q, q, q)), **{**kw, **over})
+    assert accepts() is None
+    assert accepts(segment_ids=jnp.zeros((1, 256), jnp.int32)) is None
+    assert accepts(mask=_block_sparse(0, 2, 256) & Local(100, 0)) is None
+    assert accepts(mask=make_block_map(Causal(), 256, (128, 128))) is None
+    assert accepts(block_sizes=(128, 128)) is None
+    assert "soft cap" in accepts(logits_soft_cap=30.0)
+    assert "bfloat16" in accepts(q.astype(jnp.float32), q, q)
+    assert "head dim" in accepts(q[..., :32], q[..., :32], q)
+    assert "value head dim" in accepts(q, q, q[..., :96])
+    assert "block_sizes" in accepts(block_sizes=(64, 64))
+    assert "tile" in accepts(mask=Dense(np.tril(np.ones((256, 256), bool))))
+    assert "tile" in accepts(mask=BlockSparse(np.zeros((4, 1), np.int32), 64, 64))
+    assert "block sizes" in accepts(mask=make_block_map(Causal(), 256, (64, 64)))
+    assert "seq_len" in accepts(mask=make_block_map(Causal(), 200, (128, 128)))
+
+
+def test_registered_after_cudnn():
+    names = implementations()
+    assert names.index("cudnn") < names.index("mosaic_gpu") < names.index("pallas")
