@@ -1,5 +1,8 @@
 """The Hopper (Mosaic GPU) kernels of the (gated) delta rule, checked on CPU:
 
+* the WY prepass kernel lowers for cuda, and in interpret mode its W, U match a float64
+  per-chunk inverse, also for strongly correlated keys without decay (where a power series
+  for (I + A)^-1 loses all precision);
 * both walks (forward; reverse, the state cotangent) lower through Mosaic GPU for the cuda
   platform (layouts, shared-memory budget) on every supported jax, no GPU needed, and so does
   the op's forward + backward;
@@ -21,6 +24,7 @@ from kernel_utils import TOL_BF16, assert_close, log_gate, normal, random_segmen
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.delta import mosaic_gpu as mg
 from pallas_kernels.delta import mosaic_gpu_kernel as mk
+from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.delta.reference import delta_rule_reference
 
 plgpu = mosaic_gpu_common.plgpu
@@ -75,6 +79,51 @@ def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
                                                     reverse=reverse, save_states=save_states))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("K,V,gated", [(128, 128, True), (64, 128, False)])
+def test_prepass_lowers_for_cuda(K, V, gated):
+    B, T, H = 2, 256, 3
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
+            sd((B, H, T), jnp.float32), sd((B, H, T), jnp.float32) if gated else None)
+    text = jax.jit(prepass).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def _wy_float64(k, v, beta, b):
+    """W, U of every chunk by a float64 matrix inverse (k, v [B, Tp, H, *], beta, b [B, H, Tp])."""
+    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+    beta = np.asarray(beta, np.float64)
+    b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
+    W, U = np.zeros(k.shape), np.zeros(v.shape)
+    C = mk.CHUNK
+    for bi, h, n in np.ndindex(k.shape[0], k.shape[2], k.shape[1] // C):
+        t = slice(n * C, (n + 1) * C)
+        kc, bc, gc = k[bi, t, h], beta[bi, h, t], b[bi, h, t]
+        A = np.tril(bc[:, None] * (kc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), -1)
+        T = np.linalg.inv(np.eye(C) + A)
+        W[bi, t, h] = T @ ((bc * np.exp(gc))[:, None] * kc)
+        U[bi, t, h] = T @ (bc[:, None] * v[bi, t, h])
+    return W, U
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
+def test_interpret_prepass_matches_float64_inverse(K, V, gated, shared):
+    """``shared``: weight of a direction common to every key (3: pairwise cosines ~0.9)."""
+    B, Tp, H = 1, 128, 2
+    ks = jax.random.split(jax.random.PRNGKey(K + V), 5)
+    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, H, Tp), jnp.float32, 0.1, 0.9)
+    b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
+    W, U = prepass(k, v, beta, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    want_w, want_u = _wy_float64(k, v, beta, b)
+    assert W.dtype == k.dtype and U.dtype == v.dtype
+    assert_close(W, want_w, 1e-2, "W")
+    assert_close(U, want_u, 1e-2, "U")
 
 
 def _loss(run, do, dstate):

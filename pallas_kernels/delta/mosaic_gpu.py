@@ -4,11 +4,11 @@ per-chunk math of both walks).
 
     S_t = e^{g_t} S_{t-1} + β_t k_t ⊗ (v_t - e^{g_t} S_{t-1}^T k_t),      o_t = scale · q_t S_t
 
-Forward = (a) the prepass, W = T diag(β Γ) K and U = T diag(β) V per chunk (``chunk_math.prepare``
-batched over every (batch, head, chunk) in XLA: it does not depend on the state, so it is fully
-parallel; W and U go to the walk in bf16), then (b) the forward walk (Δ = U - W S, o, S_next;
-three tensor-core products per chunk on the sequential path, the same shape of work as the
-linear-attention walk plus one [C, K] x [K, 64] product).
+Forward = (a) the prepass kernel (``mosaic_gpu_prepass``: per chunk, independent of the state,
+so one CTA per (chunk, head, batch row)), W = T diag(β Γ) K and U = T diag(β) V in bf16 with
+T = (I + A)^-1 by stable recursive doubling, then (b) the forward walk (Δ = U - W S, o, S_next;
+two rounds of tensor-core products per chunk on the sequential path, the linear-attention walk
+plus one [C, K] x [K, 64] product).
 
 Backward (``jax.custom_vjp`` over the time-padded q, k, v, β, b = chunk-local cumulative log
 gate, and the initial state): the forward under the vjp also writes the state entering every
@@ -19,8 +19,10 @@ final state's cotangent down to chunk 0, writing the cotangent of the state leav
 (bf16) and returning the initial state's cotangent. With both per-chunk states known, every
 chunk's gradients are independent: ``chunk_math.backward`` (the hand-written per-chunk
 backward of the XLA and portable paths) runs batched over all chunks in XLA and gives dq, dk,
-dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. Saved for the backward:
-q, k, v, β, b, W, the initial state and the per-chunk states.
+dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. (That XLA part
+recomputes T with ``chunk_math``'s power series, float32: slower than a kernel would be, and
+inexact for strongly correlated keys in a chunk without decay; see ``mosaic_gpu_prepass``.)
+Saved for the backward: q, k, v, β, b, W, the initial state and the per-chunk states.
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
 state entering a segment is scaled by e^-80 (below float32 resolution of any sum it joins);
@@ -45,6 +47,7 @@ from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.delta import chunk_math
 from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, walk
+from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
 
 RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-35
@@ -82,18 +85,14 @@ def _over_chunks(f):
     return jax.vmap(jax.vmap(jax.vmap(f)))
 
 
-def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None):
-    """The prepass: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype."""
-    def one(k, v, beta, gates):
-        p = chunk_math.prepare(k, v, beta, gates)
-        return p.W, p.U
-    f32 = lambda x: _chunks(x).astype(F32)
-    W, U = _over_chunks(one)(f32(k), f32(v), f32(beta[..., None]), _gates(b))
-    return _unchunk(W).astype(k.dtype), _unchunk(U).astype(v.dtype)
+def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None,
+             interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The prepass kernel: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype."""
+    return prepass(k, v, jnp.swapaxes(beta, 1, 2).astype(F32), b, interpret=interpret)
 
 
 def _forward(q, k, v, beta, b, s0, scale: float, interpret: Any, save_states: bool = False):
-    W, U = _prepare(k, v, beta, b)
+    W, U = _prepare(k, v, beta, b, interpret)
     s0 = None if s0 is None else s0.astype(F32)
     outs = walk(q, k, W, U, b, s0, scale=scale, save_states=save_states, interpret=interpret)
     return outs, W

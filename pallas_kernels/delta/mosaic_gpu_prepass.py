@@ -1,0 +1,123 @@
+"""The WY / UT prepass of the delta rule on Hopper (Mosaic GPU): per chunk, independent of the
+state, so every (chunk, head, batch row) is its own CTA (one warpgroup).
+
+Chunk of C = 64 steps, b the chunk-local cumulative log gate (zeros without g), Γ_i = e^{b_i},
+D_ij = e^{b_i - b_j} on j <= i:
+
+    A = strictly-lower(diag(β) (k k^T) ⊙ D)          wgmma: k k^T
+    T = (I + A)^-1                                    by recursive doubling, below
+    W = T diag(β Γ) k   [C, K],   U = T diag(β) v   [C, V]          wgmma: T (β Γ k), T (β v)
+
+W and U leave in bf16 for the walks (``mosaic_gpu_kernel``).
+
+Recursive doubling (stable; no powers of A). T_s, the inverse of the diagonal blocks of I + A
+of size s, is block diagonal; with L_s the part of A in the lower off-diagonal blocks of the
+diagonal blocks of size 2s (entries i > j in one 2s block but not one s block),
+
+    T_2s = T_s - (T_s L_s) T_s       (exact: (T_s L_s)^2 = 0),   T_1 = I,  T_2 = I - L_1,
+
+five levels of two products each up to s = 64 (the wgmma operands in bf16, T accumulated in
+float32). Every operand is a true inverse of a sub-block or a block of A, so nothing grows:
+the power series (I + A)^-1 = sum (-A)^p of ``chunk_math.inverse_unit_lower`` forms powers
+whose entries reach C(63, p)·β^p for strongly correlated keys, and its cancellation loses all
+precision there even in float32 (checked in ``tests/test_delta_mosaic_gpu.py``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+
+CHUNK = 64
+
+
+def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, u_out,
+            k_smem, v_smem, beta_smem, bc_smem, br_smem, t_smem, l_smem, p_smem, loaded):
+    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
+    C = CHUNK
+    rows = pl.ds(n * C, C)
+    layout = plgpu.Layout.WGMMA
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem, loaded)
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h], v_smem, loaded)
+    plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], beta_smem, loaded)
+    if gated:
+        for buf in (bc_smem, br_smem):
+            plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf, loaded)
+    plgpu.barrier_wait(loaded)
+    (kk,) = products((wgmma_zeros((C, C)),), ((k_smem, k_smem.transpose((1, 0))),), interpret)
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
+    beta = plgpu.layout_cast(beta_smem[...], layout.reduce(1))
+    rows_of = lambda x, shape: jax.lax.broadcast_in_dim(x, shape, [0])
+    a = kk * rows_of(beta, (C, C))
+    row_scale_k, row_scale_v = beta, beta  # β Γ for k, β for v
+    if gated:
+        b_col = plgpu.layout_cast(bc_smem[...], layout.reduce(1))
+        b_row = plgpu.layout_cast(br_smem[...], layout.reduce(0))
+        diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
+                - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
+        a = a * jnp.exp(jnp.where(row > col, diff, 0.0))
+        row_scale_k = beta * jnp.exp(b_col)
+    a = jnp.where(row > col, a, 0.0)
+    eye = jnp.where(row == col, 1.0, 0.0)
+    off_block = lambda s: ((jax.lax.div(row, 2 * s) == jax.lax.div(col, 2 * s))
+                           & (jax.lax.div(row, s) != jax.lax.div(col, s)))
+    t = eye - jnp.where(off_block(1), a, 0.0)
+    s = 2
+    while s < C:
+        t_smem[...] = t.astype(t_smem.dtype)
+        l_smem[...] = jnp.where(off_block(s), a, 0.0).astype(l_smem.dtype)
+        plgpu.commit_smem()
+        (tl,) = products((wgmma_zeros((C, C)),), ((t_smem, l_smem),), interpret)
+        p_smem[...] = (-tl).astype(p_smem.dtype)
+        plgpu.commit_smem()
+        (t,) = products((t,), ((p_smem, t_smem),), interpret)
+        s *= 2
+    K, V = k_smem.shape[-1], v_smem.shape[-1]
+    k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(row_scale_k,
+                                                                                     (C, K))
+    v_scaled = plgpu.layout_cast(v_smem[...], layout).astype(jnp.float32) * rows_of(row_scale_v,
+                                                                                     (C, V))
+    t_smem[...] = t.astype(t_smem.dtype)
+    k_smem[...] = k_scaled.astype(k_smem.dtype)
+    v_smem[...] = v_scaled.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    w, u = products((wgmma_zeros((C, K)), wgmma_zeros((C, V))),
+                    ((t_smem, k_smem), (t_smem, v_smem)), interpret)
+    k_smem[...] = w.astype(k_smem.dtype)
+    v_smem[...] = u.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, w_out.at[bi, rows, h])
+    plgpu.copy_smem_to_gmem(v_smem, u_out.at[bi, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def prepass(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None, *,
+            interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """k [B, Tp, H, K], v [B, Tp, H, V] bf16 (Tp a multiple of CHUNK), beta [B, H, Tp] float32,
+    b [B, H, Tp] float32 chunk-local cumulative log gates or None. Returns (W [B, Tp, H, K],
+    U [B, Tp, H, V]) in k's and v's dtype."""
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    C = CHUNK
+    gated = b is not None
+    b = b if gated else jnp.zeros((1, 1, C), jnp.float32)  # never read
+    dtype = k.dtype
+    return plgpu.kernel(
+        functools.partial(_kernel, gated, interpret is not None),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        scratch_types=[
+            tiled_smem((C, K), dtype), tiled_smem((C, V), dtype),
+            plgpu.SMEM((C,), jnp.float32), plgpu.SMEM((C,), jnp.float32),
+            plgpu.SMEM((C,), jnp.float32),
+            tiled_smem((C, C), dtype), tiled_smem((C, C), dtype), tiled_smem((C, C), dtype),
+            plgpu.Barrier(num_arrivals=3 + (2 if gated else 0)),
+        ],
+        grid=(Tp // C, H, B),
+        grid_names=("chunks", "heads", "rows"),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(k, v, beta, b)
