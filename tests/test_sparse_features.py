@@ -97,7 +97,7 @@ def test_device_block_map_matches_host_and_runs_in_jit():
 
 
 def test_dispatch_auto_and_registration(monkeypatch):
-    assert ops.implementations() == ["cudnn", "pallas", "xla"]
+    assert ops.implementations() == ["cudnn", "mosaic_gpu", "pallas", "xla"]
     q, k, v, _ = qkv(9, 1, 20, 2, 2, 8)
     calls = []
 
