@@ -6,7 +6,8 @@ Cases (bf16, B·T = 32768, H = 16, D = 128): "causal" at T in {1k, 4k, 16k, 32k}
 "local4k" (query i sees keys i−w < j ≤ i) and "full" (no mask) at T = 16k; "sparse10" at
 T = 16k: each 128-row query block sees a random 10% of the 128-wide key blocks. FLOPs are
 counted on the visited (query, key) pairs: 4·D per pair forward, 3.5x that forward+backward.
-Implementations: attnlab ``flash_attention`` (``impl="pallas"`` / ``"xla"``), cuDNN through
+Implementations: attnlab ``flash_attention`` (``impl="mosaic_gpu"``: our Hopper kernels, every
+case; ``"pallas"`` / ``"xla"``), cuDNN through
 ``jax.nn.dot_product_attention(implementation="cudnn")`` with ``is_causal`` /
 ``local_window_size`` (never an explicit mask), jax-linear-attention 0.1.0's Mosaic GPU
 attention, JAX's own Pallas attention (Triton ``mha``; its Mosaic GPU ``attention_mgpu`` takes float16 only
@@ -137,6 +138,7 @@ def jax_triton_fn(case: str):
 
 
 IMPLS = {
+    "attnlab mosaic_gpu": ("jax", lambda case: attnlab_fn(case, "mosaic_gpu")),
     "attnlab pallas": ("jax", lambda case: attnlab_fn(case, "pallas")),
     "attnlab xla": ("jax", lambda case: attnlab_fn(case, "xla")),
     "cudnn": ("jax", cudnn_fn),
