@@ -11,7 +11,8 @@ dq, dk, dv, dβ, dg (and d initial state) of sum(o * dO) against the same on flo
 the inputs: autodiff of the oracle where its per-step states fit in 4 GiB, else of the chunked
 XLA path (``grad_ref`` says which). Times (``bench_common.time_jax``, the method of DESIGN.md's
 anchor figures): the forward of the kernel and of ``impl="xla"``; at the anchor shapes also
-forward+backward, and the forward's two parts alone (the XLA WY prepass, the walk kernel).
+forward+backward, and the parts alone (prepass kernel, forward walk with the states saved,
+reverse walk, the chunk-parallel XLA gradients).
 Each case runs on its own: a failure is printed and the next case goes on. Prints a table;
 writes ``check_mosaic_delta.json`` into ``--out``.
 
@@ -121,7 +122,7 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
     row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg)), args)
     if anchor:
-        time_parts(row, q, k, v, beta, g, scale)
+        time_parts(row, q, k, v, beta, g, do, scale)
         args = [(q, k, v, beta, g, s0, do)]
         row["mosaic_fwdbwd_ms"] = bc.time_jax(
             jax.jit(fwd_bwd(lambda s0: kernel_fn(scale, s0, seg))), args)
@@ -130,17 +131,27 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
     return row
 
 
-def time_parts(row: dict, q, k, v, beta, g, scale: float) -> None:
-    """Forward times of the XLA WY prepass alone and of the walk kernel alone."""
+def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
+    """Times of the parts alone: forward = prepass kernel + forward walk; backward = reverse
+    walk + the chunk-parallel XLA gradients (``mosaic_gpu.chunk_gradients``)."""
     C = mosaic_gpu_kernel.CHUNK
     Tp = common.round_up(q.shape[1], C)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, beta = pad(q), pad(k), pad(v), pad(beta.astype(jnp.float32))
+    q, k, v, do, beta = pad(q), pad(k), pad(v), pad(do), pad(beta.astype(jnp.float32))
     b = None if g is None else mosaic_gpu.gate_cumsum(pad(g))
-    W, U = jax.jit(mosaic_gpu._prepare)(k, v, beta, b)
-    row["prepass_ms"] = bc.time_jax(jax.jit(mosaic_gpu._prepare), [(k, v, beta, b)])
-    walk = jax.jit(lambda q, k, W, U, b: mosaic_gpu_kernel.walk(q, k, W, U, b, None, scale=scale))
-    row["walk_ms"] = bc.time_jax(walk, [(q, k, W, U, b)])
+    prepare = jax.jit(mosaic_gpu._prepare)
+    W, U = prepare(k, v, beta, b)
+    row["prepass_ms"] = bc.time_jax(prepare, [(k, v, beta, b)])
+    walk = mosaic_gpu_kernel.walk
+    fwd = jax.jit(lambda q, k, W, U, b: walk(q, k, W, U, b, None, scale=scale, save_states=True))
+    row["walk_ms"] = bc.time_jax(fwd, [(q, k, W, U, b)])
+    _, _, states = fwd(q, k, W, U, b)
+    rev = jax.jit(lambda q, k, W, do, b: walk(q, k, W, do, b, None, scale=scale, reverse=True,
+                                              save_states=True))
+    row["reverse_walk_ms"] = bc.time_jax(rev, [(q, k, W, do, b)])
+    _, d_states = rev(q, k, W, do, b)
+    grads = jax.jit(lambda *a: mosaic_gpu.chunk_gradients(*a, scale=scale))
+    row["chunk_grads_ms"] = bc.time_jax(grads, [(q, k, v, beta, b, states, do, d_states)])
 
 
 def check_gradients(row: dict, q, k, v, beta, g, s0, seg, do, scale: float) -> list[float]:
@@ -201,7 +212,7 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dbeta", "err_dg", "err_ds0",
             "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "walk_ms", "mosaic_fwdbwd_ms",
-            "xla_fwdbwd_ms", "auto_impl"]
+            "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "auto_impl"]
     print("\n" + " | ".join(cols))
     for r in rows:
         print(" | ".join(fmt(r.get(c)) for c in cols))

@@ -109,28 +109,34 @@ def _delta_fwd(q, k, v, beta, b, s0, scale, interpret):
     return (o, final), (q, k, v, beta, b, s0, W, states)
 
 
+def chunk_gradients(q, k, v, beta, b, states, do, d_states, scale: float):
+    """Every chunk's gradients at once (XLA, ``chunk_math.backward``) from the states entering
+    the chunks and the cotangents of the states leaving them ([B, N, H, K, V]). Returns (dq, dk,
+    dv in their dtypes, dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or None ungated)."""
+    def one(q, k, v, beta, gates, s, do, ds):
+        dq, dk, dv, dbeta, db_col, db_row, _ = chunk_math.backward(q, k, v, beta, gates, s, do,
+                                                                   ds)
+        return dq, dk, dv, dbeta[:, 0], db_col[:, 0] + db_row[0]
+    per_head = lambda x: jnp.moveaxis(x, 1, 2).astype(F32)  # [B, N, H, K, V] -> [B, H, N, K, V]
+    f32 = lambda x: _chunks(x).astype(F32)
+    dq, dk, dv, dbeta, db = _over_chunks(one)(
+        f32(q), f32(k), f32(v), f32(beta[..., None]), _gates(b), per_head(states),
+        scale * f32(do), per_head(d_states))
+    B, H, N, C = db.shape
+    dbeta = _unchunk(dbeta[..., None])[..., 0].astype(beta.dtype)
+    db = None if b is None else db.reshape(B, H, N * C)
+    return (_unchunk(dq).astype(q.dtype), _unchunk(dk).astype(k.dtype),
+            _unchunk(dv).astype(v.dtype), dbeta, db)
+
+
 def _delta_bwd(scale, interpret, residuals, cotangents):
     q, k, v, beta, b, s0, W, states = residuals
     do, d_final = cotangents
     do = do.astype(q.dtype)
     ds0, d_states = walk(q, k, W, do, b, d_final.astype(F32), scale=scale, reverse=True,
                          save_states=True, interpret=interpret)
-
-    def one(q, k, v, beta, gates, s, do, ds):
-        dq, dk, dv, dbeta, db_col, db_row, _ = chunk_math.backward(q, k, v, beta, gates, s, do,
-                                                                   ds)
-        return dq, dk, dv, dbeta[:, 0], db_col[:, 0] + db_row[0]
-    per_head_chunk = lambda x: jnp.moveaxis(x, 1, 2).astype(F32)  # [B, N, H, K, V] -> [B, H, N, ...]
-    f32 = lambda x: _chunks(x).astype(F32)
-    dq, dk, dv, dbeta, db = _over_chunks(one)(
-        f32(q), f32(k), f32(v), f32(beta[..., None]), _gates(b), per_head_chunk(states),
-        scale * f32(do), per_head_chunk(d_states))
-    B, H, N, C = db.shape
-    dbeta = _unchunk(dbeta[..., None])[..., 0].astype(beta.dtype)
-    db = None if b is None else db.reshape(B, H, N * C)
-    ds0 = None if s0 is None else ds0.astype(s0.dtype)
-    return (_unchunk(dq).astype(q.dtype), _unchunk(dk).astype(k.dtype),
-            _unchunk(dv).astype(v.dtype), dbeta, db, ds0)
+    grads = chunk_gradients(q, k, v, beta, b, states, do, d_states, scale)
+    return grads + (None if s0 is None else ds0.astype(s0.dtype),)
 
 
 _delta.defvjp(_delta_fwd, _delta_bwd)
