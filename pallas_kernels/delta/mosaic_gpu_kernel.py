@@ -6,11 +6,11 @@ every exponent below is <= 0 and nothing overflows), and per chunk
 
     D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}}.
 
-The WY / UT prepass (``mosaic_gpu.py``, chunk-parallel, independent of the state) hands every
-chunk its W = T diag(β Γ) K [C, K] and U = T diag(β) V [C, V], T = (I + A)^-1, A =
-strictly-lower(diag(β) K K^T ⊙ D) (``chunk_math``). What is left is the sequential part: the
-walks below, one CTA per (V blocks, head, batch row), chunks in order, the f32 state block
-[K, 64] of each warpgroup in registers (two warpgroups share a CTA's q/k/W tiles for V = 128).
+The WY / UT prepass (``mosaic_gpu_prepass``, chunk-parallel, independent of the state) hands
+every chunk its W = T diag(β Γ) K [C, K] and U = T diag(β) V [C, V], T = (I + A)^-1, A =
+strictly-lower(diag(β) K K^T ⊙ D). What is left is the sequential part: the walks below, one
+CTA per (V blocks, head, batch row), chunks in order, the f32 state block [K, 64] of each
+warpgroup in registers (two warpgroups share a CTA's q/k/W tiles for V = 128).
 
 ``forward`` (chunks first to last), S the state entering the chunk:
 
@@ -22,7 +22,7 @@ walks below, one CTA per (V blocks, head, batch row), chunks in order, the f32 s
 (from the final state's cotangent), with dO the output's cotangent:
 
     dΔ     = scale ((k q^T) ⊙ D^T) dO + λ ⊙ (k R)            wgmma 1: k q^T, k R;  2: A' dO
-    R_prev = γ R + q^T (scale Γ ⊙ dO) - W^T dΔ              wgmma 2: q^T (Γ dO);  3: W^T (-dΔ)
+    R_prev = γ R + q^T (scale Γ ⊙ dO) - W^T dΔ             wgmma 2: q^T (Γ dO); 3: W^T (-dΔ)
 
 and after chunk 0 holds the initial state's cotangent.
 
