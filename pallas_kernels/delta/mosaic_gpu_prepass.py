@@ -17,10 +17,10 @@ diagonal blocks of size 2s (entries i > j in one 2s block but not one s block),
     T_2s = T_s - (T_s L_s) T_s       (exact: (T_s L_s)^2 = 0),   T_1 = I,  T_2 = I - L_1,
 
 five levels of two products each up to s = 64 (the wgmma operands in bf16, T accumulated in
-float32). Every operand is a true inverse of a sub-block or a block of A, so nothing grows:
-the power series (I + A)^-1 = sum (-A)^p of ``chunk_math.inverse_unit_lower`` forms powers
-whose entries reach C(63, p)·β^p for strongly correlated keys, and its cancellation loses all
-precision there even in float32 (checked in ``tests/test_delta_mosaic_gpu.py``).
+float32): the same recursion as ``chunk_math.inverse_unit_lower``. Every operand is a true
+inverse of a sub-block or a block of A, so nothing grows (a power series sum (-A)^p forms
+entries up to C(63, p)·β^p for strongly correlated keys and cancels away all precision even in
+float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
 """
 from __future__ import annotations
 
