@@ -5,6 +5,7 @@
   128-byte swizzle);
 * ``products``: ``init + a @ b`` for several (a, b) shared-memory operand pairs on the
   tensor cores, with the fallback the CPU GPU-interpreter needs;
+* ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
 * ``is_hopper`` and ``hopper_accepts``: the common part of every Hopper kernel's ``accepts``.
 
@@ -56,6 +57,25 @@ def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
     def body(accs):
         for acc, (a, b) in zip(accs, operands):
             plgpu.wgmma(acc, a, b)
+    return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+
+
+def summed_products(inits: Sequence[jax.Array],
+                    operands: Sequence[Sequence[tuple[Any, Any]]],
+                    interpret: bool) -> tuple[jax.Array, ...]:
+    """``init + sum_p a_p @ b_p`` for each (init, [(a_p, b_p), ...]): like ``products``, with
+    several products accumulating into one register accumulator (no second accumulator to
+    hold and add)."""
+    if interpret:
+        flat = [pair for pairs in operands for pair in pairs]
+        zeros = [wgmma_zeros(x.shape) for x, pairs in zip(inits, operands) for _ in pairs]
+        fresh = iter(products(zeros, flat, interpret))
+        return tuple(x + sum(next(fresh) for _ in pairs) for x, pairs in zip(inits, operands))
+
+    def body(accs):
+        for acc, pairs in zip(accs, operands):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
     return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
 
 

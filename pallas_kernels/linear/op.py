@@ -104,3 +104,11 @@ from pallas_kernels.linear.mosaic_gpu import (mosaic_gpu_accepts,  # noqa: E402
                                               mosaic_gpu_gated_linear_attention)
 
 REGISTRY.register("mosaic_gpu", mosaic_gpu_gated_linear_attention, mosaic_gpu_accepts, priority=0)
+
+# The Hopper GLA kernel (Mosaic GPU; per-channel gates gk, with or without g, bf16): it accepts
+# only calls with gk, which the scalar-gate kernel above declines.
+from pallas_kernels.linear.mosaic_gpu_gk import (mosaic_gpu_gk_accepts,  # noqa: E402
+                                                 mosaic_gpu_gk_gated_linear_attention)
+
+REGISTRY.register("mosaic_gpu_gk", mosaic_gpu_gk_gated_linear_attention, mosaic_gpu_gk_accepts,
+                  priority=0)

@@ -1,0 +1,187 @@
+"""The per-channel-gate (GLA) linear recurrence on Hopper: forward and backward around the Mosaic
+GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``) and the chunk-parallel XLA part
+(``mosaic_gpu_gk_chunks``, whose docstring has the per-chunk math).
+
+    S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
+
+Forward: XLA computes, for all chunks at once, q~ = scale q e^{b}, k^ = k e^{b_last - b},
+d = e^{b_last} and the intra-chunk scores A (bf16 for the tensor cores); one walk gives
+o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
+
+Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
+numerically safe intra-chunk scores need per-sub-block anchors (four extra exponentials of
+[C, K] tiles and [16, 16, K] elementwise diagonals per chunk), which would sit on the walk's
+sequential critical path, while the prepass is chunk-parallel. Its cost is HBM traffic; per
+token and head (K = V = 128): the prepass reads q, k (512 B) and gk (512 B f32) and writes
+q~, k^ (512 B) and A (128 B); the walk reads q~, k^, v, A (896 B) and writes o (256 B):
+about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16 anchor, ~0.55 ms at 2.7 TB/s against the 1.1 ms
+budget (1.3 x jla's 0.854 ms). Fusing the prepass into the walk would save about half of that;
+it is the next step if the GPU measurement shows the prepass dominating.
+
+Backward (``_backward``, a ``jax.custom_vjp``). With S_n the state entering chunk n and dS_n
+the cotangent of that state (dS_N = the final state's cotangent):
+
+    dS_n  = d_n ⊙_rows dS_{n+1} + q~_n^T dO_n
+    dq~_n = dO_n S_n^T                     walk: x = dO, y = v, z = k^, d on S^T's columns
+    dk^_n = v_n dS_{n+1}^T                 reverse walk: x = v, y = dO, z = q~, d on columns
+    dv_n  = A_n^T dO_n + k^_n dS_{n+1}     reverse walk: x = k^, y = q~, z = dO, A^T, d on rows
+    dA_n  = dO_n v_n^T (masked by the vjp)                 chunk-parallel, XLA
+
+and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
+``jax.vjp`` of the prepass (``decayed_tiles``, float32) at the cotangents (dq~, dk^, dA), with
+the gates held fixed. The gate gradient uses the cumulative-sum identity per channel, with
+G_t = sum_{u <= t} lg_u:
+
+    dL/dG_t = q_t ⊙ dq_t - k_t ⊙ dk_t  (+ rowsum(dS_T ⊙ S_T) at t = T - 1),
+    dlg_s   = sum_{t >= s} dL/dG_t,    dlg_0 = 0 exactly without an initial state,
+
+and dgk = dlg, dg = sum_K dlg through XLA's autodiff of lg = gk + g.
+
+Accuracy of the gate gradient. The identity subtracts nearly equal terms and sums them over the
+whole sequence, so dq and dk (in float32 until the end) must be close to float32-exact. With
+the dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was
+off by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2
+(emulated in float32 outside the kernel); so these two walks get the rounded operand as
+hi + lo bf16 parts (``z_lo``) and read their state as hi + lo (``split_state``): two more
+wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
+hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
+(dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
+q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
+
+Segment resets (packed documents) are log gates of -80 on every channel at segment starts, as
+in the scalar-gate kernel (``mosaic_gpu.RESET_LOG_GATE``).
+
+Scope: gk given (with or without g), bf16 q/k/v, K and V in {64, 128} (the backward walks swap
+their roles), default chunk; ``mosaic_gpu_gk_accepts`` declines every other call (the op then
+falls back). Not done yet: a sequence split into pieces for long T and small B (B · H CTAs
+only; the scalar kernel has one).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from pallas_kernels import chunk_common as cc
+from pallas_kernels import common
+from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE
+from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
+from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
+from pallas_kernels.mosaic_gpu_common import hopper_accepts
+
+F32 = jnp.float32
+
+
+def _pad(T: int, *xs):
+    Tp = common.round_up(T, CHUNK)
+    return [None if x is None else cc.pad_time(x, Tp) for x in xs]
+
+
+def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """x (float32) as hi + lo, both in ``dtype``: about twice its mantissa bits."""
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(x.dtype)).astype(dtype)
+
+
+def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
+    """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32)."""
+    T, dt = q.shape[1], q.dtype
+    q, k, v, lg = _pad(T, q, k, v, lg)
+    b = chunk_log_gates(lg, CHUNK)
+    d = state_decay(b, CHUNK)
+    q_t, k_h, a = decayed_tiles(q, k, b, scale, CHUNK)
+    o, final = gk_walk(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
+                       None if s0 is None else s0.astype(F32), out_dtype=dt, interpret=interpret)
+    return o[:, :T], final
+
+
+def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
+    """dq, dk, dv, dlg, ds0 (module docstring)."""
+    B, T, H, K = q.shape
+    dt = q.dtype
+    qp, kp, vp, lgp, dop = _pad(T, q, k, v, lg, do)
+    b = chunk_log_gates(lgp, CHUNK)
+    d = state_decay(b, CHUNK)
+    (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
+                                      qp.astype(F32), kp.astype(F32))
+    (q_hi, q_lo), (k_hi, k_lo) = _split(q_t, dt), _split(k_h, dt)
+    run = functools.partial(gk_walk, interpret=interpret)
+    swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
+    with_state = not isinstance(dstate, SymbolicZero)
+    carry = dstate.astype(F32) if with_state else None
+    dq_t, final_t = run(dop, vp, k_hi, None, d, swap(s0), z_lo=k_lo, split_state=True, decay_axis=1,
+                  out_dtype=F32)
+    dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
+                  reverse=True, decay_axis=1, out_dtype=F32)
+    dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
+    Tp = qp.shape[1]
+    by_chunk = lambda x: x.reshape(B, Tp // CHUNK, CHUNK, H, -1)
+    da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop.astype(F32)), by_chunk(vp.astype(F32)),
+                    precision=jax.lax.Precision.HIGHEST).reshape(B, H, Tp, CHUNK)
+    dq, dk = (x[:, :T] for x in pullback((dq_t, dk_h, da)))
+    dG = q.astype(F32) * dq - k.astype(F32) * dk
+    if with_state:
+        dG = dG.at[:, -1].add(jnp.sum(dstate * swap(final_t), axis=-1))
+    dlg = jnp.flip(jnp.cumsum(jnp.flip(dG, 1), axis=1), 1)
+    if s0 is None:
+        dlg = dlg.at[:, 0].set(0.0)  # lg_0 only decays the zero initial state
+    ds0 = None if s0 is None else ds0.astype(s0.dtype)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv[:, :T], dlg.astype(lg.dtype), ds0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _recurrence(q, k, v, lg, s0, scale, interpret):
+    return _forward(q, k, v, lg, s0, scale, interpret)
+
+
+def _recurrence_fwd(q, k, v, lg, s0, scale, interpret):
+    q, k, v, lg, s0 = jax.tree.map(lambda p: p.value, (q, k, v, lg, s0))  # symbolic_zeros
+    o, state = _forward(q, k, v, lg, s0, scale, interpret)
+    return (o, state), (q, k, v, lg, s0)
+
+
+def _recurrence_bwd(scale, interpret, residuals, cotangents):
+    """The Mosaic GPU backward (``_backward``); a final-state cotangent that is a symbolic zero
+    costs nothing."""
+    q, k, v, lg, s0 = residuals
+    do, dstate = cotangents
+    do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
+    return _backward(q, k, v, lg, s0, do.astype(q.dtype), dstate, scale, interpret)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
+
+
+def mosaic_gpu_gk_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_state,
+                                         segment_ids, chunk_size: int | None,
+                                         interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The op through the Hopper GLA kernel (registry contract; call only where
+    ``mosaic_gpu_gk_accepts`` returned None). ``interpret``: e.g.
+    ``plgpu.InterpretGPUParams()`` to run on CPU. Returns (o [B, T, H, V] in q's dtype, final
+    state [B, H, K, V] float32). g is folded into gk (lg = gk + g); a segment start's log
+    gates become RESET_LOG_GATE on every channel (their gradient is exactly zero)."""
+    del chunk_size  # declined unless None or CHUNK
+    B, T, H, K = q.shape
+    lg = gk.astype(F32) + (0.0 if g is None else g.astype(F32)[..., None])
+    if segment_ids is not None:
+        starts = cc.segment_starts(segment_ids, B, T)[..., None, None]
+        lg = jnp.where(starts, RESET_LOG_GATE, lg)
+    return _recurrence(q, k, v, lg, initial_state, float(scale), interpret)
+
+
+def mosaic_gpu_gk_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size,
+                          **_: Any) -> str | None:
+    """None when the Hopper GLA kernel runs this call, else the reason it declines."""
+    if (reason := hopper_accepts()) is not None:
+        return reason
+    reasons = [
+        (gk is None, "needs per-channel gates gk (the scalar-gate kernel runs the others)"),
+        (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
+        (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
+        (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),
+        (v.shape[-1] not in HEAD_DIMS, f"value dim must be one of {HEAD_DIMS}"),
+    ]
+    return next((reason for failed, reason in reasons if failed), None)

@@ -1,0 +1,247 @@
+"""The Hopper (Mosaic GPU) walk kernel of the per-channel-gate (GLA) linear recurrence.
+
+The gates, the intra-chunk scores and every exponential arrive precomputed
+(``mosaic_gpu_gk_chunks``); the kernel is the sequential part only. Per batch row and head it
+carries a float32 state S [Dk, Dv] through the chunks of C = 64 steps (in order, or last to
+first with ``reverse``) and, for chunk n with tiles x_n, y_n [C, Dk], z_n [C, Dv], intra scores
+A_n [C, C] and decay d_n (a vector over S's rows or over its columns):
+
+    out_n   = x_n S + A_n z_n            (A_n^T with ``reverse``; no A term without scores)
+    S      <- d_n ⊙ S + y_n^T z_n        (d_n scaling S's rows, ``decay_axis`` 0, or columns, 1)
+
+so out_n reads the state left by the chunks walked before it. Two options buy float32-like
+accuracy from bf16 tensor cores where the gate gradient needs it (the backward's dq and dk
+walks): ``z_lo``, the rounding remainder of a float32 z (z = z_hi + z_lo, both bf16, so the
+state update is y^T z_hi + y^T z_lo), and ``split_state``, the state read as S_hi + S_lo (two
+bf16 copies in shared memory, x S_hi + x S_lo). The forward of GLA is
+x = scale q e^{b}, y = k e^{b_last - b}, z = v, A the scaled masked decayed scores, d = e^{b_last}
+on the rows; the backward runs the same kernel three more times with the roles permuted (see
+``mosaic_gpu_gk``). The "final" state is the one after the last chunk walked.
+
+One CTA walks one (V blocks, head, batch row) with one warpgroup per V block of 64 state
+columns (two for Dv = 128, sharing the x, y, A and d tiles); each warpgroup keeps its state
+block [Dk, 64] float32 in registers and a bf16 copy in shared memory for x S. Per chunk the
+products (x S and A z into one accumulator, y^T z into the state; with the options above, up to
+two more) run on the tensor cores (``wgmma``: bf16 operands in shared memory, float32
+accumulators), issued back to back; the decay is a register-level broadcast multiply.
+Tiles arrive by TMA, double-buffered (warpgroup 0 issues the copies; a slot is refilled once
+every warpgroup has signalled it is done reading it), so chunk n+1 loads while chunk n computes;
+out leaves by TMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, summed_products, tiled_smem, wgmma_zeros
+
+CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
+V_BLOCK = 64        # state columns per warpgroup
+STAGES = 2          # TMA buffering depth of the chunk tiles
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class GkWalk:
+    """Static configuration of one kernel launch."""
+    chunks: int
+    reverse: bool
+    has_scores: bool
+    has_z_lo: bool       # z arrives as z_hi + z_lo
+    split_state: bool    # the state is read as S_hi + S_lo
+    decay_axis: int      # 0: d scales the state's rows, 1: its columns
+    has_s0: bool
+    groups: int          # warpgroups per CTA, each with its own V block of 64 columns
+    interpret: bool
+
+
+def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, out_ref, sf_ref,
+            loaded, consumed, s0_loaded):
+    """One CTA: V blocks ``vb``, head ``h``, batch row ``bi``; warpgroup ``w`` owns the state
+    columns of block ``vb * groups + w``."""
+    vb, h, bi = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
+    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
+    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
+    Dk, Vb = y_ref.shape[-1], V_BLOCK
+    cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
+    # float32 state blocks: (8, 32) tiles, 128-byte swizzle (conflict-free wgmma-layout loads)
+    f32_block = plgpu.SMEM((cfg.groups, Dk, Vb), jnp.float32,
+                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+
+    def initial_state(buf):
+        plgpu.copy_gmem_to_smem(s0_ref.at[bi, h, :, cols], buf.at[w], s0_loaded.at[w])
+        plgpu.barrier_wait(s0_loaded.at[w])
+        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
+
+    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
+    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
+             else wgmma_zeros((Dk, Vb)))
+    loop = functools.partial(_walk, cfg, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref,
+                             loaded, consumed, bi, h, vb, w, state)
+    state = pl.run_scoped(loop, **_walk_scratch(cfg, y_ref.dtype, Dk, d_ref.shape[-1],
+                                                out_ref.dtype), **shared)
+
+    def final_state(buf):
+        buf[w] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[bi, h, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(final_state, f32_block, **shared)
+
+
+def _walk_scratch(cfg: GkWalk, dtype, Dk: int, Dd: int, out_dtype) -> dict:
+    """Shared memory of the chunk loop (one scoped allocation); z and S as tuples of bf16
+    parts (hi, and lo with ``z_lo`` / ``split_state``)."""
+    G, S, C, Vb = cfg.groups, STAGES, CHUNK, V_BLOCK
+    decay_len = Dd if cfg.decay_axis == 0 else G * Vb
+    out_tile = (tiled_smem((G, C, Vb), out_dtype) if out_dtype == dtype
+                else plgpu.SMEM((G, C, Vb), out_dtype))
+    scratch = dict(
+        x_smem=tiled_smem((S, C, Dk), dtype),
+        y_smem=tiled_smem((S, C, Dk), dtype),
+        z_smem=tuple(tiled_smem((G, S, C, Vb), dtype)                 # a block per warpgroup
+                     for _ in range(2 if cfg.has_z_lo else 1)),
+        d_smem=plgpu.SMEM((S, decay_len), jnp.float32),               # this CTA's part of d
+        s_smem=tuple(tiled_smem((G, Dk, Vb), dtype)                   # S in bf16 (for x S)
+                     for _ in range(2 if cfg.split_state else 1)),
+        out_smem=out_tile)
+    if cfg.has_scores:
+        scratch["a_smem"] = tiled_smem((S, C, C), dtype)
+    return scratch
+
+
+def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loaded, consumed,
+          bi, h, vb, w, state, *, x_smem, y_smem, z_smem, d_smem, s_smem, out_smem,
+          a_smem=None):
+    """The chunk loop of one warpgroup; returns its final state block."""
+    Dk, C, Vb, N = y_smem.shape[-1], CHUNK, V_BLOCK, cfg.chunks
+    cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
+    wgmma_layout = plgpu.Layout.WGMMA
+    chunk_at = (lambda n: N - 1 - n) if cfg.reverse else (lambda n: n)
+    transposed = lambda ref: ref.transpose((1, 0))
+
+    def issue_loads(n, slot):
+        c = chunk_at(n)
+        rows, bar = pl.ds(c * C, C), loaded.at[slot]
+        plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h], x_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(y_ref.at[bi, rows, h], y_smem.at[slot], bar)
+        for ref, part in zip((z_ref, z_lo_ref), z_smem):
+            for g in range(cfg.groups):
+                z_cols = pl.ds((vb * cfg.groups + g) * Vb, Vb)
+                plgpu.copy_gmem_to_smem(ref.at[bi, rows, h, z_cols], part.at[g, slot], bar)
+        if cfg.has_scores:
+            plgpu.copy_gmem_to_smem(a_ref.at[bi, h, rows], a_smem.at[slot], bar)
+        d_part = (d_ref.at[bi, h, c] if cfg.decay_axis == 0
+                  else d_ref.at[bi, h, c, pl.ds(vb * cfg.groups * Vb, cfg.groups * Vb)])
+        plgpu.copy_gmem_to_smem(d_part, d_smem.at[slot], bar)
+
+    def producer(fn):
+        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
+        if cfg.groups == 1:
+            fn()
+        else:
+            pl.when(w == 0)(fn)
+
+    def store_state(state):
+        hi = state.astype(s_smem[0].dtype)
+        s_smem[0][w] = hi
+        if cfg.split_state:
+            s_smem[1][w] = (state - hi.astype(state.dtype)).astype(hi.dtype)
+
+    for n in range(min(STAGES, N)):
+        producer(functools.partial(issue_loads, n, n))
+    store_state(state)
+    plgpu.commit_smem()
+
+    def decay_of(slot):
+        """d of this chunk broadcast to the state block's shape [Dk, Vb]."""
+        if cfg.decay_axis == 0:
+            d = plgpu.layout_cast(d_smem[slot], wgmma_layout.reduce(1))
+            return jax.lax.broadcast_in_dim(d, (Dk, Vb), [0])
+        d = plgpu.layout_cast(d_smem[slot, pl.ds(w * Vb, Vb)], wgmma_layout.reduce(0))
+        return jax.lax.broadcast_in_dim(d, (Dk, Vb), [1])
+
+    def chunk_step(n, state):
+        slot = jax.lax.rem(n, STAGES)
+        plgpu.barrier_wait(loaded.at[slot])
+        x_tile, y_tile = x_smem.at[slot], y_smem.at[slot]
+        z_tiles = [part.at[w, slot] for part in z_smem]
+        reads = [(x_tile, part.at[w]) for part in s_smem]
+        if cfg.has_scores:
+            a_tile = transposed(a_smem.at[slot]) if cfg.reverse else a_smem.at[slot]
+            reads.append((a_tile, z_tiles[0]))
+        writes = [(transposed(y_tile), z) for z in z_tiles]
+        out, state = summed_products((wgmma_zeros((C, Vb)), state * decay_of(slot)),
+                                     (reads, writes), cfg.interpret)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous out has left out_smem
+        out_smem[w] = out.astype(out_smem.dtype)
+        store_state(state)
+        plgpu.commit_smem()  # (also orders this step's generic reads of d before the refill)
+        if cfg.groups > 1:
+            plgpu.barrier_arrive(consumed.at[slot])
+
+        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
+        def _():
+            def refill():
+                if cfg.groups > 1:
+                    plgpu.barrier_wait(consumed.at[slot])
+                issue_loads(n + STAGES, slot)
+            producer(refill)
+
+        plgpu.copy_smem_to_gmem(out_smem.at[w],
+                                out_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, cols])
+        return state
+
+    state = jax.lax.fori_loop(0, N, chunk_step, state)
+    plgpu.wait_smem_to_gmem(0)
+    return state
+
+
+def gk_walk(x: jax.Array, y: jax.Array, z: jax.Array, a: jax.Array | None, d: jax.Array,
+            s0: jax.Array | None, *, z_lo: jax.Array | None = None, split_state: bool = False,
+            reverse: bool = False, decay_axis: int = 0, out_dtype: Any = None,
+            groups: int | None = None, interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The kernel call (module docstring). x, y [B, Tp, H, Dk], z [B, Tp, H, Dv] bf16 with Tp
+    a multiple of CHUNK; a [B, H, Tp, C] bf16 intra scores (row i of a chunk's [C, C] block
+    at time i) or None; d [B, H, Tp / C, Dk or Dv] float32 decays (``decay_axis`` 0 or 1);
+    s0 [B, H, Dk, Dv] float32 entering state or None (zeros); z_lo like z or None and
+    ``split_state`` (module docstring). ``groups``: warpgroups (V blocks
+    of 64) per CTA, default all of Dv's up to 2.
+    Returns (out [B, Tp, H, Dv] in ``out_dtype`` (default z's), final state [B, H, Dk, Dv]
+    float32)."""
+    B, Tp, H, Dk = y.shape
+    Dv = z.shape[-1]
+    groups = min(2, Dv // V_BLOCK) if groups is None else groups
+    if Tp % CHUNK or Dv % (V_BLOCK * groups) or Dk not in HEAD_DIMS:
+        raise ValueError(f"gk_walk: T={Tp} must be a multiple of {CHUNK}, Dv={Dv} of "
+                         f"{V_BLOCK}*groups={V_BLOCK * groups}, Dk={Dk} in {HEAD_DIMS}")
+    if d.shape != (B, H, Tp // CHUNK, (Dk, Dv)[decay_axis]):
+        raise ValueError(f"gk_walk: decay shape {d.shape} does not fit axis {decay_axis}")
+    cfg = GkWalk(Tp // CHUNK, reverse, a is not None, z_lo is not None, split_state, decay_axis,
+                 s0 is not None, groups, interpret is not None)
+    placeholder = lambda shape, dtype: jnp.zeros(shape, dtype)  # never read
+    a = a if cfg.has_scores else placeholder((1, 1, CHUNK, CHUNK), z.dtype)
+    s0 = s0 if cfg.has_s0 else placeholder((1, 1, Dk, V_BLOCK), jnp.float32)
+    z_lo = z_lo if cfg.has_z_lo else placeholder((1, CHUNK, 1, V_BLOCK), z.dtype)
+    out_dtype = jnp.dtype(z.dtype if out_dtype is None else out_dtype)
+    copies = 2 + cfg.groups * (2 if cfg.has_z_lo else 1) + (1 if cfg.has_scores else 0) + 1
+    out, final = plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype),
+                  jax.ShapeDtypeStruct((B, H, Dk, Dv), jnp.float32)),
+        scratch_types=[
+            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
+            plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
+            plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
+        ],
+        grid=(Dv // (V_BLOCK * groups), H, B),
+        grid_names=("vblocks", "heads", "rows"),
+        **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(x, y, z, z_lo, a, d, s0)
+    return out, final

@@ -1,0 +1,191 @@
+"""The Hopper (Mosaic GPU) kernel of the per-channel-gate (GLA) linear recurrence, checked on CPU:
+
+* the walk kernel and the whole op (forward and backward) lower through Mosaic GPU for the cuda
+  platform (layout inference, shared-memory budget) on every supported jax, no GPU needed;
+* in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before, race
+  detection on), o and the final state against the float64 step-by-step oracle: T not a
+  multiple of the chunk, K != V both ways, g and gk together, an initial state, segments,
+  strong gates (down to -20 per step and channel), T = 1;
+* the backward (three more walks, see ``mosaic_gpu_gk._backward``): dq, dk, dv, dgk, dg and the
+  initial state's gradient against autodiff of the oracle, with output and final-state
+  cotangents; the gate gradients to a tighter bound than the bf16 one (the hi + lo walks);
+* its ``accepts`` takes only calls with gk and declines everything else it does not support,
+  and everything off Hopper.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from kernel_utils import TOL_BF16, assert_close, log_gate, normal
+from pallas_kernels import mosaic_gpu_common
+from pallas_kernels.linear import mosaic_gpu_gk as mg
+from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
+from pallas_kernels.linear.reference import gated_linear_reference
+
+plgpu = mosaic_gpu_common.plgpu
+needs_interpreter = pytest.mark.skipif(
+    plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
+    reason="GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12")
+GATE_GRAD_TOL = 2e-3  # dg, dgk: float32-accurate walks (measured ~1e-5 here)
+NAMES = ("q", "k", "v", "g", "gk", "s0")
+
+
+def _inputs(seed, B, T, H, K, V, with_g, with_s0, gk_low=-1.0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q, k = (normal(x, (B, T, H, K), jnp.bfloat16) for x in ks[:2])
+    v = normal(ks[2], (B, T, H, V), jnp.bfloat16)
+    gk = log_gate(ks[3], (B, T, H, K), gk_low, -0.01)
+    g = log_gate(ks[4], (B, T, H), -0.5, -0.01) if with_g else None
+    s0 = normal(ks[5], (B, H, K, V)) if with_s0 else None
+    return q, k, v, g, gk, s0
+
+
+def _segments(B, T, seed):
+    """Random packed-document ids [B, T] (a few documents per row, lengths across chunks)."""
+    starts = jax.random.bernoulli(jax.random.PRNGKey(seed), 0.03, (B, T)).at[:, 0].set(False)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def _f64(x):
+    return None if x is None else jnp.asarray(np.asarray(x, np.float64))
+
+
+def _op(interpret=None, scale=0.125, segment_ids=None):
+    return lambda q, k, v, g, gk, s0: mg.mosaic_gpu_gk_gated_linear_attention(
+        q, k, v, g=g, gk=gk, scale=scale, initial_state=s0, segment_ids=segment_ids,
+        chunk_size=None, interpret=interpret)
+
+
+def _reference(scale=0.125, segment_ids=None):
+    return lambda q, k, v, g, gk, s0: gated_linear_reference(
+        q, k, v, g=g, gk=gk, scale=scale, initial_state=s0, segment_ids=segment_ids)
+
+
+def _loss(run, do, dstate):
+    """sum(o * do) + sum(final state * dstate): exercises both cotangents."""
+    def loss(*args):
+        o, s = run(*args)
+        return jnp.sum(o.astype(do.dtype) * do) + jnp.sum(s.astype(do.dtype) * dstate)
+    return loss
+
+
+@pytest.mark.parametrize("Dk,Dv,scores,split,decay_axis,reverse,out_dtype", [
+    (128, 128, True, False, 0, False, jnp.bfloat16),   # the forward, two warpgroups
+    (128, 64, True, False, 0, True, jnp.bfloat16),     # the dv walk: reverse, A^T, one warpgroup
+    (128, 128, False, True, 1, False, jnp.float32),    # dq / dk walks: hi + lo, the largest SMEM
+    (64, 128, False, True, 1, True, jnp.float32),
+])
+def test_walk_lowers_for_cuda(Dk, Dv, scores, split, decay_axis, reverse, out_dtype):
+    B, T, H = 2, 256, 3
+    sd = jax.ShapeDtypeStruct
+    bf16 = lambda d: sd((B, T, H, d), jnp.bfloat16)
+    args = (bf16(Dk), bf16(Dk), bf16(Dv), sd((B, H, T, mk.CHUNK), jnp.bfloat16) if scores else None,
+            sd((B, H, T // mk.CHUNK, (Dk, Dv)[decay_axis]), jnp.float32),
+            sd((B, H, Dk, Dv), jnp.float32), bf16(Dv) if split else None)
+    run = jax.jit(lambda x, y, z, a, d, s0, z_lo: mk.gk_walk(
+        x, y, z, a, d, s0, z_lo=z_lo, split_state=split, decay_axis=decay_axis,
+        reverse=reverse, out_dtype=out_dtype))
+    assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("K,V,with_g,with_s0,segments", [
+    (128, 128, False, True, False),
+    (64, 128, True, False, True),
+])
+def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
+    B, T, H = 1, 200, 2
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
+            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32) if with_g else None,
+            sd((B, T, H, K), jnp.float32), sd((B, H, K, V), jnp.float32) if with_s0 else None)
+    seg = _segments(B, T, 0) if segments else None
+    do, dstate = jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V))
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 4  # the forward and the three backward walks
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low", [
+    (2, 150, 2, 128, 128, False, False, False, -1.0),  # two warpgroups, padded last chunk
+    (1, 100, 1, 64, 128, True, True, False, -1.0),     # g and gk, initial state, K != V
+    (1, 130, 1, 128, 64, False, True, True, -20.0),    # strong gates, segments, one warpgroup
+    (1, 1, 1, 64, 64, True, False, False, -1.0),       # T = 1
+])
+def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low):
+    q, k, v, g, gk, s0 = _inputs(T, B, T, H, K, V, with_g, with_s0, gk_low)
+    seg = _segments(B, T, T) if segments else None
+    scale = K ** -0.5
+    run = _op(plgpu.InterpretGPUParams(detect_races=True), scale, seg)
+    o, s = run(q, k, v, g, gk, s0)
+    with jax.enable_x64(True):
+        ro, rs = (np.asarray(x) for x in _reference(scale, seg)(*map(_f64, (q, k, v, g, gk, s0))))
+    assert o.dtype == jnp.bfloat16 and o.shape == ro.shape and s.dtype == jnp.float32
+    assert_close(o, ro, TOL_BF16, "o")
+    assert_close(s, rs, TOL_BF16, "final state")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low", [
+    (1, 150, 2, 64, 128, True, True, False, -1.0),     # g and gk, initial state, two warpgroups
+    (1, 130, 1, 128, 64, False, False, True, -3.0),    # segments (reset gates: their dgk is 0)
+    (1, 1, 1, 64, 64, False, False, False, -1.0),      # T = 1 (dgk is exactly 0)
+])
+def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low):
+    """dq, dk, dv, dg, dgk, d initial state of the Mosaic GPU backward (output and final-state
+    cotangents) against autodiff of the float64 step-by-step oracle."""
+    inputs = _inputs(T + 11, B, T, H, K, V, with_g, with_s0, gk_low)
+    kd, ks = jax.random.split(jax.random.PRNGKey(T), 2)
+    do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    seg = _segments(B, T, T + 5) if segments else None
+    argnums = tuple(i for i, x in enumerate(inputs) if x is not None)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams(), segment_ids=seg), do, dstate),
+                   argnums)(*inputs)
+    with jax.enable_x64(True):
+        want = jax.grad(_loss(_reference(segment_ids=seg), _f64(do), _f64(dstate)), argnums)(
+            *map(_f64, inputs))
+        want = [np.asarray(w) for w in want]
+    for i, a, b in zip(argnums, got, want):
+        name = NAMES[i]
+        assert a.dtype == inputs[i].dtype, name
+        if T == 1 and name == "gk":
+            assert not np.any(np.asarray(a)), "dgk of the first step decays only zeros"
+            continue
+        assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
+
+
+def test_accepts_declines_unsupported_calls():
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    gk = jnp.zeros((1, 64, 1, 128))
+    kw = dict(g=None, gk=gk, initial_state=None, segment_ids=None, chunk_size=None)
+    reason = mg.mosaic_gpu_gk_accepts(q, q, q, **kw)
+    assert reason is not None and "Hopper" in reason  # this machine has no Hopper GPU
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
+        assert mg.mosaic_gpu_gk_accepts(q, q, q, **kw) is None
+        assert mg.mosaic_gpu_gk_accepts(q, q, q, **{**kw, "g": jnp.zeros((1, 64, 1))}) is None
+        assert mg.mosaic_gpu_gk_accepts(
+            q, q, q, **{**kw, "segment_ids": jnp.zeros((1, 64), jnp.int32)}) is None
+        assert mg.mosaic_gpu_gk_accepts(
+            q, q, q, **{**kw, "initial_state": jnp.zeros((1, 1, 128, 128))}) is None
+        assert "gk" in mg.mosaic_gpu_gk_accepts(q, q, q, **{**kw, "gk": None})
+        assert "chunk_size" in mg.mosaic_gpu_gk_accepts(q, q, q, **{**kw, "chunk_size": 32})
+        assert "bfloat16" in mg.mosaic_gpu_gk_accepts(q.astype(jnp.float32), q, q, **kw)
+        assert "key dim" in mg.mosaic_gpu_gk_accepts(q[..., :32], q[..., :32], q,
+                                                     **{**kw, "gk": gk[..., :32]})
+        assert "value dim" in mg.mosaic_gpu_gk_accepts(q, q, q[..., :96], **kw)
+
+
+def test_registered_for_gk_calls_only(monkeypatch):
+    """On Hopper, auto dispatch runs this kernel for gk calls and the scalar kernel otherwise."""
+    from pallas_kernels.linear import REGISTRY
+    monkeypatch.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
+    q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
+    kw = dict(scale=0.1, initial_state=None, segment_ids=None, chunk_size=None)
+    assert REGISTRY.choose(None, q, q, q, g=None, gk=jnp.zeros((1, 64, 1, 128)), **kw).name \
+        == "mosaic_gpu_gk"
+    assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name == "mosaic_gpu"
