@@ -29,21 +29,22 @@ needs_interpreter = pytest.mark.skipif(
     reason="GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12")
 
 
-def _block_sparse(seed: int, Hq: int, T: int) -> BlockSparse:
-    """Random 128-blocks per head (duplicates and -1 slots included), query block 1 empty."""
+def _block_sparse(seed: int, lead: tuple[int, ...], T: int) -> BlockSparse:
+    """Random 128-blocks per ``lead`` = (head,) or (batch, head) (duplicates and -1 slots
+    included), query block 1 empty."""
     n = -(-T // 128)
-    kv = np.random.default_rng(seed).integers(-1, n, size=(Hq, n, 2))
-    kv[:, 1] = -1
+    kv = np.random.default_rng(seed).integers(-1, n, size=lead + (n, 2))
+    kv[..., 1, :] = -1
     return BlockSparse(kv, 128, 128)
 
 
-MASKS = {
-    "causal": lambda Hq, T: Causal(),
-    "local": lambda Hq, T: Local(70, 20),
-    "chunked_or_local": lambda Hq, T: ChunkedCausal(100) | Local(5, 5),
-    "full": lambda Hq, T: Full(),
-    "block_sparse": lambda Hq, T: _block_sparse(T, Hq, T),
-    "block_sparse_and_causal": lambda Hq, T: _block_sparse(T + 1, Hq, T) & Causal(),
+MASKS = {  # name -> mask(B, Hq, T)
+    "causal": lambda B, Hq, T: Causal(),
+    "local": lambda B, Hq, T: Local(70, 20),
+    "chunked_or_local": lambda B, Hq, T: ChunkedCausal(100) | Local(5, 5),
+    "full": lambda B, Hq, T: Full(),
+    "block_sparse": lambda B, Hq, T: _block_sparse(T, (Hq,), T),
+    "block_sparse_and_causal": lambda B, Hq, T: _block_sparse(T + 1, (B, Hq), T) & Causal(),
 }
 
 
@@ -61,7 +62,7 @@ def _run(mask, seg, interpret=None, scale=None):
 def test_forward_and_backward_lower_for_cuda(name, D, Dv, Hq, Hkv, with_segments):
     B, T = 2, 300
     sd = jax.ShapeDtypeStruct
-    mask = MASKS[name](Hq, T)
+    mask = MASKS[name](B, Hq, T)
     args = (sd((B, T, Hq, D), jnp.bfloat16), sd((B, T, Hkv, D), jnp.bfloat16),
             sd((B, T, Hkv, Dv), jnp.bfloat16), sd((B, T), jnp.int32))
 
@@ -75,17 +76,17 @@ def test_forward_and_backward_lower_for_cuda(name, D, Dv, Hq, Hkv, with_segments
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name,T,Hq,Hkv,D,Dv,with_segments", [
-    ("causal", 200, 2, 1, 64, 64, False),             # GQA, padded last block
-    ("local", 300, 1, 1, 128, 64, True),              # Dv != D, segments
-    ("chunked_or_local", 130, 2, 2, 64, 128, False),  # formula of an Or, T = 128 + 2
-    ("full", 100, 1, 1, 64, 64, True),                # one block, padded keys, segments
-    ("block_sparse", 300, 2, 1, 64, 64, False),       # per-head map, empty query block, GQA
-    ("block_sparse_and_causal", 256, 4, 2, 64, 64, False),
+@pytest.mark.parametrize("name,B,T,Hq,Hkv,D,Dv,with_segments", [
+    ("causal", 1, 200, 2, 1, 64, 64, False),             # GQA, padded last block
+    ("causal", 1, 1, 1, 1, 64, 64, False),               # T = 1
+    ("local", 2, 300, 1, 1, 128, 64, True),              # Dv != D, segments
+    ("chunked_or_local", 1, 130, 2, 2, 64, 128, False),  # formula of an Or, T = 128 + 2
+    ("full", 2, 100, 1, 1, 64, 64, True),                # one block, padded keys, segments
+    ("block_sparse", 1, 300, 2, 1, 64, 64, False),       # per-head map, empty block, GQA
+    ("block_sparse_and_causal", 2, 256, 2, 1, 64, 64, False),  # per (batch, head) map
 ])
-def test_interpret_matches_oracle(name, T, Hq, Hkv, D, Dv, with_segments):
-    B = 2 if with_segments else 1
-    mask = MASKS[name](Hq, T)
+def test_interpret_matches_oracle(name, B, T, Hq, Hkv, D, Dv, with_segments):
+    mask = MASKS[name](B, Hq, T)
     q, k, v, do = qkv(T + D, B, T, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)
     seg = segments(T, B, T) if with_segments else None
     out, vjp = jax.vjp(_run(mask, seg, plgpu.InterpretGPUParams()), q, k, v)
@@ -122,7 +123,7 @@ def test_accepts_declines_unsupported_calls(monkeypatch):
     accepts = lambda *a, **over: mo.mosaic_gpu_accepts(*(a or (q, q, q)), **{**kw, **over})
     assert accepts() is None
     assert accepts(segment_ids=jnp.zeros((1, 256), jnp.int32)) is None
-    assert accepts(mask=_block_sparse(0, 2, 256) & Local(100, 0)) is None
+    assert accepts(mask=_block_sparse(0, (2,), 256) & Local(100, 0)) is None
     assert accepts(mask=make_block_map(Causal(), 256, (128, 128))) is None
     assert accepts(block_sizes=(128, 128)) is None
     assert "soft cap" in accepts(logits_soft_cap=30.0)
