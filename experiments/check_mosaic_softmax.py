@@ -15,7 +15,8 @@ forward+backward of impl="mosaic_gpu" next to cuDNN (``jax.nn.dot_product_attent
 causal at the DESIGN.md anchor (B=8, T=4096, H=16, D=128; targets fwd+bwd <= 1.25 x cuDNN),
 sliding windows 1k / 4k and full at T = 16k, B = 2, and block-sparse at 10% density at
 T = 16k, B = 2 with the ratio to density x the full mask's time (target <= 1.3 plus a fixed
-overhead). The anchor's output is also checked against cuDNN and the float32 reference on its
+overhead). At the anchor the forward is also timed without the consumers' turn taking
+(``mosaic_gpu_fwd.PINGPONG``). The anchor's output is also checked against cuDNN and the float32 reference on its
 first batch row. Each case runs on its own: a failure is printed and the next case goes on.
 Prints a table; writes ``check_mosaic_softmax.json`` into ``--out``.
 
@@ -35,6 +36,7 @@ import numpy as np
 from experiments import bench_common as bc
 from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Full, Local,
                                    attention_reference, flash_attention, ops)
+from pallas_kernels.sparse import mosaic_gpu_fwd
 from pallas_kernels.sparse.mosaic_gpu_op import mosaic_gpu_accepts
 
 DENSITY = 0.10
@@ -146,6 +148,12 @@ def time_case(B, T, H, D, name) -> dict:
             attention_reference(f32(q), f32(k), f32(v), mask=mask)))
     row["mosaic_fwd_ms"] = bc.time_jax(jax.jit(kernel), args)
     row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel)), args_bwd)
+    if name == "causal":  # the forward without the consumers' turn taking, for comparison
+        mosaic_gpu_fwd.PINGPONG = False
+        try:
+            row["mosaic_fwd_ms_no_pingpong"] = bc.time_jax(jax.jit(lambda *a: kernel(*a)), args)
+        finally:
+            mosaic_gpu_fwd.PINGPONG = True
     if name in CUDNN_FLAGS:
         cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
                                                              **CUDNN_FLAGS[name])
@@ -207,7 +215,7 @@ def main() -> None:
     _print(checks, ["B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments", "status", "err_o",
                     "err_dq", "err_dk", "err_dv", "nan_o", "auto_impl"])
     _print(timings, ["B", "T", "Hq", "D", "mask", "status", "err_o", "err_vs_cudnn",
-                     "mosaic_fwd_ms", "cudnn_fwd_ms", "mosaic_fwdbwd_ms", "cudnn_fwdbwd_ms",
+                     "mosaic_fwd_ms", "mosaic_fwd_ms_no_pingpong", "cudnn_fwd_ms", "mosaic_fwdbwd_ms", "cudnn_fwdbwd_ms",
                      "ratio_fwdbwd", "density", "sparse_ratio_fwd", "sparse_ratio_fwdbwd"])
 
 

@@ -5,7 +5,8 @@
 * in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before) o and the
   gradients of q, k, v match the float64 oracle: causal, local, chunked | local, full, a
   random per-head BlockSparse with an empty query block, segments, GQA, Dv != D, T not a
-  multiple of the 128 blocks; one case with race detection;
+  multiple of the 128 blocks, T = 1, per-(batch, head) maps; race detection with and without
+  the forward's turn taking;
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
   the op registers it after cuDNN.
 """
@@ -21,6 +22,7 @@ from test_sparse_utils import allowed_matrix, oracle, qkv, segments
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Dense, Full, Local,
                                    implementations, make_block_map)
+from pallas_kernels.sparse import mosaic_gpu_fwd
 from pallas_kernels.sparse import mosaic_gpu_op as mo
 
 plgpu = mosaic_gpu_common.plgpu
@@ -101,8 +103,11 @@ def test_interpret_matches_oracle(name, B, T, Hq, Hkv, D, Dv, with_segments):
 
 
 @needs_interpreter
-def test_interpret_has_no_races():
-    """Forward and backward with race detection on (two visits per block row: ring reuse)."""
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_interpret_has_no_races(pingpong, monkeypatch):
+    """Forward and backward with race detection on (two visits per block row: ring reuse),
+    with and without the forward consumers' turn taking."""
+    monkeypatch.setattr(mosaic_gpu_fwd, "PINGPONG", pingpong)
     T, mask = 384, Causal()
     q, k, v, do = qkv(7, 1, T, 2, 1, 64, 64, dtype=jnp.bfloat16)
     run = _run(mask, None, plgpu.InterpretGPUParams(detect_races=True))

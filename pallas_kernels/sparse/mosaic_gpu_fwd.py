@@ -21,6 +21,11 @@ keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appear
 o = 0, lse2 = +inf. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
 [B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
 (reversed), which evens out causal work across the last wave of CTAs.
+
+Turn taking (``PINGPONG``, the FA3 schedule): a two-arrival barrier that each consumer passes
+right after issuing its q k^T wgmma and again after its softmax, warpgroup 1 one pass ahead of
+warpgroup 0 (the two walk the same number of visits, so the passes pair up); so one consumer's
+softmax runs while the other's products occupy the tensor cores.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ BLOCK_K = 128       # keys per visited block
 STAGES = 2          # depth of the k/v TMA ring
 CONSUMERS = 2
 CONSUMER_REGISTERS = 232
+PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
 PRODUCER_REGISTERS = 40
 
 
@@ -64,7 +70,8 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
                 plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),      # k loaded
                 plgpu.Barrier(num_barriers=STAGES),                           # v loaded
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
-                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)]   # v consumed
+                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # v consumed
+                plgpu.Barrier(num_arrivals=CONSUMERS)]                        # turn taking
     body = functools.partial(_body, cfg, q_ref, k_ref, v_ref, rows_ref, seg_ref,
                              o_ref, lse_ref, b, h, q_block, row)
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -74,7 +81,7 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
           b, h, q_block, row, scratch, barriers):
     q_smem, o_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kseg_smem = scratch
     o_smem = q_smem if o_smem is None else o_smem
-    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed = barriers
+    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turns = barriers
     wg = jax.lax.axis_index("wg")
 
     @pl.when(wg < CONSUMERS)
@@ -94,12 +101,20 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
         acc = wgmma_zeros((WG_ROWS, Dv))
 
+        def take_turn():
+            plgpu.barrier_arrive(turns)
+            plgpu.barrier_wait(turns)
+
+        if PINGPONG:
+            pl.when(wg == 1)(take_turn)
+
         def visit(step, _, code, carry):
             acc, m, l = carry
             k_block, kind = unpack(code)
             slot = jax.lax.rem(step, STAGES)
             plgpu.barrier_wait(k_loaded.at[slot])
-            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]))
+            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]),
+                          after_issue=take_turn if PINGPONG else None)
             k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
                      if cfg.use_segments else None)
             plgpu.barrier_arrive(k_consumed.at[slot])
@@ -110,13 +125,19 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             alpha = jnp.exp2(m - base)
             l = l * alpha + jnp.sum(p, axis=1)
             acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if PINGPONG:
+                plgpu.barrier_arrive(turns)
             plgpu.barrier_wait(v_loaded.at[slot])
+            if PINGPONG:
+                plgpu.barrier_wait(turns)
             acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
                           None if p_smem is None else p_smem.at[wg], cfg.interpreted)
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
         acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit, (acc, m, l))
+        if PINGPONG:
+            pl.when(wg == 0)(take_turn)
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])

@@ -122,11 +122,24 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
     return jax.lax.switch(kind, [apply(*flags[kind]) for kind in range(len(flags))], s)
 
 
-def scores(cfg: Walk, *pairs: tuple[Any, Any]) -> tuple[jax.Array, ...]:
+def scores(cfg: Walk, *pairs: tuple[Any, Any],
+           after_issue: Callable[[], None] | None = None) -> tuple[jax.Array, ...]:
     """``a b^T`` [rows of a, rows of b] float32 for each (a, b) pair of SMEM tiles, the wgmmas
-    issued back to back."""
+    issued back to back; ``after_issue()`` runs once they are issued, before their results are
+    awaited (compiled; after them under the interpreter)."""
     zeros = tuple(wgmma_zeros((a.shape[0], b.shape[0])) for a, b in pairs)
-    return products(zeros, tuple((a, b.transpose((1, 0))) for a, b in pairs), cfg.interpreted)
+    operands = tuple((a, b.transpose((1, 0))) for a, b in pairs)
+    if after_issue is None or cfg.interpreted:
+        out = products(zeros, operands, cfg.interpreted)
+        if after_issue is not None:
+            after_issue()
+        return out
+
+    def body(accs):
+        for acc, (a, b) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+        after_issue()
+    return pl.run_state(body)(tuple(plgpu.ACC.init(z) for z in zeros))
 
 
 def product(acc: jax.Array, a: jax.Array, b_ref: Any, stage: Any, interpret: bool) -> jax.Array:
