@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
-from pallas_kernels.sparse.mosaic_gpu_util import (Walk, mask_logits, product, refill_wait, scores,
-                                                   unpack, walk_visits)
+from pallas_kernels.sparse.mosaic_gpu_util import (LOG2E, Walk, mask_logits, product, refill_wait,
+                                                   scores, unpack, walk_visits)
 
 BLOCK_Q = 128       # query rows per CTA (two consumer warpgroups of WG_ROWS)
 WG_ROWS = 64        # rows of one consumer warpgroup (the wgmma M)
@@ -141,7 +141,7 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
-        lse_smem[wg] = jnp.where(seen, m + jnp.log(l_safe) * (1.0 / jnp.log(2.0)), jnp.inf)
+        lse_smem[wg] = jnp.where(seen, m + jnp.log(l_safe) * LOG2E, jnp.inf)
         o_smem[wg] = o.astype(o_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows, h])
