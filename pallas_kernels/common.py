@@ -113,6 +113,7 @@ class Implementation:
     run: Callable
     accepts: Callable[..., str | None]
     priority: int
+    auto: bool = True  # False: runs only when asked for by name (e.g. a kernel not yet GPU-checked)
 
 
 class Registry:
@@ -128,9 +129,10 @@ class Registry:
         self._impls: dict[str, Implementation] = {}
 
     def register(self, name: str, run: Callable, accepts: Callable[..., str | None], *,
-                 priority: int) -> None:
-        """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-        self._impls[name] = Implementation(name, run, accepts, priority)
+                 priority: int, auto: bool = True) -> None:
+        """Register (or replace) an implementation; lower ``priority`` is tried first by auto;
+        ``auto=False``: only ``impl=name`` runs it (auto passes over it, saying so)."""
+        self._impls[name] = Implementation(name, run, accepts, priority, auto)
 
     def names(self) -> list[str]:
         return [i.name for i in sorted(self._impls.values(), key=lambda i: i.priority)]
@@ -149,6 +151,9 @@ class Registry:
             return chosen
         reasons = []
         for name in self.names():
+            if not self._impls[name].auto:
+                reasons.append(f"{name}: runs only when asked for (impl={name!r})")
+                continue
             reason = self._impls[name].accepts(*args, **kwargs)
             if reason is None:
                 return self._impls[name]

@@ -28,6 +28,12 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 
 SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 
+# The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
+# experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
+# only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
+# (Empty: the session that wrote or restructured them had no GPU.)
+GPU_CHECKED: frozenset[str] = frozenset()
+
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
     """SMEM tile laid out for TMA and wgmma: (8, 64) tiles of bf16 with a 128-byte swizzle."""

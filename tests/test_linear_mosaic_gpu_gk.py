@@ -181,11 +181,18 @@ def test_accepts_declines_unsupported_calls():
 
 
 def test_registered_for_gk_calls_only(monkeypatch):
-    """On Hopper, auto dispatch runs this kernel for gk calls and the scalar kernel otherwise."""
+    """On Hopper, once both kernels are GPU-checked (``auto``), auto dispatch runs this kernel
+    for gk calls and the scalar kernel otherwise; unchecked, auto passes over both."""
+    import dataclasses
     from pallas_kernels.linear import REGISTRY
     monkeypatch.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     kw = dict(scale=0.1, initial_state=None, segment_ids=None, chunk_size=None)
+    if not {"linear", "linear_gk"} <= mosaic_gpu_common.GPU_CHECKED:
+        assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name != "mosaic_gpu"
+    for name in ("mosaic_gpu", "mosaic_gpu_gk"):
+        monkeypatch.setitem(REGISTRY._impls, name,
+                            dataclasses.replace(REGISTRY._impls[name], auto=True))
     assert REGISTRY.choose(None, q, q, q, g=None, gk=jnp.zeros((1, 64, 1, 128)), **kw).name \
         == "mosaic_gpu_gk"
     assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name == "mosaic_gpu"

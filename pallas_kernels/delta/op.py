@@ -24,15 +24,18 @@ from pallas_kernels.delta.chunk_xla import chunk_delta_rule_xla
 from pallas_kernels.delta.chunking import chunk_for
 from pallas_kernels.delta.pallas_op import pallas_accepts, pallas_chunk_delta_rule
 from pallas_kernels.delta.reference import delta_rule_reference
+from pallas_kernels.mosaic_gpu_common import GPU_CHECKED
 
 
 REGISTRY = common.Registry("delta rule")
 
 
 def register_implementation(name: str, run: Callable[..., tuple[jax.Array, jax.Array]],
-                            accepts: Callable[..., str | None], *, priority: int) -> None:
-    """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-    REGISTRY.register(name, run, accepts, priority=priority)
+                            accepts: Callable[..., str | None], *, priority: int,
+                            auto: bool = True) -> None:
+    """Register (or replace) an implementation; lower ``priority`` is tried first by auto
+    (``auto=False``: only ``impl=name`` runs it)."""
+    REGISTRY.register(name, run, accepts, priority=priority, auto=auto)
 
 
 def implementations() -> list[str]:
@@ -118,4 +121,5 @@ def recurrent_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arr
 from pallas_kernels.delta.mosaic_gpu import (mosaic_gpu_accepts,  # noqa: E402
                                              mosaic_gpu_chunk_delta_rule)
 
-register_implementation("mosaic_gpu", mosaic_gpu_chunk_delta_rule, mosaic_gpu_accepts, priority=0)
+register_implementation("mosaic_gpu", mosaic_gpu_chunk_delta_rule, mosaic_gpu_accepts, priority=0,
+                        auto="delta" in GPU_CHECKED)

@@ -20,6 +20,7 @@ from pallas_kernels import common
 from pallas_kernels.linear.pallas_op import pallas_accepts, pallas_gated_linear_attention
 from pallas_kernels.linear.chunk_xla import chunk_gated_linear_xla
 from pallas_kernels.linear.reference import gated_linear_reference
+from pallas_kernels.mosaic_gpu_common import GPU_CHECKED
 
 REGISTRY = common.Registry("gated linear attention")
 
@@ -98,12 +99,14 @@ def recurrent_gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *
     return o.astype(q.dtype), state.astype(jnp.float32) if output_final_state else None
 
 
-# The Hopper forward kernel (Mosaic GPU; scalar gate or none, bf16): auto picks it on H100/H200
-# for the calls it supports and it declines everything else (off Hopper too).
+# The Hopper kernel (Mosaic GPU; scalar gate or none, bf16): on H100/H200 auto picks it for the
+# calls it supports once it is in GPU_CHECKED (until then only impl="mosaic_gpu" runs it); it
+# declines everything else (off Hopper too).
 from pallas_kernels.linear.mosaic_gpu import (mosaic_gpu_accepts,  # noqa: E402
                                               mosaic_gpu_gated_linear_attention)
 
-REGISTRY.register("mosaic_gpu", mosaic_gpu_gated_linear_attention, mosaic_gpu_accepts, priority=0)
+REGISTRY.register("mosaic_gpu", mosaic_gpu_gated_linear_attention, mosaic_gpu_accepts, priority=0,
+                  auto="linear" in GPU_CHECKED)
 
 # The Hopper GLA kernel (Mosaic GPU; per-channel gates gk, with or without g, bf16): it accepts
 # only calls with gk, which the scalar-gate kernel above declines.
@@ -111,4 +114,4 @@ from pallas_kernels.linear.mosaic_gpu_gk import (mosaic_gpu_gk_accepts,  # noqa:
                                                  mosaic_gpu_gk_gated_linear_attention)
 
 REGISTRY.register("mosaic_gpu_gk", mosaic_gpu_gk_gated_linear_attention, mosaic_gpu_gk_accepts,
-                  priority=0)
+                  priority=0, auto="linear_gk" in GPU_CHECKED)

@@ -33,15 +33,18 @@ from pallas_kernels.sparse.mask_info import BlockMap, BlockSizes
 from pallas_kernels.sparse.mosaic_gpu_op import mosaic_gpu_accepts, mosaic_gpu_flash_attention
 from pallas_kernels.sparse.pallas_op import pallas_accepts, pallas_flash_attention
 from pallas_kernels.sparse.reference import attention_reference
+from pallas_kernels.mosaic_gpu_common import GPU_CHECKED
 
 
 REGISTRY = common.Registry("sparse attention")
 
 
 def register_implementation(name: str, run: Callable[..., jax.Array],
-                            accepts: Callable[..., str | None], *, priority: int) -> None:
-    """Register (or replace) an implementation; lower ``priority`` is tried first by auto."""
-    REGISTRY.register(name, run, accepts, priority=priority)
+                            accepts: Callable[..., str | None], *, priority: int,
+                            auto: bool = True) -> None:
+    """Register (or replace) an implementation; lower ``priority`` is tried first by auto
+    (``auto=False``: only ``impl=name`` runs it)."""
+    REGISTRY.register(name, run, accepts, priority=priority, auto=auto)
 
 
 def implementations() -> list[str]:
@@ -61,7 +64,8 @@ def _xla_accepts(q, k, v, *, mask, **_: Any) -> str | None:
 
 
 register_implementation("cudnn", dpa_attention, cudnn_accepts, priority=5)
-register_implementation("mosaic_gpu", mosaic_gpu_flash_attention, mosaic_gpu_accepts, priority=6)
+register_implementation("mosaic_gpu", mosaic_gpu_flash_attention, mosaic_gpu_accepts, priority=6,
+                        auto="sparse" in GPU_CHECKED)
 register_implementation("pallas", pallas_flash_attention, pallas_accepts, priority=10)
 register_implementation("xla", _xla_run, _xla_accepts, priority=100)
 
