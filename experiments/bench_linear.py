@@ -5,6 +5,7 @@
 Gate kinds: "none" (linear attention), "g" (one log-decay per head and step: simple GLA /
 RetNet / SSD), "gk" (one per key channel: GLA). B·T = 32768 tokens (T = 65536 runs with
 B = 1), H = 16, K = V = 128. Implementations: attnlab ``impl="xla"`` and ``impl="pallas"``,
+the Hopper kernels (``mosaic_gpu`` for "none" / "g", ``mosaic_gpu_gk`` for "gk"),
 jax-linear-attention 0.1.0 Mosaic GPU (``simple_gla`` with g = 0 for "none", ``simple_gla``,
 ``gla``), flash-linear-attention 0.6.0 Triton (``chunk_linear_attn``, ``chunk_simple_gla``,
 ``chunk_gla``). FLOPs are those of the chunked algorithm with chunk C = 64, per token and head
@@ -80,6 +81,14 @@ def attnlab_one_warpgroup_fn(gate: str):
     return run
 
 
+def attnlab_gk_fn(gate: str):
+    """The Hopper GLA kernel (``impl="mosaic_gpu_gk"``, per-channel gates only; the row is
+    skipped for the other gate kinds, which ``attnlab mosaic_gpu`` runs)."""
+    if gate != "gk":
+        raise ValueError("mosaic_gpu_gk runs per-channel gates (gk) only")
+    return attnlab_fn(gate, "mosaic_gpu_gk")
+
+
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -111,6 +120,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab pallas": ("jax", lambda gate: attnlab_fn(gate, "pallas")),
     "attnlab mosaic_gpu": ("jax", lambda gate: attnlab_fn(gate, "mosaic_gpu")),
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
+    "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

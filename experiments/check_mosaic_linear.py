@@ -1,8 +1,10 @@
 """GPU check of the Hopper (Mosaic GPU) linear-recurrence kernels: correct, then timed.
 
     S_t = exp(g_t) S_{t-1} + k_t^T v_t,      o_t = scale · q_t S_t      (g scalar per head / step)
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t                          (gk per key channel: GLA)
 
-For each case (bf16 inputs, gate "g" or "none"): the kernel's output and final state against the
+For each case (bf16 inputs, gate "g", "gk" or "none"; "gk" cases run the GLA kernel
+``mosaic_gpu_gk``, whose gate gradient is reported as err_dg): the kernel's output and final state against the
 float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs; relative L2 error,
 NaN/inf fails; device memory is filled with NaN and freed just before the checked call, so an
 output element the kernel never writes most likely shows up as NaN), then the forward time of
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from pallas_kernels.linear import chunk_gated_linear_attention, mosaic_gpu
+from pallas_kernels.linear import chunk_gated_linear_attention, mosaic_gpu, mosaic_gpu_gk
 from pallas_kernels.linear.reference import gated_linear_reference
 
 # (B, T, H, D, gate, time fwd+bwd too)
@@ -43,16 +45,22 @@ CASES = [
     (1, 65536, 16, 128, "none", False),     # 8 pieces
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
     (8, 4096, 16, 128, "none", True),
+    (2, 1000, 4, 128, "gk", False),         # per-channel gates (GLA kernel), padded last chunk
+    (2, 1000, 4, 64, "gk+s0", False),
+    (2, 2048, 4, 128, "gk+seg", False),
+    (8, 4096, 16, 128, "gk", True),         # the GLA anchor (jla gla, fla chunk_gla)
 ]
 ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D, D] state a step
 
 
 def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
-    """gate: "none" or "g" (scalar log gate), optionally "+s0" (a random initial state) or
-    "+seg" (random packed documents, mean length 300)."""
+    """gate: "none", "g" (scalar log gate) or "gk" (per channel, returned in g's place),
+    optionally "+s0" (a random initial state) or "+seg" (random packed documents, mean
+    length 300)."""
     ks = jax.random.split(jax.random.key(seed), 7)
     q, k, v, do = (jax.random.normal(ks[i], (B, T, H, D), jnp.bfloat16) for i in range(4))
-    g = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0) if gate.startswith("g")
+    gate_shape = (B, T, H, D) if _per_channel(gate) else (B, T, H)
+    g = (jax.nn.log_sigmoid(jax.random.normal(ks[4], gate_shape) + 4.0) if gate.startswith("g")
          else None)
     s0 = jax.random.normal(ks[5], (B, H, D, D)) if gate.endswith("+s0") else None
     seg = (jnp.cumsum(jax.random.bernoulli(ks[6], 1 / 300, (B, T)), axis=1, dtype=jnp.int32)
@@ -63,19 +71,36 @@ def make_inputs(seed: int, B: int, T: int, H: int, D: int, gate: str):
 INTERPRET = None  # --interpret: plgpu.InterpretGPUParams(), to dry-run this script on a CPU
 
 
-def kernel_fn(scale: float, s0=None, seg=None):
+def _per_channel(gate: str) -> bool:
+    return gate.startswith("gk")
+
+
+def _gates(g, per_channel: bool) -> dict:
+    """The case's gate (4th argument) as the op's g or gk keyword."""
+    return {"g": None, "gk": g} if per_channel else {"g": g, "gk": None}
+
+
+def _module(per_channel: bool):
+    """(run, accepts) of the Hopper kernel for the gate kind."""
+    if per_channel:
+        return (mosaic_gpu_gk.mosaic_gpu_gk_gated_linear_attention,
+                mosaic_gpu_gk.mosaic_gpu_gk_accepts)
+    return mosaic_gpu.mosaic_gpu_gated_linear_attention, mosaic_gpu.mosaic_gpu_accepts
+
+
+def kernel_fn(scale: float, s0=None, seg=None, per_channel: bool = False):
     def run(q, k, v, g):
-        return mosaic_gpu.mosaic_gpu_gated_linear_attention(
-            q, k, v, g=g, gk=None, scale=scale, initial_state=s0, segment_ids=seg,
+        return _module(per_channel)[0](
+            q, k, v, **_gates(g, per_channel), scale=scale, initial_state=s0, segment_ids=seg,
             chunk_size=None, interpret=INTERPRET)
     return run
 
 
-def xla_fn(scale: float, s0=None, seg=None):
+def xla_fn(scale: float, s0=None, seg=None, per_channel: bool = False):
     def run(q, k, v, g):
-        return chunk_gated_linear_attention(q, k, v, g=g, scale=scale, initial_state=s0,
-                                            segment_ids=seg, output_final_state=True,
-                                            impl="xla")
+        return chunk_gated_linear_attention(q, k, v, **_gates(g, per_channel), scale=scale,
+                                            initial_state=s0, segment_ids=seg,
+                                            output_final_state=True, impl="xla")
     return run
 
 
@@ -90,49 +115,56 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
     row = {"B": B, "T": T, "H": H, "D": D, "gate": gate, "status": "error"}
     q, k, v, g, s0, seg, do = make_inputs(B * T + D, B, T, H, D, gate)
     scale = D ** -0.5
-    reason = mosaic_gpu.mosaic_gpu_accepts(q, k, v, g=g, gk=None, initial_state=s0,
-                                           segment_ids=seg, chunk_size=None)
+    pc = _per_channel(gate)
+    reason = _module(pc)[1](q, k, v, **_gates(g, pc), initial_state=s0, segment_ids=seg,
+                            chunk_size=None)
     if reason is not None and INTERPRET is None:
         row.update(status="declined", note=reason)
         return row
-    kernel = jax.jit(kernel_fn(scale, s0, seg))
+    kernel = jax.jit(kernel_fn(scale, s0, seg, pc))
     if INTERPRET is None:
         bc.poison_device_memory("jax", gib=2.0)
     o, s = jax.block_until_ready(kernel(q, k, v, g))
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     o_ref, s_ref = jax.jit(lambda q, k, v, g: gated_linear_reference(
-        f32(q), f32(k), f32(v), g=g, scale=scale, initial_state=s0, segment_ids=seg))(q, k, v, g)
+        f32(q), f32(k), f32(v), **_gates(g, pc), scale=scale, initial_state=s0,
+        segment_ids=seg))(q, k, v, g)
     row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
     row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do, scale)
+    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do,
+                                                              scale, pc)
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
-    row["auto_impl"] = _auto_choice(q, k, v, g, s0, seg, scale)
+    row["auto_impl"] = _auto_choice(q, k, v, g, s0, seg, scale, pc)
     if INTERPRET is not None:  # CPU dry run: timings would mean nothing
         return row
     args = [(q, k, v, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
-    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg)), args)
+    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg, pc)), args)
     if with_bwd:
         args = [(q, k, v, g, do)]
-        row["mosaic_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(kernel_fn(scale, s0, seg))), args)
-        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg))), args)
+        row["mosaic_fwdbwd_ms"] = bc.time_jax(
+            jax.jit(fwd_bwd(kernel_fn(scale, s0, seg, pc))), args)
+        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
     return row
 
 
-def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float) -> list[float]:
-    """Record the relative errors of dq, dk, dv (and dg) in ``row``; return them."""
+def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float,
+                    per_channel: bool = False) -> list[float]:
+    """Record the relative errors of dq, dk, dv (and dg: of g or gk) in ``row``; return them."""
     B, T, H, D = q.shape
     if INTERPRET is None:
         bc.poison_device_memory("jax", gib=2.0)
-    got = jax.block_until_ready(jax.jit(fwd_bwd(kernel_fn(scale, s0, seg)))(q, k, v, g, do))
+    got = jax.block_until_ready(
+        jax.jit(fwd_bwd(kernel_fn(scale, s0, seg, per_channel)))(q, k, v, g, do))
     if B * H * D * D * 4 * T <= ORACLE_GRAD_BYTES:
         row["grad_ref"] = "oracle"
-        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, g=g, scale=scale,
-                                                        initial_state=s0, segment_ids=seg)
+        ref = lambda q, k, v, g: gated_linear_reference(q, k, v, **_gates(g, per_channel),
+                                                        scale=scale, initial_state=s0,
+                                                        segment_ids=seg)
     else:
         row["grad_ref"] = "xla"
-        ref = xla_fn(scale, s0, seg)
+        ref = xla_fn(scale, s0, seg, per_channel)
     f32 = lambda x: x.astype(jnp.float32)
     want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
     errs = []
@@ -145,11 +177,11 @@ def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float) -> list[fl
     return errs
 
 
-def _auto_choice(q, k, v, g, s0, seg, scale) -> str:
+def _auto_choice(q, k, v, g, s0, seg, scale, per_channel: bool = False) -> str:
     from pallas_kernels.linear import REGISTRY
     try:
-        return REGISTRY.choose(None, q, k, v, g=g, gk=None, scale=scale, initial_state=s0,
-                               segment_ids=seg, chunk_size=None).name
+        return REGISTRY.choose(None, q, k, v, **_gates(g, per_channel), scale=scale,
+                               initial_state=s0, segment_ids=seg, chunk_size=None).name
     except ValueError as e:
         return f"none ({e})"
 
