@@ -132,7 +132,7 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low", [
     (1, 150, 2, 64, 128, True, True, False, -1.0),     # g and gk, initial state, two warpgroups
-    (1, 130, 1, 128, 64, False, False, True, -3.0),    # segments (reset gates: their dgk is 0)
+    (1, 130, 1, 128, 64, False, False, True, -20.0),   # segments (their dgk is 0), strong gates
     (1, 1, 1, 64, 64, False, False, False, -1.0),      # T = 1 (dgk is exactly 0)
 ])
 def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low):
