@@ -5,7 +5,8 @@
 * in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before, race
   detection on), o and the final state against the float64 step-by-step oracle: T not a
   multiple of the chunk, K != V both ways, g and gk together, an initial state, segments,
-  strong gates (down to -20 per step and channel), T = 1;
+  strong gates (down to -20 per step and channel), T = 1, the sequence split into pieces (made
+  to happen at small T by lowering ``mosaic_gpu.MIN_PIECE_CHUNKS``);
 * the backward (three more walks, see ``mosaic_gpu_gk._backward``): dq, dk, dv, dgk, dg and the
   initial state's gradient against autodiff of the oracle, with output and final-state
   cotangents; the gate gradients to a tighter bound than the bf16 one (the hi + lo walks);
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from kernel_utils import TOL_BF16, assert_close, log_gate, normal
 from pallas_kernels import mosaic_gpu_common
+from pallas_kernels.linear import mosaic_gpu as scalar_mg
 from pallas_kernels.linear import mosaic_gpu_gk as mg
 from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
 from pallas_kernels.linear.reference import gated_linear_reference
@@ -72,22 +74,25 @@ def _loss(run, do, dstate):
     return loss
 
 
-@pytest.mark.parametrize("Dk,Dv,scores,split,decay_axis,reverse,out_dtype", [
-    (128, 128, True, False, 0, False, jnp.bfloat16),   # the forward, two warpgroups
-    (128, 64, True, False, 0, True, jnp.bfloat16),     # the dv walk: reverse, A^T, one warpgroup
-    (128, 128, False, True, 1, False, jnp.float32),    # dq / dk walks: hi + lo, the largest SMEM
-    (64, 128, False, True, 1, True, jnp.float32),
+@pytest.mark.parametrize("Dk,Dv,scores,split,decay_axis,reverse,out_dtype,pieces,states_only", [
+    (128, 128, True, False, 0, False, jnp.bfloat16, 1, False),  # the forward, two warpgroups
+    (128, 64, True, False, 0, True, jnp.bfloat16, 2, False),    # dv walk: reverse, A^T, pieces
+    (128, 128, False, True, 1, False, jnp.float32, 1, False),   # dq / dk: hi + lo, largest SMEM
+    (64, 128, False, True, 1, True, jnp.float32, 2, False),
+    (128, 128, False, True, 1, True, jnp.float32, 2, True),     # the split's state pass
 ])
-def test_walk_lowers_for_cuda(Dk, Dv, scores, split, decay_axis, reverse, out_dtype):
+def test_walk_lowers_for_cuda(Dk, Dv, scores, split, decay_axis, reverse, out_dtype, pieces,
+                              states_only):
     B, T, H = 2, 256, 3
     sd = jax.ShapeDtypeStruct
     bf16 = lambda d: sd((B, T, H, d), jnp.bfloat16)
     args = (bf16(Dk), bf16(Dk), bf16(Dv), sd((B, H, T, mk.CHUNK), jnp.bfloat16) if scores else None,
             sd((B, H, T // mk.CHUNK, (Dk, Dv)[decay_axis]), jnp.float32),
-            sd((B, H, Dk, Dv), jnp.float32), bf16(Dv) if split else None)
+            sd((B * pieces, H, Dk, Dv), jnp.float32), bf16(Dv) if split else None)
     run = jax.jit(lambda x, y, z, a, d, s0, z_lo: mk.gk_walk(
-        x, y, z, a, d, s0, z_lo=z_lo, split_state=split, decay_axis=decay_axis,
-        reverse=reverse, out_dtype=out_dtype))
+        None if states_only else x, y, z, a, d, s0, z_lo=z_lo, split_state=split,
+        decay_axis=decay_axis, reverse=reverse, out_dtype=out_dtype, pieces=pieces,
+        states_only=states_only))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -110,13 +115,15 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low", [
-    (2, 150, 2, 128, 128, False, False, False, -1.0),  # two warpgroups, padded last chunk
-    (1, 100, 1, 64, 128, True, True, False, -1.0),     # g and gk, initial state, K != V
-    (1, 130, 1, 128, 64, False, True, True, -20.0),    # strong gates, segments, one warpgroup
-    (1, 1, 1, 64, 64, True, False, False, -1.0),       # T = 1
+@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
+    (2, 150, 2, 128, 128, False, False, False, -1.0, 16),  # two warpgroups, padded last chunk
+    (1, 100, 1, 64, 128, True, True, False, -1.0, 1),      # g and gk, initial state, 2 pieces
+    (1, 130, 1, 128, 64, False, True, True, -20.0, 16),    # strong gates, segments, one wg
+    (1, 1, 1, 64, 64, True, False, False, -1.0, 16),       # T = 1
 ])
-def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low):
+def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low, min_piece,
+                                  monkeypatch):
+    monkeypatch.setattr(scalar_mg, "MIN_PIECE_CHUNKS", min_piece)
     q, k, v, g, gk, s0 = _inputs(T, B, T, H, K, V, with_g, with_s0, gk_low)
     seg = _segments(B, T, T) if segments else None
     scale = K ** -0.5
@@ -130,14 +137,16 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low", [
-    (1, 150, 2, 64, 128, True, True, False, -1.0),     # g and gk, initial state, two warpgroups
-    (1, 130, 1, 128, 64, False, False, True, -20.0),   # segments (their dgk is 0), strong gates
-    (1, 1, 1, 64, 64, False, False, False, -1.0),      # T = 1 (dgk is exactly 0)
+@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
+    (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, initial state, 2 pieces
+    (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (their dgk is 0), strong
+    (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
 ])
-def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low):
+def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low,
+                                          min_piece, monkeypatch):
     """dq, dk, dv, dg, dgk, d initial state of the Mosaic GPU backward (output and final-state
     cotangents) against autodiff of the float64 step-by-step oracle."""
+    monkeypatch.setattr(scalar_mg, "MIN_PIECE_CHUNKS", min_piece)
     inputs = _inputs(T + 11, B, T, H, K, V, with_g, with_s0, gk_low)
     kd, ks = jax.random.split(jax.random.PRNGKey(T), 2)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
@@ -196,3 +205,12 @@ def test_registered_for_gk_calls_only(monkeypatch):
     assert REGISTRY.choose(None, q, q, q, g=None, gk=jnp.zeros((1, 64, 1, 128)), **kw).name \
         == "mosaic_gpu_gk"
     assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name == "mosaic_gpu"
+
+
+def test_pieces_of_the_sequence_split(monkeypatch):
+    """The split is on where B · H CTAs leave SMs idle (and the tests above force it)."""
+    shape = lambda B, T, H: jnp.zeros((B, T, H, 1))
+    assert mg._num_pieces(shape(8, 4096, 16)) == 1
+    assert mg._num_pieces(shape(1, 65536, 16)) == 8
+    monkeypatch.setattr(scalar_mg, "MIN_PIECE_CHUNKS", 1)
+    assert mg._num_pieces(shape(1, 150, 2)) == 2

@@ -48,13 +48,20 @@ hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the
 (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
 q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
 
+Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
+H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu._pieces``
+chooses P), every walk is cut into P pieces of whole chunks: a ``states_only`` pass gives each
+piece's final state L_p from zero (reads y, z only), XLA carries
+S_in(p + 1) = Γ_p ⊙ S_in(p) + L_p with Γ_p the product of the piece's decays d (per channel,
+on the same axis as d), and the walk runs every piece from its S_in (reverse walks from the
+last piece down). Costs one extra read of y and z per walk; buys P times the CTAs.
+
 Segment resets (packed documents) are log gates of -80 on every channel at segment starts, as
 in the scalar-gate kernel (``mosaic_gpu.RESET_LOG_GATE``).
 
 Scope: gk given (with or without g), bf16 q/k/v, K and V in {64, 128} (the backward walks swap
 their roles), default chunk; ``mosaic_gpu_gk_accepts`` declines every other call (the op then
-falls back). Not done yet: a sequence split into pieces for long T and small B (B · H CTAs
-only; the scalar kernel has one).
+falls back.
 """
 from __future__ import annotations
 
@@ -67,7 +74,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE
+from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, _pieces
 from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
@@ -75,9 +82,50 @@ from pallas_kernels.mosaic_gpu_common import hopper_accepts
 F32 = jnp.float32
 
 
-def _pad(T: int, *xs):
-    Tp = common.round_up(T, CHUNK)
+def _num_pieces(q: jax.Array) -> int:
+    """Pieces of the sequence split for q [B, T, H, K] (``mosaic_gpu._pieces``: B · H CTAs
+    per piece, whatever the walk's V blocks)."""
+    B, T, H, _ = q.shape
+    return _pieces(B * H, -(-T // CHUNK))
+
+
+def _pad(T: int, pieces: int, *xs):
+    Tp = common.round_up(T, CHUNK * pieces)
     return [None if x is None else cc.pad_time(x, Tp) for x in xs]
+
+
+def _piece_starts(local: jax.Array, gamma: jax.Array, s0: jax.Array | None, reverse: bool,
+                  decay_axis: int) -> jax.Array:
+    """States handed to each piece: local [B, P, H, Dk, Dv] final states from zero, gamma
+    [B, H, P, D] each piece's total decay on the state's rows (``decay_axis`` 0) or columns;
+    S_in(next) = gamma_p ⊙ S_in(p) + L_p in walk order."""
+    P = local.shape[1]
+    carry = jnp.zeros_like(local[:, 0]) if s0 is None else s0
+    starts = [None] * P
+    for p in (reversed(range(P)) if reverse else range(P)):
+        starts[p] = carry
+        factor = gamma[:, :, p, :, None] if decay_axis == 0 else gamma[:, :, p, None, :]
+        carry = factor * carry + local[:, p]
+    return jnp.stack(starts, axis=1)
+
+
+def _walk(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay_axis: int = 0,
+          z_lo=None, interpret: Any, **options) -> tuple[jax.Array, jax.Array]:
+    """``gk_walk`` over the whole sequence with the split into ``pieces`` (module docstring):
+    returns (out, the final state [B, H, Dk, Dv] of the whole walk)."""
+    B, _, H, Dk = y.shape
+    Dv = z.shape[-1]
+    run = functools.partial(gk_walk, reverse=reverse, decay_axis=decay_axis, pieces=pieces,
+                            z_lo=z_lo, interpret=interpret)
+    s_in = s0
+    if pieces > 1:
+        _, local = run(None, y, z, None, d, None, states_only=True)
+        gamma = jnp.prod(d.reshape(B, H, pieces, -1, d.shape[-1]), axis=3)
+        starts = _piece_starts(local.reshape(B, pieces, H, Dk, Dv), gamma, s0, reverse,
+                               decay_axis)
+        s_in = starts.reshape(B * pieces, H, Dk, Dv)
+    out, finals = run(x, y, z, a, d, s_in, **options)
+    return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
 
 
 def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -88,27 +136,28 @@ def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32)."""
-    T, dt = q.shape[1], q.dtype
-    q, k, v, lg = _pad(T, q, k, v, lg)
+    T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
+    q, k, v, lg = _pad(T, P, q, k, v, lg)
     b = chunk_log_gates(lg, CHUNK)
     d = state_decay(b, CHUNK)
     q_t, k_h, a = decayed_tiles(q, k, b, scale, CHUNK)
-    o, final = gk_walk(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
-                       None if s0 is None else s0.astype(F32), out_dtype=dt, interpret=interpret)
+    o, final = _walk(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
+                     None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
+                     interpret=interpret)
     return o[:, :T], final
 
 
 def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
     """dq, dk, dv, dlg, ds0 (module docstring)."""
     B, T, H, K = q.shape
-    dt = q.dtype
-    qp, kp, vp, lgp, dop = _pad(T, q, k, v, lg, do)
+    dt, P = q.dtype, _num_pieces(q)
+    qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
     b = chunk_log_gates(lgp, CHUNK)
     d = state_decay(b, CHUNK)
     (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
                                       qp.astype(F32), kp.astype(F32))
     (q_hi, q_lo), (k_hi, k_lo) = _split(q_t, dt), _split(k_h, dt)
-    run = functools.partial(gk_walk, interpret=interpret)
+    run = functools.partial(_walk, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
     with_state = not isinstance(dstate, SymbolicZero)
     carry = dstate.astype(F32) if with_state else None

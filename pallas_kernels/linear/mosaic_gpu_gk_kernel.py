@@ -9,7 +9,10 @@ A_n [C, C] and decay d_n (a vector over S's rows or over its columns):
     out_n   = x_n S + A_n z_n            (A_n^T with ``reverse``; no A term without scores)
     S      <- d_n ⊙ S + y_n^T z_n        (d_n scaling S's rows, ``decay_axis`` 0, or columns, 1)
 
-so out_n reads the state left by the chunks walked before it. Two options buy float32-like
+so out_n reads the state left by the chunks walked before it. The sequence may be cut into
+``pieces`` of whole chunks, each walked by its own CTAs from its own entering state s0[piece]
+(``states_only`` skips x and out: a pass that only returns each piece's final state; the
+caller combines them, see ``mosaic_gpu_gk``). Two options buy float32-like
 accuracy from bf16 tensor cores where the gate gradient needs it (the backward's dq and dk
 walks): ``z_lo``, the rounding remainder of a float32 z (z = z_hi + z_lo, both bf16, so the
 state update is y^T z_hi + y^T z_lo), and ``split_state``, the state read as S_hi + S_lo (two
@@ -48,7 +51,9 @@ HEAD_DIMS = (64, 128)
 @dataclasses.dataclass(frozen=True)
 class GkWalk:
     """Static configuration of one kernel launch."""
-    chunks: int
+    chunks: int          # chunks per piece
+    pieces: int
+    states_only: bool    # no x, no out: only the final state of each piece
     reverse: bool
     has_scores: bool
     has_z_lo: bool       # z arrives as z_hi + z_lo
@@ -59,11 +64,13 @@ class GkWalk:
     interpret: bool
 
 
-def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, out_ref, sf_ref,
-            loaded, consumed, s0_loaded):
-    """One CTA: V blocks ``vb``, head ``h``, batch row ``bi``; warpgroup ``w`` owns the state
-    columns of block ``vb * groups + w``."""
-    vb, h, bi = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
+def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, *refs):
+    """One CTA: V blocks ``vb``, head ``h``, row ``r`` = batch row * pieces + piece;
+    warpgroup ``w`` owns the state columns of block ``vb * groups + w``."""
+    vb, h, r = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
+    bi, piece = jax.lax.div(r, cfg.pieces), jax.lax.rem(r, cfg.pieces)
+    out_ref = None if cfg.states_only else refs[0]
+    sf_ref, loaded, consumed, s0_loaded = refs[-4:]
     # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
     w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
     Dk, Vb = y_ref.shape[-1], V_BLOCK
@@ -73,7 +80,7 @@ def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, ou
                            transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
 
     def initial_state(buf):
-        plgpu.copy_gmem_to_smem(s0_ref.at[bi, h, :, cols], buf.at[w], s0_loaded.at[w])
+        plgpu.copy_gmem_to_smem(s0_ref.at[r, h, :, cols], buf.at[w], s0_loaded.at[w])
         plgpu.barrier_wait(s0_loaded.at[w])
         return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
 
@@ -81,54 +88,56 @@ def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, ou
     state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
              else wgmma_zeros((Dk, Vb)))
     loop = functools.partial(_walk, cfg, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref,
-                             loaded, consumed, bi, h, vb, w, state)
+                             loaded, consumed, bi, piece, h, vb, w, state)
     state = pl.run_scoped(loop, **_walk_scratch(cfg, y_ref.dtype, Dk, d_ref.shape[-1],
-                                                out_ref.dtype), **shared)
+                                                out_ref), **shared)
 
     def final_state(buf):
         buf[w] = state
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[bi, h, :, cols])
+        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[r, h, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(final_state, f32_block, **shared)
 
 
-def _walk_scratch(cfg: GkWalk, dtype, Dk: int, Dd: int, out_dtype) -> dict:
+def _walk_scratch(cfg: GkWalk, dtype, Dk: int, Dd: int, out_ref) -> dict:
     """Shared memory of the chunk loop (one scoped allocation); z and S as tuples of bf16
     parts (hi, and lo with ``z_lo`` / ``split_state``)."""
     G, S, C, Vb = cfg.groups, STAGES, CHUNK, V_BLOCK
     decay_len = Dd if cfg.decay_axis == 0 else G * Vb
-    out_tile = (tiled_smem((G, C, Vb), out_dtype) if out_dtype == dtype
-                else plgpu.SMEM((G, C, Vb), out_dtype))
     scratch = dict(
-        x_smem=tiled_smem((S, C, Dk), dtype),
         y_smem=tiled_smem((S, C, Dk), dtype),
         z_smem=tuple(tiled_smem((G, S, C, Vb), dtype)                 # a block per warpgroup
                      for _ in range(2 if cfg.has_z_lo else 1)),
-        d_smem=plgpu.SMEM((S, decay_len), jnp.float32),               # this CTA's part of d
-        s_smem=tuple(tiled_smem((G, Dk, Vb), dtype)                   # S in bf16 (for x S)
-                     for _ in range(2 if cfg.split_state else 1)),
-        out_smem=out_tile)
+        d_smem=plgpu.SMEM((S, decay_len), jnp.float32))               # this CTA's part of d
+    if not cfg.states_only:
+        scratch["s_smem"] = tuple(tiled_smem((G, Dk, Vb), dtype)       # S in bf16 (for x S)
+                                  for _ in range(2 if cfg.split_state else 1))
+        out_tile = (tiled_smem((G, C, Vb), dtype) if out_ref.dtype == dtype
+                    else plgpu.SMEM((G, C, Vb), out_ref.dtype))
+        scratch.update(x_smem=tiled_smem((S, C, Dk), dtype), out_smem=out_tile)
     if cfg.has_scores:
         scratch["a_smem"] = tiled_smem((S, C, C), dtype)
     return scratch
 
 
 def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loaded, consumed,
-          bi, h, vb, w, state, *, x_smem, y_smem, z_smem, d_smem, s_smem, out_smem,
-          a_smem=None):
+          bi, piece, h, vb, w, state, *, y_smem, z_smem, d_smem, s_smem=None, x_smem=None,
+          out_smem=None, a_smem=None):
     """The chunk loop of one warpgroup; returns its final state block."""
     Dk, C, Vb, N = y_smem.shape[-1], CHUNK, V_BLOCK, cfg.chunks
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     wgmma_layout = plgpu.Layout.WGMMA
-    chunk_at = (lambda n: N - 1 - n) if cfg.reverse else (lambda n: n)
+    chunk_at = ((lambda n: piece * N + N - 1 - n) if cfg.reverse
+                else (lambda n: piece * N + n))
     transposed = lambda ref: ref.transpose((1, 0))
 
     def issue_loads(n, slot):
         c = chunk_at(n)
         rows, bar = pl.ds(c * C, C), loaded.at[slot]
-        plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h], x_smem.at[slot], bar)
+        if not cfg.states_only:
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h], x_smem.at[slot], bar)
         plgpu.copy_gmem_to_smem(y_ref.at[bi, rows, h], y_smem.at[slot], bar)
         for ref, part in zip((z_ref, z_lo_ref), z_smem):
             for g in range(cfg.groups):
@@ -155,8 +164,9 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
 
     for n in range(min(STAGES, N)):
         producer(functools.partial(issue_loads, n, n))
-    store_state(state)
-    plgpu.commit_smem()
+    if not cfg.states_only:
+        store_state(state)
+        plgpu.commit_smem()
 
     def decay_of(slot):
         """d of this chunk broadcast to the state block's shape [Dk, Vb]."""
@@ -169,18 +179,20 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
     def chunk_step(n, state):
         slot = jax.lax.rem(n, STAGES)
         plgpu.barrier_wait(loaded.at[slot])
-        x_tile, y_tile = x_smem.at[slot], y_smem.at[slot]
         z_tiles = [part.at[w, slot] for part in z_smem]
-        reads = [(x_tile, part.at[w]) for part in s_smem]
-        if cfg.has_scores:
-            a_tile = transposed(a_smem.at[slot]) if cfg.reverse else a_smem.at[slot]
-            reads.append((a_tile, z_tiles[0]))
-        writes = [(transposed(y_tile), z) for z in z_tiles]
-        out, state = summed_products((wgmma_zeros((C, Vb)), state * decay_of(slot)),
-                                     (reads, writes), cfg.interpret)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous out has left out_smem
-        out_smem[w] = out.astype(out_smem.dtype)
-        store_state(state)
+        writes = [(transposed(y_smem.at[slot]), z) for z in z_tiles]
+        if cfg.states_only:
+            (state,) = summed_products((state * decay_of(slot),), (writes,), cfg.interpret)
+        else:
+            reads = [(x_smem.at[slot], part.at[w]) for part in s_smem]
+            if cfg.has_scores:
+                a_tile = transposed(a_smem.at[slot]) if cfg.reverse else a_smem.at[slot]
+                reads.append((a_tile, z_tiles[0]))
+            out, state = summed_products((wgmma_zeros((C, Vb)), state * decay_of(slot)),
+                                         (reads, writes), cfg.interpret)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous out has left
+            out_smem[w] = out.astype(out_smem.dtype)
+            store_state(state)
         plgpu.commit_smem()  # (also orders this step's generic reads of d before the refill)
         if cfg.groups > 1:
             plgpu.barrier_arrive(consumed.at[slot])
@@ -193,55 +205,67 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
                 issue_loads(n + STAGES, slot)
             producer(refill)
 
-        plgpu.copy_smem_to_gmem(out_smem.at[w],
-                                out_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, cols])
+        if not cfg.states_only:
+            plgpu.copy_smem_to_gmem(out_smem.at[w],
+                                    out_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, cols])
         return state
 
     state = jax.lax.fori_loop(0, N, chunk_step, state)
-    plgpu.wait_smem_to_gmem(0)
+    if not cfg.states_only:
+        plgpu.wait_smem_to_gmem(0)
     return state
 
 
-def gk_walk(x: jax.Array, y: jax.Array, z: jax.Array, a: jax.Array | None, d: jax.Array,
-            s0: jax.Array | None, *, z_lo: jax.Array | None = None, split_state: bool = False,
-            reverse: bool = False, decay_axis: int = 0, out_dtype: Any = None,
-            groups: int | None = None, interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+def gk_walk(x: jax.Array | None, y: jax.Array, z: jax.Array, a: jax.Array | None,
+            d: jax.Array, s0: jax.Array | None, *, z_lo: jax.Array | None = None,
+            split_state: bool = False, reverse: bool = False, decay_axis: int = 0,
+            pieces: int = 1, states_only: bool = False, out_dtype: Any = None,
+            groups: int | None = None, interpret: Any = None
+            ) -> tuple[jax.Array | None, jax.Array]:
     """The kernel call (module docstring). x, y [B, Tp, H, Dk], z [B, Tp, H, Dv] bf16 with Tp
-    a multiple of CHUNK; a [B, H, Tp, C] bf16 intra scores (row i of a chunk's [C, C] block
-    at time i) or None; d [B, H, Tp / C, Dk or Dv] float32 decays (``decay_axis`` 0 or 1);
-    s0 [B, H, Dk, Dv] float32 entering state or None (zeros); z_lo like z or None and
-    ``split_state`` (module docstring). ``groups``: warpgroups (V blocks
-    of 64) per CTA, default all of Dv's up to 2.
-    Returns (out [B, Tp, H, Dv] in ``out_dtype`` (default z's), final state [B, H, Dk, Dv]
-    float32)."""
+    a multiple of ``pieces`` * CHUNK (x unused, may be None, with ``states_only``);
+    a [B, H, Tp, C] bf16 intra scores (row i of a chunk's [C, C] block at time i) or None;
+    d [B, H, Tp / C, Dk or Dv] float32 decays (``decay_axis`` 0 or 1); s0 [B * pieces, H, Dk,
+    Dv] float32 state entering each piece (row = batch row * pieces + piece) or None (zeros);
+    z_lo like z or None and ``split_state`` (module docstring). ``groups``: warpgroups
+    (V blocks of 64) per CTA, default all of Dv's up to 2.
+    Returns (out [B, Tp, H, Dv] in ``out_dtype`` (default z's), or None with ``states_only``;
+    each piece's final state [B * pieces, H, Dk, Dv] float32)."""
     B, Tp, H, Dk = y.shape
     Dv = z.shape[-1]
     groups = min(2, Dv // V_BLOCK) if groups is None else groups
-    if Tp % CHUNK or Dv % (V_BLOCK * groups) or Dk not in HEAD_DIMS:
-        raise ValueError(f"gk_walk: T={Tp} must be a multiple of {CHUNK}, Dv={Dv} of "
-                         f"{V_BLOCK}*groups={V_BLOCK * groups}, Dk={Dk} in {HEAD_DIMS}")
+    if Tp % (pieces * CHUNK) or Dv % (V_BLOCK * groups) or Dk not in HEAD_DIMS:
+        raise ValueError(f"gk_walk: T={Tp} must be a multiple of pieces*{CHUNK}="
+                         f"{pieces * CHUNK}, Dv={Dv} of {V_BLOCK}*groups={V_BLOCK * groups}, "
+                         f"Dk={Dk} in {HEAD_DIMS}")
     if d.shape != (B, H, Tp // CHUNK, (Dk, Dv)[decay_axis]):
         raise ValueError(f"gk_walk: decay shape {d.shape} does not fit axis {decay_axis}")
-    cfg = GkWalk(Tp // CHUNK, reverse, a is not None, z_lo is not None, split_state, decay_axis,
-                 s0 is not None, groups, interpret is not None)
+    cfg = GkWalk(Tp // (CHUNK * pieces), pieces, states_only, reverse,
+                 a is not None and not states_only, z_lo is not None,
+                 split_state and not states_only, decay_axis, s0 is not None, groups,
+                 interpret is not None)
+    x = y if x is None else x  # never read with states_only
     placeholder = lambda shape, dtype: jnp.zeros(shape, dtype)  # never read
     a = a if cfg.has_scores else placeholder((1, 1, CHUNK, CHUNK), z.dtype)
     s0 = s0 if cfg.has_s0 else placeholder((1, 1, Dk, V_BLOCK), jnp.float32)
     z_lo = z_lo if cfg.has_z_lo else placeholder((1, CHUNK, 1, V_BLOCK), z.dtype)
     out_dtype = jnp.dtype(z.dtype if out_dtype is None else out_dtype)
-    copies = 2 + cfg.groups * (2 if cfg.has_z_lo else 1) + (1 if cfg.has_scores else 0) + 1
-    out, final = plgpu.kernel(
+    copies = ((0 if states_only else 1) + 1 + cfg.groups * (2 if cfg.has_z_lo else 1)
+              + (1 if cfg.has_scores else 0) + 1)
+    state_type = jax.ShapeDtypeStruct((B * pieces, H, Dk, Dv), jnp.float32)
+    out_type = ((state_type,) if states_only
+                else (jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype), state_type))
+    outs = plgpu.kernel(
         functools.partial(_kernel, cfg),
-        out_type=(jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype),
-                  jax.ShapeDtypeStruct((B, H, Dk, Dv), jnp.float32)),
+        out_type=out_type,
         scratch_types=[
             plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
             plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
             plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
         ],
-        grid=(Dv // (V_BLOCK * groups), H, B),
+        grid=(Dv // (V_BLOCK * groups), H, B * pieces),
         grid_names=("vblocks", "heads", "rows"),
         **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
         **({} if interpret is None else {"interpret": interpret}),
     )(x, y, z, z_lo, a, d, s0)
-    return out, final
+    return (None, outs[0]) if states_only else tuple(outs)
