@@ -4,8 +4,8 @@
     S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t                          (gk per key channel: GLA)
 
 For each case (bf16 inputs, gate "g", "gk" or "none"; "gk" cases run the GLA kernel
-``mosaic_gpu_gk``, whose gate gradient is reported as err_dg): the kernel's output and final state against the
-float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs; relative L2 error,
+``mosaic_gpu_gk``, whose gate gradient is reported as err_dg): the kernel's output and final
+state against the float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs; relative L2 error,
 NaN/inf fails; device memory is filled with NaN and freed just before the checked call, so an
 output element the kernel never writes most likely shows up as NaN), then the forward time of
 the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of repeated samples after

@@ -109,7 +109,7 @@ def _piece_starts(local: jax.Array, gamma: jax.Array, s0: jax.Array | None, reve
     return jnp.stack(starts, axis=1)
 
 
-def _walk(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay_axis: int = 0,
+def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay_axis: int = 0,
           z_lo=None, interpret: Any, **options) -> tuple[jax.Array, jax.Array]:
     """``gk_walk`` over the whole sequence with the split into ``pieces`` (module docstring):
     returns (out, the final state [B, H, Dk, Dv] of the whole walk)."""
@@ -141,9 +141,9 @@ def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     b = chunk_log_gates(lg, CHUNK)
     d = state_decay(b, CHUNK)
     q_t, k_h, a = decayed_tiles(q, k, b, scale, CHUNK)
-    o, final = _walk(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
-                     None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
-                     interpret=interpret)
+    o, final = _walk_pieces(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
+                            None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
+                            interpret=interpret)
     return o[:, :T], final
 
 
@@ -157,12 +157,12 @@ def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
     (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
                                       qp.astype(F32), kp.astype(F32))
     (q_hi, q_lo), (k_hi, k_lo) = _split(q_t, dt), _split(k_h, dt)
-    run = functools.partial(_walk, pieces=P, interpret=interpret)
+    run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
     with_state = not isinstance(dstate, SymbolicZero)
     carry = dstate.astype(F32) if with_state else None
-    dq_t, final_t = run(dop, vp, k_hi, None, d, swap(s0), z_lo=k_lo, split_state=True, decay_axis=1,
-                  out_dtype=F32)
+    dq_t, final_t = run(dop, vp, k_hi, None, d, swap(s0), z_lo=k_lo, split_state=True,
+                        decay_axis=1, out_dtype=F32)
     dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
                   reverse=True, decay_axis=1, out_dtype=F32)
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
