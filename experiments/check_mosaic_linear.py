@@ -8,13 +8,14 @@ For each case (bf16 inputs, gate "g", "gk" or "none"; "gk" cases run the GLA ker
 state against the float32 step-by-step oracle (HIGHEST precision, same bf16-rounded inputs;
 relative L2 error, NaN/inf fails; device memory is filled with NaN and freed just before the
 checked call, so an output element the kernel never writes most likely shows up as NaN), then
-the forward time of the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of repeated samples after
-warm-up, the method of the anchor figures in DESIGN.md). Gradients dq, dk, dv, dg of
-sum(o * dO) from the Mosaic GPU backward (three more runs of the forward kernel plus XLA for dg)
-against the same on float32 copies of the inputs: autodiff of the step-by-step oracle where its
-saved per-step states fit in 4 GiB, else of the chunked XLA path (``grad_ref`` says which); then
-forward+backward times at the anchor shapes. Each case runs on its own: a failure is printed
-and the next case goes on. Prints a table; writes ``check_mosaic_linear.json`` into ``--out``.
+the forward time of the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of
+repeated samples after warm-up, the method of the anchor figures in DESIGN.md). Gradients dq,
+dk, dv, dg of sum(o * dO) from the Mosaic GPU backward (three more runs of the forward kernel
+plus XLA for dg) against the same on float32 copies of the inputs: autodiff of the step-by-step
+oracle where its saved per-step states fit in 4 GiB, else of the chunked XLA path (``grad_ref``
+says which); then forward+backward times at the anchor shapes. Each case runs on its own: a
+failure is printed and the next case goes on. Prints a table; writes
+``check_mosaic_linear.json`` into ``--out``.
 
     python -m experiments.check_mosaic_linear --out experiments/results [--quick] [--interpret]
 """
