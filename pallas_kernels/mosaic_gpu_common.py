@@ -7,6 +7,8 @@
   tensor cores, with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
+* ``warpgroup_index`` and ``carry_state``: the frame of the walk kernels (linear, GLA, delta),
+  whose warpgroups each carry a float32 state block through a chunk loop;
 * ``is_hopper`` and ``hopper_accepts``: the common part of every Hopper kernel's ``accepts``.
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs these kernels on CPU.
@@ -15,7 +17,7 @@ goes to a fresh accumulator that is added afterwards; compiled, the products acc
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,48 @@ def summed_products(inits: Sequence[jax.Array],
             for a, b in pairs:
                 plgpu.wgmma(acc, a, b)
     return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+
+
+def warpgroup_index(groups: int, like: jax.Array) -> jax.Array:
+    """This warpgroup's index along the kernel's "wg" thread axis (``groups`` > 1), else a
+    traced 0 made from ``like`` (an int32 axis index): jax 0.12 cannot lower a literal that a
+    loop body closes over."""
+    return jax.lax.axis_index("wg") if groups > 1 else like * 0
+
+
+def carry_state(loop: Callable[..., jax.Array], scratch: Sequence[Any] = (),
+                scratch_kw: Mapping[str, Any] | None = None, *, groups: int, w: jax.Array,
+                rows: int, s0_src: Any, s0_loaded: Any, sf_dst: Any, cols: int = 64) -> None:
+    """Carry warpgroup ``w``'s float32 state block [rows, cols] through a walk:
+
+        state = s0_src (a GMEM view, loaded by TMA on barrier ``s0_loaded.at[w]``) or zeros
+        state = loop(state, *scratch refs, **scratch_kw refs)     (one scoped allocation)
+        sf_dst <- state                                           (TMA store)
+
+    The three phases are sequential scoped allocations (shared by the CTA's ``groups``
+    warpgroups), so the loop's shared memory is reused for the float32 blocks; those use
+    (8, 32) tiles with a 128-byte swizzle (conflict-free loads in the wgmma layout)."""
+    f32_block = plgpu.SMEM((groups, rows, cols), jnp.float32,
+                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+    shared = {"collective_axes": "wg"} if groups > 1 else {}  # one allocation for all
+
+    def initial_state(buf):
+        plgpu.copy_gmem_to_smem(s0_src, buf.at[w], s0_loaded.at[w])
+        plgpu.barrier_wait(s0_loaded.at[w])
+        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
+
+    state = (pl.run_scoped(initial_state, f32_block, **shared) if s0_src is not None
+             else wgmma_zeros((rows, cols)))
+    state = pl.run_scoped(lambda *refs, **kw_refs: loop(state, *refs, **kw_refs), *scratch,
+                          **(scratch_kw or {}), **shared)
+
+    def final_state(buf):
+        buf[w] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.at[w], sf_dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(final_state, f32_block, **shared)
 
 
 def is_hopper() -> bool:

@@ -44,7 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, products, tiled_smem,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
@@ -160,21 +161,9 @@ def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
     states_ref = refs.pop(0) if cfg.save_states else None
     sf_ref, loaded, consumed, s0_loaded = refs
     vb, h, bi = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
-    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
-    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
+    w = warpgroup_index(cfg.groups, h)
     K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
-    f32_block = plgpu.SMEM((cfg.groups, K, Vb), jnp.float32,
-                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
-
-    def initial_state(buf):
-        plgpu.copy_gmem_to_smem(s0_ref.at[bi, h, :, cols], buf.at[w], s0_loaded.at[w])
-        plgpu.barrier_wait(s0_loaded.at[w])
-        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
-
-    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
-    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
-             else wgmma_zeros((K, Vb)))
     dtype = k_ref.dtype
     scratch = [tiled_smem((STAGES, C, K), dtype) for _ in range(3)]            # q, k, W
     scratch += [tiled_smem((cfg.groups, STAGES, C, Vb), dtype),                # U or dO
@@ -184,16 +173,10 @@ def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
                 tiled_smem((cfg.groups, C, C), dtype)]                        # A
     scratch += [tiled_smem((cfg.groups, C, Vb), dtype) for _ in range(2)]     # y1, y2
     loop = functools.partial(_walk, cfg, (q_ref, k_ref, w_ref, x_ref, b_ref), o_ref, states_ref,
-                             loaded, consumed, (bi, h, vb, w), state)
-    state = pl.run_scoped(loop, *scratch, **shared)
-
-    def final_state(buf):
-        buf[w] = state
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[bi, h, :, cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(final_state, f32_block, **shared)
+                             loaded, consumed, (bi, h, vb, w))
+    carry_state(loop, scratch, groups=cfg.groups, w=w, rows=K,
+                s0_src=s0_ref.at[bi, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
+                sf_dst=sf_ref.at[bi, h, :, cols])
 
 
 def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,

@@ -40,7 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, summed_products, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, summed_products, tiled_smem,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -71,34 +72,15 @@ def _kernel(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, s0_ref, *r
     bi, piece = jax.lax.div(r, cfg.pieces), jax.lax.rem(r, cfg.pieces)
     out_ref = None if cfg.states_only else refs[0]
     sf_ref, loaded, consumed, s0_loaded = refs[-4:]
-    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
-    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
+    w = warpgroup_index(cfg.groups, h)
     Dk, Vb = y_ref.shape[-1], V_BLOCK
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
-    # float32 state blocks: (8, 32) tiles, 128-byte swizzle (conflict-free wgmma-layout loads)
-    f32_block = plgpu.SMEM((cfg.groups, Dk, Vb), jnp.float32,
-                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
-
-    def initial_state(buf):
-        plgpu.copy_gmem_to_smem(s0_ref.at[r, h, :, cols], buf.at[w], s0_loaded.at[w])
-        plgpu.barrier_wait(s0_loaded.at[w])
-        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
-
-    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
-    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
-             else wgmma_zeros((Dk, Vb)))
     loop = functools.partial(_walk, cfg, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref,
-                             loaded, consumed, bi, piece, h, vb, w, state)
-    state = pl.run_scoped(loop, **_walk_scratch(cfg, y_ref.dtype, Dk, d_ref.shape[-1],
-                                                out_ref), **shared)
-
-    def final_state(buf):
-        buf[w] = state
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[r, h, :, cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(final_state, f32_block, **shared)
+                             loaded, consumed, bi, piece, h, vb, w)
+    carry_state(loop, scratch_kw=_walk_scratch(cfg, y_ref.dtype, Dk, d_ref.shape[-1], out_ref),
+                groups=cfg.groups, w=w, rows=Dk,
+                s0_src=s0_ref.at[r, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
+                sf_dst=sf_ref.at[r, h, :, cols])
 
 
 def _walk_scratch(cfg: GkWalk, dtype, Dk: int, Dd: int, out_ref) -> dict:

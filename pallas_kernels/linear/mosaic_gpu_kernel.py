@@ -44,7 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, products, tiled_smem,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -73,33 +74,14 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, b_ref, s0_ref, *refs):
     sf_ref, loaded, consumed, s0_loaded = refs[-4:]
     vb, h, r = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
     bi, piece = jax.lax.div(r, cfg.pieces), jax.lax.rem(r, cfg.pieces)
-    # (a traced 0 with one warpgroup: jax 0.12 cannot lower a literal closed over by the loop)
-    w = jax.lax.axis_index("wg") if cfg.groups > 1 else h * 0
-    K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
+    w = warpgroup_index(cfg.groups, h)
+    K, Vb = k_ref.shape[-1], V_BLOCK
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
-    # float32 state blocks: (8, 32) tiles, 128-byte swizzle (conflict-free wgmma-layout loads)
-    f32_block = plgpu.SMEM((cfg.groups, K, Vb), jnp.float32,
-                           transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
-
-    def initial_state(buf):
-        plgpu.copy_gmem_to_smem(s0_ref.at[r, h, :, cols], buf.at[w], s0_loaded.at[w])
-        plgpu.barrier_wait(s0_loaded.at[w])
-        return plgpu.layout_cast(buf[w], plgpu.Layout.WGMMA)
-
-    shared = {"collective_axes": "wg"} if cfg.groups > 1 else {}  # one allocation for all
-    state = (pl.run_scoped(initial_state, f32_block, **shared) if cfg.has_s0
-             else wgmma_zeros((K, Vb)))
-    state = pl.run_scoped(functools.partial(_walk, cfg, q_ref, k_ref, v_ref, b_ref, o_ref,
-                                            loaded, consumed, bi, piece, h, vb, w, state),
-                          *_walk_scratch(cfg, q_ref.dtype, K, o_ref), **shared)
-
-    def final_state(buf):
-        buf[w] = state
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.at[w], sf_ref.at[r, h, :, cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(final_state, f32_block, **shared)
+    carry_state(functools.partial(_walk, cfg, q_ref, k_ref, v_ref, b_ref, o_ref, loaded,
+                                  consumed, bi, piece, h, vb, w),
+                _walk_scratch(cfg, q_ref.dtype, K, o_ref), groups=cfg.groups, w=w, rows=K,
+                s0_src=s0_ref.at[r, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
+                sf_dst=sf_ref.at[r, h, :, cols])
 
 
 def _walk_scratch(cfg: Walk, dtype, K: int, o_ref) -> list:
