@@ -70,7 +70,7 @@ def test_walk_lowers_for_cuda(K, V, gated, pieces, states_only, with_s0, reverse
                                           (1, 1, 512, 1), (1, 2, 4096, 4)])
 def test_pieces_fill_the_gpu(B, H, T, pieces):
     """Sequence split: B·H·P within the SM count, pieces of at least MIN_PIECE_CHUNKS chunks."""
-    assert mg._pieces(B * H, T // mk.CHUNK) == pieces
+    assert mg.pieces_for(B * H, T // mk.CHUNK) == pieces
 
 
 def _segments(B, T, seed):

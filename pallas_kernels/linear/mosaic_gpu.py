@@ -4,7 +4,7 @@ Mosaic GPU walk kernel (``mosaic_gpu_kernel.walk``, whose docstring has the per-
     S_t = exp(g_t) S_{t-1} + k_t^T v_t   (S_{-1} = initial state),   o_t = scale · q_t S_t
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an H100's
-132 SMs idle at long T and small B. The sequence is cut into P pieces (``_pieces``: enough CTAs
+132 SMs idle at long T and small B. The sequence is cut into P pieces (``pieces_for``: enough CTAs
 to fill the SMs, each piece at least MIN_PIECE_CHUNKS chunks); with Γ_p the total log gate of
 piece p and L_p its final state from zero (a ``states_only`` pass: reads k, v, g only),
 
@@ -71,7 +71,7 @@ def _groups(value_dim: int) -> int:
     return min(WARPGROUPS_PER_CTA, value_dim // V_BLOCK)
 
 
-def _pieces(ctas: int, num_chunks: int) -> int:
+def pieces_for(ctas: int, num_chunks: int) -> int:
     """Pieces per sequence: doubled while ``ctas`` (per piece) · P stays within the SM count
     and each piece keeps at least MIN_PIECE_CHUNKS chunks (1 for the B·T = 32k, H = 16,
     T <= 4k benchmark)."""
@@ -82,16 +82,18 @@ def _pieces(ctas: int, num_chunks: int) -> int:
     return pieces
 
 
-def _piece_starts(local: jax.Array, gamma: jax.Array, s0: jax.Array | None,
-                  reverse: bool) -> jax.Array:
-    """States handed to each piece: local [B, P, H, K, V] final states from zero, gamma
-    [B, P, H] total log gates; S_in(next) = e^{Γ_p} S_in(p) + L_p in walk order."""
+def piece_starts(local: jax.Array, decay: jax.Array, s0: jax.Array | None,
+                 reverse: bool) -> jax.Array:
+    """States handed to each piece of the sequence split: local [B, P, H, K, V] final states
+    from zero, decay each piece's total decay factor, broadcastable to local ([B, P, H, 1, 1]
+    for a scalar gate, [B, P, H, K, 1] or [B, P, H, 1, V] per channel); in walk order
+    S_in(next) = decay_p ⊙ S_in(p) + L_p, starting from s0 (or zeros)."""
     P = local.shape[1]
     carry = jnp.zeros_like(local[:, 0]) if s0 is None else s0.astype(jnp.float32)
     starts = [None] * P
     for p in (reversed(range(P)) if reverse else range(P)):
         starts[p] = carry
-        carry = jnp.exp(gamma[:, p])[..., None, None] * carry + local[:, p]
+        carry = decay[:, p] * carry + local[:, p]
     return jnp.stack(starts, axis=1)
 
 
@@ -104,7 +106,7 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     groups = _groups(V)
-    P = pieces or _pieces(B * H * V // (V_BLOCK * groups), -(-T // CHUNK))
+    P = pieces or pieces_for(B * H * V // (V_BLOCK * groups), -(-T // CHUNK))
     Tp = common.round_up(T, CHUNK * P)
     pad = lambda x: cc.pad_time(x, Tp)
     q, k, v = pad(q), pad(k), pad(v)
@@ -118,7 +120,8 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
     if P > 1:
         _, local = run(None, k, v, b, None, states_only=True)
         gamma = jnp.zeros((B, P, H), jnp.float32) if gamma is None else gamma
-        starts = _piece_starts(local.reshape(B, P, H, K, V), gamma, s0, reverse)
+        decay = jnp.exp(gamma)[..., None, None]
+        starts = piece_starts(local.reshape(B, P, H, K, V), decay, s0, reverse)
         s_in = starts.reshape(B * P, H, K, V)
     else:
         s_in = None if s0 is None else s0.astype(jnp.float32)

@@ -49,7 +49,7 @@ hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the
 q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
-H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu._pieces``
+H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu.pieces_for``
 chooses P), every walk is cut into P pieces of whole chunks: a ``states_only`` pass gives each
 piece's final state L_p from zero (reads y, z only), XLA carries
 S_in(p + 1) = Γ_p ⊙ S_in(p) + L_p with Γ_p the product of the piece's decays d (per channel,
@@ -74,7 +74,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, _pieces
+from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, piece_starts, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
@@ -83,30 +83,15 @@ F32 = jnp.float32
 
 
 def _num_pieces(q: jax.Array) -> int:
-    """Pieces of the sequence split for q [B, T, H, K] (``mosaic_gpu._pieces``: B · H CTAs
+    """Pieces of the sequence split for q [B, T, H, K] (``mosaic_gpu.pieces_for``: B · H CTAs
     per piece, whatever the walk's V blocks)."""
     B, T, H, _ = q.shape
-    return _pieces(B * H, -(-T // CHUNK))
+    return pieces_for(B * H, -(-T // CHUNK))
 
 
 def _pad(T: int, pieces: int, *xs):
     Tp = common.round_up(T, CHUNK * pieces)
     return [None if x is None else cc.pad_time(x, Tp) for x in xs]
-
-
-def _piece_starts(local: jax.Array, gamma: jax.Array, s0: jax.Array | None, reverse: bool,
-                  decay_axis: int) -> jax.Array:
-    """States handed to each piece: local [B, P, H, Dk, Dv] final states from zero, gamma
-    [B, H, P, D] each piece's total decay on the state's rows (``decay_axis`` 0) or columns;
-    S_in(next) = gamma_p ⊙ S_in(p) + L_p in walk order."""
-    P = local.shape[1]
-    carry = jnp.zeros_like(local[:, 0]) if s0 is None else s0
-    starts = [None] * P
-    for p in (reversed(range(P)) if reverse else range(P)):
-        starts[p] = carry
-        factor = gamma[:, :, p, :, None] if decay_axis == 0 else gamma[:, :, p, None, :]
-        carry = factor * carry + local[:, p]
-    return jnp.stack(starts, axis=1)
 
 
 def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay_axis: int = 0,
@@ -121,8 +106,9 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
     if pieces > 1:
         _, local = run(None, y, z, None, d, None, states_only=True)
         gamma = jnp.prod(d.reshape(B, H, pieces, -1, d.shape[-1]), axis=3)
-        starts = _piece_starts(local.reshape(B, pieces, H, Dk, Dv), gamma, s0, reverse,
-                               decay_axis)
+        gamma = jnp.swapaxes(gamma, 1, 2)  # [B, P, H, D]
+        decay = gamma[..., :, None] if decay_axis == 0 else gamma[..., None, :]
+        starts = piece_starts(local.reshape(B, pieces, H, Dk, Dv), decay, s0, reverse)
         s_in = starts.reshape(B * pieces, H, Dk, Dv)
     out, finals = run(x, y, z, a, d, s_in, **options)
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
