@@ -530,3 +530,31 @@ def plot(bench: Bench, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_cases(fn: Callable[..., dict], cases: Sequence[tuple], keys: Sequence[str]) -> list[dict]:
+    """``fn(*case)`` for each case, printing each row; a case that raises becomes a row with
+    status "error" (its ``keys`` named from the case, the exception as the note) and the next
+    case goes on. Used by the check scripts."""
+    rows = []
+    for case in cases:
+        try:
+            row = fn(*case)
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the next case goes on
+            row = {**dict(zip(keys, case)), "status": "error",
+                   "note": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: Sequence[dict], cols: Sequence[str]) -> None:
+    """The rows as a ' | '-separated table of ``cols`` (floats to 3 significant digits, '-'
+    where missing), each row's note (first line) under it."""
+    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+    print("\n" + " | ".join(cols))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c)) for c in cols))
+        if r.get("note"):
+            print("    note:", r["note"].splitlines()[0][:300])

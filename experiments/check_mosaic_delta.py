@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -193,31 +192,16 @@ def main() -> None:
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)
-    rows = []
-    for case in CASES:
-        if args.quick and case[1] > 1000:
-            continue
-        try:
-            row = check_case(*case)
-        except Exception as e:  # noqa: BLE001 - recorded and reported, the next case goes on
-            row = {"B": case[0], "T": case[1], "H": case[2], "D": case[3], "gate": case[4],
-                   "status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}
-            traceback.print_exc()
-        print(row, flush=True)
-        rows.append(row)
+    cases = [case for case in CASES if not (args.quick and case[1] > 1000)]
+    rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_delta.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
-    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dbeta", "err_dg", "err_ds0",
             "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "walk_ms", "mosaic_fwdbwd_ms",
             "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "auto_impl"]
-    print("\n" + " | ".join(cols))
-    for r in rows:
-        print(" | ".join(fmt(r.get(c)) for c in cols))
-        if r.get("note"):
-            print("    note:", r["note"].splitlines()[0][:300])
+    bc.print_table(rows, cols)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -200,34 +199,19 @@ def main() -> None:
         INTERPRET = plgpu.InterpretGPUParams()
     env = bc.environment()
     print(env, flush=True)
-    rows = []
-    for case in CASES:
-        if args.interpret:  # every gate kind once, at a size the CPU interpreter gets through
-            if case[1] > 2048:
-                continue
-            case = (1, 200, 1) + case[3:5] + (False,)
-        elif args.quick and case[1] > 1000:
-            continue
-        try:
-            row = check_case(*case)
-        except Exception as e:  # noqa: BLE001 - recorded and reported, the next case goes on
-            row = {"B": case[0], "T": case[1], "H": case[2], "D": case[3], "gate": case[4],
-                   "status": "error", "note": f"{type(e).__name__}: {e}"[:2000]}
-            traceback.print_exc()
-        print(row, flush=True)
-        rows.append(row)
+    cases = CASES
+    if args.interpret:  # every gate kind once, at a size the CPU interpreter gets through
+        cases = [(1, 200, 1) + case[3:5] + (False,) for case in CASES if case[1] <= 2048]
+    elif args.quick:
+        cases = [case for case in CASES if case[1] <= 1000]
+    rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_linear.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
-    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "auto_impl"]
-    print("\n" + " | ".join(cols))
-    for r in rows:
-        print(" | ".join(fmt(r.get(c)) for c in cols))
-        if r.get("note"):
-            print("    note:", r["note"].splitlines()[0][:300])
+    bc.print_table(rows, cols)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -176,29 +175,6 @@ def _sparse_ratios(rows: list[dict]) -> None:
                 r[f"sparse_ratio_{key.split('_')[1]}"] = r[key] / (r["density"] * full[key])
 
 
-def _run_all(fn, cases, keys) -> list[dict]:
-    rows = []
-    for case in cases:
-        try:
-            row = fn(*case)
-        except Exception as e:  # noqa: BLE001 - recorded and reported, the next case goes on
-            row = {**dict(zip(keys, case)), "status": "error",
-                   "note": f"{type(e).__name__}: {e}"[:2000]}
-            traceback.print_exc()
-        print(row, flush=True)
-        rows.append(row)
-    return rows
-
-
-def _print(rows: list[dict], cols: list[str]) -> None:
-    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
-    print("\n" + " | ".join(cols))
-    for r in rows:
-        print(" | ".join(fmt(r.get(c)) for c in cols))
-        if r.get("note"):
-            print("    note:", r["note"].splitlines()[0][:300])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
@@ -206,15 +182,15 @@ def main() -> None:
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)
-    checks = _run_all(check_case, CHECKS, ("B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments"))
-    timings = [] if args.quick else _run_all(time_case, TIMINGS, ("B", "T", "Hq", "D", "mask"))
+    checks = bc.run_cases(check_case, CHECKS, ("B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments"))
+    timings = [] if args.quick else bc.run_cases(time_case, TIMINGS, ("B", "T", "Hq", "D", "mask"))
     _sparse_ratios(timings)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_softmax.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "timings": timings}, f, indent=1)
-    _print(checks, ["B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments", "status", "err_o",
+    bc.print_table(checks, ["B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments", "status", "err_o",
                     "err_dq", "err_dk", "err_dv", "nan_o", "auto_impl"])
-    _print(timings, ["B", "T", "Hq", "D", "mask", "status", "err_o", "err_vs_cudnn",
+    bc.print_table(timings, ["B", "T", "Hq", "D", "mask", "status", "err_o", "err_vs_cudnn",
                      "mosaic_fwd_ms", "mosaic_fwd_ms_no_pingpong", "cudnn_fwd_ms", "mosaic_fwdbwd_ms", "cudnn_fwdbwd_ms",
                      "ratio_fwdbwd", "density", "sparse_ratio_fwd", "sparse_ratio_fwdbwd"])
 
