@@ -7,8 +7,9 @@
   tensor cores, with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
-* ``warpgroup_index`` and ``carry_state``: the frame of the walk kernels (linear, GLA, delta),
-  whose warpgroups each carry a float32 state block through a chunk loop;
+* ``warpgroup_index``, ``carry_state`` and ``TileRing``: the frame of the walk kernels (linear,
+  GLA, delta), whose warpgroups each carry a float32 state block through a chunk loop fed by
+  a ring of TMA-loaded tile slots;
 * ``is_hopper`` and ``hopper_accepts``: the common part of every Hopper kernel's ``accepts``.
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs these kernels on CPU.
@@ -127,6 +128,43 @@ def carry_state(loop: Callable[..., jax.Array], scratch: Sequence[Any] = (),
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(final_state, f32_block, **shared)
+
+
+class TileRing:
+    """The TMA ring of a walk kernel: chunk n's tiles go to slot n % stages. Warpgroup 0 issues
+    every copy (``issue_loads(n, slot)``); a slot is refilled with chunk n + stages once every
+    warpgroup has signalled (barrier ``consumed``, one arrival per warpgroup) that it is done
+    reading chunk n."""
+
+    def __init__(self, issue_loads: Callable[[Any, Any], None], *, stages: int, num_chunks: int,
+                 groups: int, w: jax.Array, consumed: Any):
+        self.issue_loads, self.stages, self.num_chunks = issue_loads, stages, num_chunks
+        self.groups, self.w, self.consumed = groups, w, consumed
+
+    def _in_producer(self, fn: Callable[[], None]) -> None:
+        if self.groups == 1:
+            fn()
+        else:
+            pl.when(self.w == 0)(fn)
+
+    def prefill(self) -> None:
+        """Issue the first ``stages`` chunks."""
+        for n in range(min(self.stages, self.num_chunks)):
+            self._in_producer(lambda n=n: self.issue_loads(n, n))
+
+    def release(self, n: jax.Array, slot: jax.Array) -> None:
+        """This warpgroup is done reading ``slot`` (chunk n): signal it; warpgroup 0 refills the
+        slot with chunk n + stages once every warpgroup has."""
+        if self.groups > 1:
+            plgpu.barrier_arrive(self.consumed.at[slot])
+
+        @pl.when(n + self.stages < self.num_chunks)
+        def _():
+            def refill():
+                if self.groups > 1:
+                    plgpu.barrier_wait(self.consumed.at[slot])
+                self.issue_loads(n + self.stages, slot)
+            self._in_producer(refill)
 
 
 def is_hopper() -> bool:

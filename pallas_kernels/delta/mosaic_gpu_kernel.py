@@ -44,8 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, products, tiled_smem,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, products,
+                                              tiled_smem, warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
@@ -202,15 +202,8 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
             for buf in (bc_smem, br_smem):
                 plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf.at[slot], bar)
 
-    def producer(fn):
-        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
-        if G == 1:
-            fn()
-        else:
-            pl.when(w == 0)(fn)
-
-    for n in range(min(STAGES, N)):
-        producer(functools.partial(issue_loads, n, n))
+    ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=G, w=w, consumed=consumed)
+    ring.prefill()
     s_smem[w] = state.astype(s_smem.dtype)
     plgpu.commit_smem()
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
@@ -231,16 +224,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
         tiles = Tiles(q_smem.at[slot], k_smem.at[slot], w_smem.at[slot], x_smem.at[w, slot],
                       s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w])
         state, o = step(cfg, tiles, state, gate)
-        if G > 1:
-            plgpu.barrier_arrive(consumed.at[slot])
-
-        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
-        def _():
-            def refill():
-                if G > 1:
-                    plgpu.barrier_wait(consumed.at[slot])
-                issue_loads(n + STAGES, slot)
-            producer(refill)
+        ring.release(n, slot)  # every read of this slot is done
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved state has left s_smem
         s_smem[w] = state.astype(s_smem.dtype)

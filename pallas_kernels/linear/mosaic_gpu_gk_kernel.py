@@ -40,8 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, summed_products, tiled_smem,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, summed_products,
+                                              tiled_smem, warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -131,21 +131,14 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
                   else d_ref.at[bi, h, c, pl.ds(vb * cfg.groups * Vb, cfg.groups * Vb)])
         plgpu.copy_gmem_to_smem(d_part, d_smem.at[slot], bar)
 
-    def producer(fn):
-        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
-        if cfg.groups == 1:
-            fn()
-        else:
-            pl.when(w == 0)(fn)
-
+    ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=cfg.groups, w=w, consumed=consumed)
     def store_state(state):
         hi = state.astype(s_smem[0].dtype)
         s_smem[0][w] = hi
         if cfg.split_state:
             s_smem[1][w] = (state - hi.astype(state.dtype)).astype(hi.dtype)
 
-    for n in range(min(STAGES, N)):
-        producer(functools.partial(issue_loads, n, n))
+    ring.prefill()
     if not cfg.states_only:
         store_state(state)
         plgpu.commit_smem()
@@ -176,16 +169,7 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
             out_smem[w] = out.astype(out_smem.dtype)
             store_state(state)
         plgpu.commit_smem()  # (also orders this step's generic reads of d before the refill)
-        if cfg.groups > 1:
-            plgpu.barrier_arrive(consumed.at[slot])
-
-        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
-        def _():
-            def refill():
-                if cfg.groups > 1:
-                    plgpu.barrier_wait(consumed.at[slot])
-                issue_loads(n + STAGES, slot)
-            producer(refill)
+        ring.release(n, slot)  # every read of this slot is done
 
         if not cfg.states_only:
             plgpu.copy_smem_to_gmem(out_smem.at[w],

@@ -44,8 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (carry_state, pl, plgpu, products, tiled_smem,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, products,
+                                              tiled_smem, warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -124,15 +124,8 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
             for b_smem in (bc_smem, br_smem):
                 plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], b_smem.at[slot], bar)
 
-    def producer(fn):
-        """Run ``fn`` in warpgroup 0 only (the TMA issuer)."""
-        if cfg.groups == 1:
-            fn()
-        else:
-            pl.when(w == 0)(fn)
-
-    for n in range(min(STAGES, N)):
-        producer(functools.partial(issue_loads, n, n))
+    ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=cfg.groups, w=w, consumed=consumed)
+    ring.prefill()
     if not cfg.states_only:
         s_smem[w] = state.astype(s_smem.dtype)
         plgpu.commit_smem()
@@ -176,16 +169,7 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
             plgpu.commit_smem()
             o, state = products((o, state), ((a_smem.at[w], v_tile),
                                              (transposed(k_tile), vd_smem.at[w])), cfg.interpret)
-        if cfg.groups > 1:
-            plgpu.barrier_arrive(consumed.at[slot])
-
-        @pl.when(n + STAGES < N)  # every read of this slot is done: refill it
-        def _():
-            def refill():
-                if cfg.groups > 1:
-                    plgpu.barrier_wait(consumed.at[slot])
-                issue_loads(n + STAGES, slot)
-            producer(refill)
+        ring.release(n, slot)  # every read of this slot is done
 
         if not cfg.states_only:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left o_smem
