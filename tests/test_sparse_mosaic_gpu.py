@@ -6,7 +6,8 @@
   gradients of q, k, v match the float64 oracle: causal, local, chunked | local, full, a
   random per-head BlockSparse with an empty query block, segments, GQA, Dv != D, T not a
   multiple of the 128 blocks, T = 1, per-(batch, head) maps; race detection with and without
-  the forward's turn taking;
+  the forward's turn taking; padded query rows holding random q and dO change no gradient
+  (their lse2 is +inf);
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
   the op registers it after cuDNN.
 """
@@ -22,7 +23,7 @@ from test_sparse_utils import allowed_matrix, oracle, qkv, segments
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Dense, Full, Local,
                                    implementations, make_block_map)
-from pallas_kernels.sparse import mosaic_gpu_fwd
+from pallas_kernels.sparse import mosaic_gpu_bwd, mosaic_gpu_fwd
 from pallas_kernels.sparse import mosaic_gpu_op as mo
 
 plgpu = mosaic_gpu_common.plgpu
@@ -84,6 +85,7 @@ def test_forward_and_backward_lower_for_cuda(name, D, Dv, Hq, Hkv, with_segments
     ("local", 2, 300, 1, 1, 128, 64, True),              # Dv != D, segments
     ("chunked_or_local", 1, 130, 2, 2, 64, 128, False),  # formula of an Or, T = 128 + 2
     ("full", 2, 100, 1, 1, 64, 64, True),                # one block, padded keys, segments
+    ("full", 2, 300, 2, 2, 128, 128, True),  # the H100 dk/dv failure's shape class (issue 6)
     ("block_sparse", 1, 300, 2, 1, 64, 64, False),       # per-head map, empty block, GQA
     ("block_sparse_and_causal", 2, 256, 2, 1, 64, 64, False),  # per (batch, head) map
 ])
@@ -100,6 +102,30 @@ def test_interpret_matches_oracle(name, B, T, Hq, Hkv, D, Dv, with_segments):
     for what, got, ref, x in zip(("dq", "dk", "dv"), vjp(do), want_grads, (q, k, v)):
         assert got.dtype == x.dtype and got.shape == x.shape
         assert_close(got, ref, TOL_BF16, what)
+
+
+@needs_interpreter
+def test_interpret_padded_query_rows_add_nothing():
+    """Full mask, segments (padded rows get id 0, the first document's), T not a multiple of the
+    128 blocks, Hq = Hkv: the kernels run on padded arrays whose padded query rows hold random
+    q and dO (and so a nonzero delta), as stale or unexpected memory would on a GPU. The forward
+    gives those rows lse2 = +inf, so dk and dv of the real keys still match the oracle (before
+    the fix these rows saw the first document with finite lse2 and leaked into its dk, dv)."""
+    B, T, Tp, H, D = 1, 200, 256, 2, 64
+    mask, seg = Full(), segments(T, B, T)
+    q, k, v, do = qkv(T, B, Tp, H, H, D, dtype=jnp.bfloat16)  # rows >= T: the padding
+    real = lambda x: x[:, :T]
+    cfg, seg_p, maps = mo.walk_setup(real(q), real(k), real(v), mask=mask, segment_ids=seg,
+                                     scale=D ** -0.5, interpret=plgpu.InterpretGPUParams())
+    o, lse2 = mosaic_gpu_fwd.forward(cfg, q, k, v, maps[0], seg_p)
+    assert np.all(np.asarray(lse2)[:, :, T:] == np.inf)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    grads = mosaic_gpu_bwd.backward(cfg, q, k, v, do, lse2, delta, maps, seg_p)
+    want, want_grads = oracle(real(q), real(k), real(v), allowed_matrix(mask, T, B, H, seg),
+                              do=real(do))
+    assert_close(real(o), want, TOL_BF16, "o")
+    for what, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
+        assert_close(real(got), ref, TOL_BF16, what)
 
 
 @needs_interpreter

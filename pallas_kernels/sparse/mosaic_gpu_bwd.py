@@ -19,8 +19,9 @@ forward, and no atomics:
   registers over the group); the producer brings each visited 128-row block of q, dO, lse2
   and delta, taken as two 64-row halves.
 
-Padded query rows carry dO = 0 and delta = 0, so they add nothing; rows that saw nothing
-have lse2 = +inf, so their p is 0.
+Padded query rows (>= T) and rows that saw nothing have lse2 = +inf (set by the forward), so
+their p and ds are exactly 0: padded rows add nothing to dk and dv whatever their q, dO and
+delta hold (the op pads dO with zeros, but the kernel does not rely on it).
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ Per visit v (key block j, kind from the block map), each consumer keeps per row,
 masking only visits that need it (``mosaic_gpu_util.mask_logits``: PARTIAL by the mask's
 formula, PAD_ONLY by k < T, every visit by segment ids when given). A row that saw nothing
 keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appears) and gets
-o = 0, lse2 = +inf. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
+o = 0, lse2 = +inf. Padded query rows (>= T) get lse2 = +inf too, so their recomputed weights
+are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
 [B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
 (reversed), which evens out causal work across the last wave of CTAs.
 
@@ -141,7 +142,8 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
-        lse_smem[wg] = jnp.where(seen, m + jnp.log(l_safe) * LOG2E, jnp.inf)
+        lse_smem[wg] = jnp.where(seen & _real_rows(cfg, first, row_layout),
+                                 m + jnp.log(l_safe) * LOG2E, jnp.inf)
         o_smem[wg] = o.astype(o_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows, h])
@@ -166,6 +168,15 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             return carry
 
         walk_visits(rows_ref, lambda _: row, 1, load, ())
+
+
+def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:
+    """True on the rows first .. first + WG_ROWS - 1 that are real queries (< T), in ``layout``;
+    plain True when T needs no padding."""
+    if cfg.meta.padded_len == cfg.meta.seq_len:
+        return True
+    rows = first + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS,), 0, layout=layout)
+    return rows < cfg.meta.seq_len
 
 
 def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array,

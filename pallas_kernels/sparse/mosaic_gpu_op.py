@@ -90,6 +90,18 @@ def mosaic_gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     ``mosaic_gpu_accepts`` returned None). ``interpret``: e.g. ``plgpu.InterpretGPUParams()``
     to run on CPU. Returns o [B, T, Hq, Dv] in q's dtype."""
     del logits_soft_cap, block_sizes  # declined by mosaic_gpu_accepts
+    cfg, seg, maps = walk_setup(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale,
+                                interpret=interpret)
+    pad = lambda x: common.pad_axis(x, cfg.meta.padded_len, axis=1)
+    o = _attention(cfg, pad(q), pad(k), pad(v), seg, maps)
+    return o[:, :q.shape[1]]
+
+
+def walk_setup(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask | BlockMap,
+               segment_ids: jax.Array | None, scale: float, interpret: Any = None
+               ) -> tuple[Walk, jax.Array | None, tuple[jax.Array, jax.Array]]:
+    """The kernels' static configuration of a call, its segment ids padded to Tp (None
+    without) and the packed (forward, transposed) visit rows of its block map."""
     B, T, Hq, Hkv, _, _ = common.check_qkv(q, k, v)
     bmap = mask if isinstance(mask, BlockMap) else make_block_map(mask, T, TILES)
     if (reason := _map_reason(bmap, B, T, Hq)) is not None:
@@ -97,12 +109,10 @@ def mosaic_gpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Bm, Hm = bmap.batch_heads
     cfg = Walk(meta=bmap.meta, scale=float(scale), groups=Hq // Hkv, map_batch=Bm, map_heads=Hm,
                use_segments=segment_ids is not None, interpret=interpret)
-    Tp = bmap.meta.padded_len
-    pad = lambda x: common.pad_axis(x, Tp, axis=1)
-    seg = None if segment_ids is None else pad(segment_ids.astype(jnp.int32))
+    seg = (None if segment_ids is None
+           else common.pad_axis(segment_ids.astype(jnp.int32), bmap.meta.padded_len, axis=1))
     maps = (visit_rows(bmap.fwd_index, bmap.fwd_kind), visit_rows(bmap.bwd_index, bmap.bwd_kind))
-    o = _attention(cfg, pad(q), pad(k), pad(v), seg, maps)
-    return o[:, :T]
+    return cfg, seg, maps
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -13,7 +13,7 @@
 
 Logits are kept in base 2: ``s2 = log2(e) * scale * q.k``, so softmax weights are
 ``exp2(s2 - m2)`` and the saved row statistic is ``lse2 = log2(sum_k exp2(s2))`` (+inf on a row
-that sees nothing, so its recomputed weights are exactly 0).
+that sees nothing and on a padded row >= T, so its recomputed weights are exactly 0).
 """
 from __future__ import annotations
 
