@@ -146,7 +146,20 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         row["mosaic_fwdbwd_ms"] = bc.time_jax(
             jax.jit(fwd_bwd(kernel_fn(scale, s0, seg, pc))), args)
         row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
+        if pc:
+            row["gk_prepass_ms"] = bc.time_jax(jax.jit(gk_prepass(scale)), [(q, k, g)])
     return row
+
+
+def gk_prepass(scale: float):
+    """The GLA path's chunk-parallel XLA part of the forward alone (chunk-local gate sums,
+    q~, k^, the intra-chunk scores A; ``mosaic_gpu_gk_chunks``), to split its forward time."""
+    from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
+
+    def run(q, k, gk):
+        b = chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
+        return chunks.decayed_tiles(q, k, b, scale, mosaic_gpu_gk.CHUNK)
+    return run
 
 
 def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float,
@@ -166,7 +179,8 @@ def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float,
         row["grad_ref"] = "xla"
         ref = xla_fn(scale, s0, seg, per_channel)
     f32 = lambda x: x.astype(jnp.float32)
-    want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
+    with jax.default_matmul_precision("highest"):  # GPU f32 matmuls default to TF32
+        want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
     errs = []
     for name, a, b in zip("qkvg", got, want):
         if a is None:
@@ -192,6 +206,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small cases only")
     ap.add_argument("--interpret", action="store_true",
                     help="dry run on CPU in GPU interpret mode (jax >= 0.12; small shapes)")
+    ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
     args = ap.parse_args()
     if args.interpret:
         global INTERPRET
@@ -204,13 +219,16 @@ def main() -> None:
         cases = [(1, 200, 1) + case[3:5] + (False,) for case in CASES if case[1] <= 2048]
     elif args.quick:
         cases = [case for case in CASES if case[1] <= 1000]
+    if args.cases:
+        cases = [CASES[i] for i in args.cases]
     rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_linear.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
-            "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "auto_impl"]
+            "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "gk_prepass_ms",
+            "auto_impl"]
     bc.print_table(rows, cols)
 
 
