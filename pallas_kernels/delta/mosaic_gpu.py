@@ -20,8 +20,9 @@ final state's cotangent down to chunk 0, writing the cotangent of the state leav
 chunk's gradients are independent: ``chunk_math.backward`` (the hand-written per-chunk
 backward of the XLA and portable paths) runs batched over all chunks in XLA and gives dq, dk,
 dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. (That XLA part
-recomputes T with ``chunk_math``'s power series, float32: slower than a kernel would be, and
-inexact for strongly correlated keys in a chunk without decay; see ``mosaic_gpu_prepass``.)
+recomputes T = (I + A)^-1 with ``chunk_math.inverse_unit_lower``, float32. On the H100 at the
+anchor it takes 11.4 of the 12.7 ms forward+backward: a per-chunk gradient kernel is the next
+step.)
 Saved for the backward: q, k, v, β, b, W, the initial state and the per-chunk states.
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
