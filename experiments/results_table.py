@@ -16,7 +16,7 @@ from collections import defaultdict
 def load(results_dir: str) -> tuple[dict, list[dict]]:
     runs, rows = {}, []
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "bench_*.json"))):
-        run = os.path.basename(os.path.dirname(path)).rsplit("_", 1)[-1]
+        run = os.path.basename(os.path.dirname(path)).split("_", 2)[-1]  # after device_date_
         with open(path) as f:
             data = json.load(f)
         runs[run] = (data["env"], data["ceilings"])

@@ -7,6 +7,8 @@
   tensor cores, with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
+* ``store_split``: a float32 array written to shared memory as bf16 hi (+ lo) parts, so that
+  tensor-core products with the parts, summed, read it to ~float32 accuracy;
 * ``warpgroup_index``, ``carry_state`` and ``TileRing``: the frame of the walk kernels (linear,
   GLA, delta), whose warpgroups each carry a float32 state block through a chunk loop fed by
   a ring of TMA-loaded tile slots;
@@ -34,8 +36,10 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# (Empty: the session that wrote or restructured them had no GPU.)
-GPU_CHECKED: frozenset[str] = frozenset()
+# "delta": check_mosaic_delta passed on the H100 at commit a3ddcbe (experiments/results/
+# h100_2026-11-23_s3_call1), and the path beats XLA there (fwd 0.50 vs 8.96 ms, fwd+bwd 12.7
+# vs 27.8 ms at the anchor).
+GPU_CHECKED: frozenset[str] = frozenset({"delta"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
@@ -48,6 +52,17 @@ def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
 def wgmma_zeros(shape: Sequence[int]) -> jax.Array:
     """float32 zeros in the wgmma accumulator register layout."""
     return plgpu.layout_cast(jnp.zeros(tuple(shape), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def store_split(parts: Sequence[Any], value: jax.Array) -> None:
+    """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape): parts[0] <- hi =
+    bf16(value) and, where a second ref is given, parts[1] <- lo = bf16(value - hi). A product
+    with hi plus one with lo reads value to a relative error of ~2^-16 (bf16's 8 bits twice)
+    instead of ~2^-8."""
+    hi = value.astype(parts[0].dtype)
+    parts[0][...] = hi
+    if len(parts) > 1:
+        parts[1][...] = (value - hi.astype(value.dtype)).astype(parts[1].dtype)
 
 
 def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
