@@ -10,6 +10,10 @@
 * the backward (three more walks, see ``mosaic_gpu_gk._backward``): dq, dk, dv, dgk, dg and the
   initial state's gradient against autodiff of the oracle, with output and final-state
   cotangents; the gate gradients to a tighter bound than the bf16 one (the hi + lo walks);
+* the chunk-parallel prepass (``mosaic_gpu_gk_chunks``): the bisection-anchored intra-chunk
+  scores, q~ and k^ against a float64 oracle with strong gates (steps of -30, segment resets of
+  -80, mild gates on other channels), in the forward's bf16 operands and the backward's float32,
+  and its vjp (dq, dk) in float32;
 * its ``accepts`` takes only calls with gk and declines everything else it does not support,
   and everything off Hopper.
 """
@@ -20,10 +24,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernel_utils import TOL_BF16, assert_close, log_gate, normal
+from kernel_utils import TOL_BF16, TOL_F32, assert_close, log_gate, normal
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.linear import mosaic_gpu as scalar_mg
+from pallas_kernels import chunk_common as cc
 from pallas_kernels.linear import mosaic_gpu_gk as mg
+from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
 from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
 from pallas_kernels.linear.reference import gated_linear_reference
 
@@ -165,6 +171,71 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segmen
             assert not np.any(np.asarray(a)), "dgk of the first step decays only zeros"
             continue
         assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
+
+
+def _prepass_inputs(seed, B, T, H, K, dtype):
+    """q, k (``dtype``) and the chunk-local gate sums b, padded to whole chunks as in the op.
+    Gates: log_sigmoid(N(0, 1) + 4) (mild), steps of -30 and segment resets of -80 on every
+    channel at random steps, and -20 per step on the first 8 channels."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, k = (normal(x, (B, T, H, K), dtype) for x in ks[:2])
+    lg = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)) + 4.0)
+    step = jax.random.uniform(ks[3], (B, T, H, 1))
+    lg = jnp.where(step < 0.1, -30.0, jnp.where(step > 0.95, -80.0, lg)).at[..., :8].set(-20.0)
+    Tp = -(-T // mk.CHUNK) * mk.CHUNK
+    q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
+    return q, k, chunks.chunk_log_gates(lg, mk.CHUNK)
+
+
+def _prepass_oracle(q, k, b, scale):
+    """(q~, k^, A) of ``mosaic_gpu_gk_chunks`` elementwise per channel, in the inputs' dtype
+    (float64 here): A_ij = scale sum_c q_ic k_jc e^{b_ic - b_jc}, j <= i."""
+    B, Tp, H, K = q.shape
+    C = mk.CHUNK
+    qc, kc, bc = (x.reshape(B, Tp // C, C, H, K) for x in (q, k, b))
+    mask = cc.causal_mask(C, C)[None, None, :, :, None, None]
+    decay = cc.masked_exp(bc[:, :, :, None] - bc[:, :, None, :], mask)   # [B, N, i, j, H, K]
+    a = scale * jnp.einsum("bnihk,bnjhk,bnijhk->bhnij", qc, kc, decay)
+    k_hat = kc * jnp.exp(bc[:, :, -1:] - bc)
+    return scale * q * jnp.exp(b), k_hat.reshape(q.shape), a.reshape(B, H, Tp, C)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, TOL_BF16), (jnp.float32, TOL_F32)])
+def test_prepass_matches_oracle_with_strong_gates(dtype, tol):
+    """q~, k^ and the bisection-anchored scores A: finite and accurate for any gate strength;
+    bf16 inputs (the forward) round the score operands to bf16, float32 ones (the backward) do
+    not (measured here: ~2e-3 and ~1.3e-7)."""
+    B, T, H, K = 2, 150, 2, 64
+    q, k, b = _prepass_inputs(1, B, T, H, K, dtype)
+    scale = K ** -0.5
+    got = chunks.decayed_tiles(q, k, b, scale, mk.CHUNK)
+    with jax.enable_x64(True):
+        want = [np.asarray(x) for x in _prepass_oracle(*map(_f64, (q, k, b)), scale)]
+    for name, g, w in zip(("q~", "k^", "A"), got, want):
+        assert g.dtype == jnp.float32, name
+        assert_close(g, w, tol, name)
+    upper = np.triu(np.ones((mk.CHUNK, mk.CHUNK), bool), 1)
+    a = np.asarray(got[2]).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
+    assert not np.any(a[..., upper]), "A has entries above the diagonal"
+
+
+def test_prepass_vjp_matches_oracle_with_strong_gates():
+    """dq, dk of the float32 prepass (the backward's ``jax.vjp``) at random cotangents of q~, k^
+    and all of A (the masked part included) against float64 autodiff of the oracle."""
+    B, T, H, K = 1, 150, 2, 64
+    q, k, b = _prepass_inputs(2, B, T, H, K, jnp.float32)
+    scale = K ** -0.5
+    ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    cots = (normal(ks[0], q.shape), normal(ks[1], k.shape),
+            normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
+    _, pullback = jax.vjp(lambda q, k: chunks.decayed_tiles(q, k, b, scale, mk.CHUNK), q, k)
+    got = pullback(cots)
+    with jax.enable_x64(True):
+        b64 = _f64(b)
+        _, pullback64 = jax.vjp(lambda q, k: _prepass_oracle(q, k, b64, scale), _f64(q), _f64(k))
+        want = [np.asarray(x) for x in pullback64(tuple(map(_f64, cots)))]
+    for name, g, w in zip(("dq", "dk"), got, want):
+        assert_close(g, w, TOL_F32, name)
 
 
 def test_accepts_declines_unsupported_calls():

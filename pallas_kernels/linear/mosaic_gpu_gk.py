@@ -9,9 +9,9 @@ d = e^{b_last} and the intra-chunk scores A (bf16 for the tensor cores); one wal
 o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
 
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
-numerically safe intra-chunk scores need per-sub-block anchors (four extra exponentials of
-[C, K] tiles and [16, 16, K] elementwise diagonals per chunk), which would sit on the walk's
-sequential critical path, while the prepass is chunk-parallel. Its cost is HBM traffic; per
+numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
+exponentials per element of q and k, six levels of small matmuls; ``mosaic_gpu_gk_chunks``),
+which would sit on the walk's sequential critical path, while the prepass is chunk-parallel. Its cost is HBM traffic; per
 token and head (K = V = 128): the prepass reads q, k (512 B) and gk (512 B f32) and writes
 q~, k^ (512 B) and A (128 B); the walk reads q~, k^, v, A (896 B) and writes o (256 B):
 about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16 anchor, ~0.55 ms at 2.7 TB/s against the 1.1 ms
