@@ -70,7 +70,7 @@ def attnlab_one_warpgroup_fn(gate: str):
     the next GPU run settles."""
     from pallas_kernels.linear import mosaic_gpu
 
-    fn = attnlab_fn(gate, "mosaic_gpu")
+    fn = attnlab_scalar_fn(gate)
 
     def run(*args):
         saved, mosaic_gpu.WARPGROUPS_PER_CTA = mosaic_gpu.WARPGROUPS_PER_CTA, 1
@@ -79,6 +79,14 @@ def attnlab_one_warpgroup_fn(gate: str):
         finally:
             mosaic_gpu.WARPGROUPS_PER_CTA = saved
     return run
+
+
+def attnlab_scalar_fn(gate: str):
+    """The scalar-gate Hopper kernel (``impl="mosaic_gpu"``: no gate or g; the row is skipped
+    for gk, which ``attnlab mosaic_gpu_gk`` runs)."""
+    if gate == "gk":
+        raise ValueError("mosaic_gpu runs no gate or a scalar gate g; gk: mosaic_gpu_gk")
+    return attnlab_fn(gate, "mosaic_gpu")
 
 
 def attnlab_gk_fn(gate: str):
@@ -118,7 +126,7 @@ def fla_fn(gate: str):
 IMPLS = {  # name -> (framework, builder)
     "attnlab xla": ("jax", lambda gate: attnlab_fn(gate, "xla")),
     "attnlab pallas": ("jax", lambda gate: attnlab_fn(gate, "pallas")),
-    "attnlab mosaic_gpu": ("jax", lambda gate: attnlab_fn(gate, "mosaic_gpu")),
+    "attnlab mosaic_gpu": ("jax", attnlab_scalar_fn),
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
     "jla mosaic_gpu": ("jax", jla_fn),

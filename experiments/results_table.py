@@ -3,6 +3,7 @@ bench, case, T, implementation; where several runs measured a case, each figure 
 its run folder's suffix, so nothing measured is hidden or averaged).
 
     python -m experiments.results_table [results_dir]
+    python -m experiments.results_table --plot bench_linear OUT.png RUN [RUN ...]   # runs merged
 """
 from __future__ import annotations
 
@@ -60,5 +61,23 @@ def markdown(results_dir: str) -> str:
     return "\n".join(out)
 
 
+def plot_runs(bench: str, path: str, runs: list[str], results_dir: str = "experiments/results") -> None:
+    """One plot (``bench_common.plot``) of ``bench``'s rows from several runs (e.g. the T = 4096
+    points of one call and the other T of the next); a point measured twice keeps the later run's."""
+    from types import SimpleNamespace
+
+    from experiments.bench_common import plot
+
+    env_of, rows = load(results_dir)
+    latest = {}
+    for r in rows:
+        if r["bench"] == bench and r["run"] in runs:
+            latest[(r["case"], r["direction"], r["impl"], r["T"])] = SimpleNamespace(**r)
+    plot(SimpleNamespace(name=bench, rows=list(latest.values()), env=env_of[runs[-1]][0]), path)
+
+
 if __name__ == "__main__":
-    print(markdown(sys.argv[1] if len(sys.argv) > 1 else "experiments/results"))
+    if sys.argv[1:2] == ["--plot"]:
+        plot_runs(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        print(markdown(sys.argv[1] if len(sys.argv) > 1 else "experiments/results"))
