@@ -43,10 +43,11 @@ GPU_CHECKED: frozenset[str] = frozenset({"delta"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
-    """SMEM tile laid out for TMA and wgmma: (8, 64) tiles of bf16 with a 128-byte swizzle."""
+    """SMEM tile laid out for TMA and wgmma: (8, 128 bytes) tiles ((8, 64) of bf16, (8, 32) of
+    float32) with a 128-byte swizzle."""
+    tile = (8, SWIZZLE // jnp.dtype(dtype).itemsize)
     return plgpu.SMEM(tuple(shape), dtype,
-                      transforms=(plgpu.TilingTransform((8, SWIZZLE // 2)),
-                                  plgpu.SwizzleTransform(SWIZZLE)))
+                      transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(SWIZZLE)))
 
 
 def wgmma_zeros(shape: Sequence[int]) -> jax.Array:

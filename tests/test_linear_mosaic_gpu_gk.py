@@ -13,7 +13,8 @@
 * the chunk-parallel prepass (``mosaic_gpu_gk_chunks``): the bisection-anchored intra-chunk
   scores, q~ and k^ against a float64 oracle with strong gates (steps of -30, segment resets of
   -80, mild gates on other channels), in the forward's bf16 operands and the backward's float32,
-  and its vjp (dq, dk) in float32;
+  and its vjp (dq, dk) in float32; the forward's Mosaic GPU prepass kernel
+  (``mosaic_gpu_gk_prepass``) lowers for cuda and, in interpret mode, matches the same oracle;
 * its ``accepts`` takes only calls with gk and declines everything else it does not support,
   and everything off Hopper.
 """
@@ -31,6 +32,7 @@ from pallas_kernels import chunk_common as cc
 from pallas_kernels.linear import mosaic_gpu_gk as mg
 from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
 from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
+from pallas_kernels.linear import mosaic_gpu_gk_prepass as mp
 from pallas_kernels.linear.reference import gated_linear_reference
 
 plgpu = mosaic_gpu_common.plgpu
@@ -236,6 +238,30 @@ def test_prepass_vjp_matches_oracle_with_strong_gates():
         want = [np.asarray(x) for x in pullback64(tuple(map(_f64, cots)))]
     for name, g, w in zip(("dq", "dk"), got, want):
         assert_close(g, w, TOL_F32, name)
+
+
+@pytest.mark.parametrize("K", [128, 64])
+def test_prepass_kernel_lowers_for_cuda(K):
+    sd = jax.ShapeDtypeStruct
+    args = (sd((2, 128, 3, K), jnp.bfloat16), sd((2, 128, 3, K), jnp.bfloat16),
+            sd((2, 128, 3, K), jnp.float32))
+    run = jax.jit(lambda q, k, b: mp.gk_prepass(q, k, b, 0.1))
+    assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K", [(1, 150, 2, 128), (2, 64, 1, 64)])
+def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
+    """q~, k^, A of the Mosaic GPU prepass (bf16 out; race detection on) against the float64
+    oracle, with the gates of ``_prepass_inputs``."""
+    q, k, b = _prepass_inputs(T, B, T, H, K, jnp.bfloat16)
+    scale = K ** -0.5
+    got = mp.gk_prepass(q, k, b, scale, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    with jax.enable_x64(True):
+        want = [np.asarray(x) for x in _prepass_oracle(*map(_f64, (q, k, b)), scale)]
+    for name, g, w in zip(("q~", "k^", "A"), got, want):
+        assert g.dtype == jnp.bfloat16 and g.shape == w.shape, name
+        assert_close(g, w, TOL_BF16, name)
 
 
 def test_accepts_declines_unsupported_calls():

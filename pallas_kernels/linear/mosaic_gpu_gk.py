@@ -1,22 +1,24 @@
 """The per-channel-gate (GLA) linear recurrence on Hopper: forward and backward around the Mosaic
-GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``) and the chunk-parallel XLA part
-(``mosaic_gpu_gk_chunks``, whose docstring has the per-chunk math).
+GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``) and the chunk-parallel prepass (the Mosaic GPU
+kernel ``mosaic_gpu_gk_prepass`` in the forward, its XLA form ``mosaic_gpu_gk_chunks`` in the
+backward; that docstring has the per-chunk math).
 
     S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
 
-Forward: XLA computes, for all chunks at once, q~ = scale q e^{b}, k^ = k e^{b_last - b},
-d = e^{b_last} and the intra-chunk scores A (bf16 for the tensor cores); one walk gives
+Forward: XLA computes the chunk-local gate sums b and the state decays d = e^{b_last}; a
+chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_prepass``, one CTA per chunk and head) makes
+q~ = scale q e^{b}, k^ = k e^{b_last - b} and the intra-chunk scores A in bf16; one walk gives
 o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
 
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
-exponentials per element of q and k, six levels of small matmuls; ``mosaic_gpu_gk_chunks``),
-which would sit on the walk's sequential critical path, while the prepass is chunk-parallel. Its cost is HBM traffic; per
-token and head (K = V = 128): the prepass reads q, k (512 B) and gk (512 B f32) and writes
-q~, k^ (512 B) and A (128 B); the walk reads q~, k^, v, A (896 B) and writes o (256 B):
-about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16 anchor, ~0.55 ms at 2.7 TB/s against the 1.1 ms
-budget (1.3 x jla's 0.854 ms). Fusing the prepass into the walk would save about half of that;
-it is the next step if the GPU measurement shows the prepass dominating.
+exponentials per element of q and k and six more small products per chunk;
+``mosaic_gpu_gk_chunks``), which would sit on the walk's sequential critical path, while the
+prepass is chunk-parallel. Its cost is HBM traffic; per token and head (K = V = 128): XLA reads
+gk and writes b (512 B each, f32), the prepass kernel reads q, k (512 B) and b (512 B) and
+writes q~, k^ (512 B) and A (128 B); the walk reads q~, k^, v, A (896 B) and writes o (256 B):
+about 3.8 KB, 2 GB at the B=8, T=4096, H=16 anchor, ~0.75 ms at 2.7 TB/s. Computing b inside
+the prepass kernel (a cumulative sum over the chunk's rows) would save 1 KB of it.
 
 Backward (``_backward``, a ``jax.custom_vjp``). With S_n the state entering chunk n and dS_n
 the cotangent of that state (dS_N = the final state's cotangent):
@@ -77,6 +79,7 @@ from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, piece_starts, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
+from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
 
 F32 = jnp.float32
@@ -126,8 +129,8 @@ def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     q, k, v, lg = _pad(T, P, q, k, v, lg)
     b = chunk_log_gates(lg, CHUNK)
     d = state_decay(b, CHUNK)
-    q_t, k_h, a = decayed_tiles(q, k, b, scale, CHUNK)
-    o, final = _walk_pieces(q_t.astype(dt), k_h.astype(dt), v, a.astype(dt), d,
+    q_t, k_h, a = gk_prepass(q, k, b, scale, interpret=interpret)
+    o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
     return o[:, :T], final

@@ -1,4 +1,5 @@
-"""The chunk-parallel part of the per-channel-gate (GLA) Hopper path, in plain jnp (XLA).
+"""The chunk-parallel prepass of the per-channel-gate (GLA) Hopper path, in plain jnp (XLA): the
+backward differentiates it; the forward runs its Mosaic GPU form (``mosaic_gpu_gk_prepass``).
 
 Per batch row, head and chunk of C = 64 steps, with lg the total log gate [C, K] (gk plus g,
 <= 0) and b its chunk-local inclusive cumulative sum (b_i <= b_j for i >= j, all <= 0):
@@ -35,11 +36,12 @@ writes its operands Q_h, K_h to memory: C·K elements per (chunk, head) and leve
 = 3 times the size of q and k together, in the matmul operand dtype, plus the f32 scores
 (C(C + 1)/2 used entries per chunk before assembly).
 
-Operand precision: ``decayed_tiles`` multiplies in the inputs' dtype. The forward passes bf16
-q and k, so the level operands are rounded to bf16 (float32 accumulation; A goes to the tensor
-cores in bf16 anyway). The backward calls it (through ``jax.vjp``) with float32 inputs: the level
-matmuls then run at HIGHEST precision, since the per-channel gate gradient needs float32-accurate
-dq and dk (``mosaic_gpu_gk``).
+Operand precision: ``decayed_tiles`` multiplies in the inputs' dtype. With bf16 q and k the level
+operands are rounded to bf16 (float32 accumulation), as in the forward's Mosaic GPU form of this
+prepass (``mosaic_gpu_gk_prepass``; A goes to the tensor cores in bf16 anyway). The backward
+calls it (through ``jax.vjp``) with float32 inputs: the level matmuls then run at HIGHEST
+precision, since the per-channel gate gradient needs float32-accurate dq and dk
+(``mosaic_gpu_gk``).
 """
 from __future__ import annotations
 
