@@ -152,13 +152,15 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
 
 
 def gk_prepass(scale: float):
-    """The GLA path's chunk-parallel XLA part of the forward alone (chunk-local gate sums,
-    q~, k^, the intra-chunk scores A; ``mosaic_gpu_gk_chunks``), to split its forward time."""
+    """The GLA path's forward prepass alone (chunk-local gate sums in XLA, then the
+    ``mosaic_gpu_gk_prepass`` kernel: q~, k^, the intra-chunk scores A), to split its forward
+    time."""
     from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
+    from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass as kernel
 
     def run(q, k, gk):
         b = chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
-        return chunks.decayed_tiles(q, k, b, scale, mosaic_gpu_gk.CHUNK)
+        return kernel(q, k, b, scale)
     return run
 
 

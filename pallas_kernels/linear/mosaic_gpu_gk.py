@@ -44,8 +44,9 @@ whole sequence, so dq and dk (in float32 until the end) must be close to float32
 the dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was
 off by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2
 (emulated in float32 outside the kernel); so these two walks get the rounded operand as
-hi + lo bf16 parts (``z_lo``) and read their state as hi + lo (``split_state``): two more
-wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
+hi + lo bf16 parts (``z_lo``, from ``common.split_bf16``: a bit mask, since XLA on GPU folds the
+f32 -> bf16 -> f32 round trip of the obvious split and zeroes lo) and read their state as
+hi + lo (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
 hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
 (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
 q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
@@ -117,12 +118,6 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
 
 
-def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """x (float32) as hi + lo, both in ``dtype``: about twice its mantissa bits."""
-    hi = x.astype(dtype)
-    return hi, (x - hi.astype(x.dtype)).astype(dtype)
-
-
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
@@ -145,7 +140,7 @@ def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
     d = state_decay(b, CHUNK)
     (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
                                       qp.astype(F32), kp.astype(F32))
-    (q_hi, q_lo), (k_hi, k_lo) = _split(q_t, dt), _split(k_h, dt)
+    (q_hi, q_lo), (k_hi, k_lo) = common.split_bf16(q_t), common.split_bf16(k_h)
     run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
     with_state = not isinstance(dstate, SymbolicZero)
