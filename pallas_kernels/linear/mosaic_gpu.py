@@ -27,8 +27,23 @@ form, so it is three more walks on permuted inputs:
 dq and dk leave the kernel in float32. The gate gradient follows in XLA from the cumulative-sum
 identity: dL/dG_t = q_t . dq_t - k_t . dk_t (+ sum(dS_T ⊙ S_T) at t = T-1), and
 dg_s = sum_{t >= s} dL/dG_t; without an initial state dg_0 = 0 exactly (g_0 then decays only
-zeros; the sum would leave rounding noise). Saved for the backward: q, k, v, g, the initial and
-final states (nothing per chunk).
+zeros; the sum would leave rounding noise). Saved for the backward: q, k, v, g and the initial
+state (nothing per chunk).
+
+Accuracy of the gate gradient. The identity cancels nearly equal terms and sums them over the
+whole sequence, so dq and dk must be close to float32-exact. The walks' inputs are exact bf16
+(k, q, dO, v), but three float32 values go to the tensor cores rounded to bf16: the carried
+state S (in x S), the decayed scores A (in A z) and the decayed z (in the state update). With
+the dq and dk walks in plain bf16, dg was off by 5.6e-3 (T = 1000) to 1.9e-2 (T = 2000)
+relative to the float64 oracle in interpret mode, growing with T (3.2e-2 at T = 16384 on the
+H100); splitting only S and the decayed z still left 1.2e-3 (T = 2000). So when the caller
+gives a gate, these two walks run ``precise`` (``mosaic_gpu_kernel``): each of the three
+operands as bf16 hi + lo parts (hi + lo = x to ~2^-16), three more wgmmas per chunk (7
+instead of 4) in two of the three backward walks. dg then matches the oracle to ~1e-5 (dq,
+dk, dv ~2e-3: the bf16 rounding of the outputs). S_T in the dL/dG_{T-1} term is the dq walk's
+final state (its S^T, accumulated precisely), not the forward's. The forward and the dv walk
+stay plain bf16, and so do all walks without a caller's gate (no dg wanted; segment resets
+alone are gates whose gradient nobody reads).
 
 Segment resets (packed documents) are gates of -80 at segment starts
 (``mosaic_gpu_gated_linear_attention``).
@@ -98,7 +113,7 @@ def piece_starts(local: jax.Array, decay: jax.Array, s0: jax.Array | None,
 
 
 def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
-             reverse: bool = False, pieces: int | None = None):
+             reverse: bool = False, precise: bool = False, pieces: int | None = None):
     """[B, T, H, *] inputs -> (o [B, T, H, V], final state [B, H, K, V] float32). ``s0``: the
     initial state (``reverse``: the carry from beyond the last step) or None. Pads T to whole
     pieces of chunks (padded steps have k = 0 and gate 0, so states pass through them
@@ -115,8 +130,8 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
         gp = pad(g.astype(jnp.float32))
         b = cc.chunk_cumsum(jnp.swapaxes(gp, 1, 2), CHUNK, axis=2)
         gamma = jnp.sum(gp.reshape(B, P, Tp // P, H), axis=2)
-    run = functools.partial(walk, scale=scale, pieces=P, reverse=reverse, groups=groups,
-                            interpret=interpret)
+    run = functools.partial(walk, scale=scale, pieces=P, reverse=reverse, precise=precise,
+                            groups=groups, interpret=interpret)
     if P > 1:
         _, local = run(None, k, v, b, None, states_only=True)
         gamma = jnp.zeros((B, P, H), jnp.float32) if gamma is None else gamma
@@ -130,23 +145,25 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
     return o[:, :T], final
 
 
-def _backward(q, k, v, g, s0, final_state, do, dstate, scale: float, interpret: Any):
-    """dq, dk, dv, dg, ds0 as three walks (module docstring)."""
+def _backward(q, k, v, g, s0, do, dstate, scale: float, interpret: Any, gate_grad: bool):
+    """dq, dk, dv, dg, ds0 as three walks (module docstring); ``gate_grad``: g is the caller's
+    gate (not only segment resets), so dg is wanted and the dq and dk walks run precise."""
     f32 = jnp.float32
     swap = lambda s: jnp.swapaxes(s, -1, -2)
-    run = lambda a, b, c, carry, dtype, reverse: _forward(a, b, c, g, carry, scale, interpret,
-                                                          dtype, reverse)
+    run = lambda a, b, c, carry, dtype, reverse, precise: _forward(
+        a, b, c, g, carry, scale, interpret, dtype, reverse, precise)
     with_state = not isinstance(dstate, SymbolicZero)
     carry = dstate.astype(f32) / scale if with_state else None
-    dq, _ = run(do, v, k, None if s0 is None else swap(s0), f32, False)
-    dk, _ = run(v, do, q, None if carry is None else swap(carry), f32, True)
-    dv, r = run(k, q, do, carry, f32 if with_state else v.dtype, True)
+    precise = gate_grad and g is not None  # only dg needs the dq and dk walks float32-exact
+    dq, final_t = run(do, v, k, None if s0 is None else swap(s0), f32, False, precise)
+    dk, _ = run(v, do, q, None if carry is None else swap(carry), f32, True, precise)
+    dv, r = run(k, q, do, carry, f32 if with_state else v.dtype, True, False)
     ds0 = None if s0 is None else (scale * r).astype(s0.dtype)
     dg = None
     if g is not None:
         dG = jnp.sum(q.astype(f32) * dq, axis=-1) - jnp.sum(k.astype(f32) * dk, axis=-1)
         if with_state:
-            dG = dG.at[:, -1].add(jnp.sum(dstate * final_state, axis=(-2, -1)))
+            dG = dG.at[:, -1].add(jnp.sum(dstate * swap(final_t), axis=(-2, -1)))
         dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 1), axis=1), 1)
         if s0 is None:
             dg = dg.at[:, 0].set(0.0)  # g_0 only decays the zero initial state
@@ -154,24 +171,23 @@ def _backward(q, k, v, g, s0, final_state, do, dstate, scale: float, interpret: 
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _recurrence(q, k, v, g, s0, scale, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _recurrence(q, k, v, g, s0, scale, interpret, gate_grad):
     return _forward(q, k, v, g, s0, scale, interpret)
 
 
-def _recurrence_fwd(q, k, v, g, s0, scale, interpret):
+def _recurrence_fwd(q, k, v, g, s0, scale, interpret, gate_grad):
     q, k, v, g, s0 = jax.tree.map(lambda p: p.value, (q, k, v, g, s0))  # symbolic_zeros wrappers
-    o, state = _forward(q, k, v, g, s0, scale, interpret)
-    return (o, state), (q, k, v, g, s0, state)
+    return _forward(q, k, v, g, s0, scale, interpret), (q, k, v, g, s0)
 
 
-def _recurrence_bwd(scale, interpret, residuals, cotangents):
+def _recurrence_bwd(scale, interpret, gate_grad, residuals, cotangents):
     """The Mosaic GPU backward (``_backward``); a cotangent that is a symbolic zero costs
     nothing (the usual case for the final state)."""
-    q, k, v, g, s0, state = residuals
+    q, k, v, g, s0 = residuals
     do, dstate = cotangents
     do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
-    return _backward(q, k, v, g, s0, state, do.astype(q.dtype), dstate, scale, interpret)
+    return _backward(q, k, v, g, s0, do.astype(q.dtype), dstate, scale, interpret, gate_grad)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
@@ -189,12 +205,13 @@ def mosaic_gpu_gated_linear_attention(q, k, v, *, g, gk, scale: float, initial_s
     any sum it joins) and the chunk-local cumulative gates stay finite; the gradient of the
     replaced gates is exactly zero (they never reach the output)."""
     del gk, chunk_size  # declined by mosaic_gpu_accepts
+    gate_grad = g is not None  # else g below holds only resets, whose gradient nobody reads
     if segment_ids is not None:
         B, T, H = q.shape[:3]
         starts = cc.segment_starts(segment_ids, B, T)[..., None]
         g = jnp.where(starts, RESET_LOG_GATE, jnp.zeros((B, T, H), jnp.float32) if g is None
                       else g)
-    return _recurrence(q, k, v, g, initial_state, float(scale), interpret)
+    return _recurrence(q, k, v, g, initial_state, float(scale), interpret, gate_grad)
 
 
 def mosaic_gpu_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_size,

@@ -40,8 +40,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, summed_products,
-                                              tiled_smem, warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, store_split,
+                                              summed_products, tiled_smem, warpgroup_index,
+                                              wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -132,11 +133,7 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
         plgpu.copy_gmem_to_smem(d_part, d_smem.at[slot], bar)
 
     ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=cfg.groups, w=w, consumed=consumed)
-    def store_state(state):
-        hi = state.astype(s_smem[0].dtype)
-        s_smem[0][w] = hi
-        if cfg.split_state:
-            s_smem[1][w] = (state - hi.astype(state.dtype)).astype(hi.dtype)
+    store_state = lambda state: store_split([part.at[w] for part in s_smem], state)
 
     ring.prefill()
     if not cfg.states_only:

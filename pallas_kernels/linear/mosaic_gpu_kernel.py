@@ -16,12 +16,22 @@ and S the state entering the chunk:
     S_next = exp(b_{C-1}) S + k^T (diag(exp(b_{C-1} - b)) v)                        [K, 64]
 
 All four products run on the tensor cores (``wgmma``, bf16 operands from shared memory, float32
-accumulators in registers): q k^T and q S (a bf16 copy of S), then A v (A written to shared
-memory) and k^T (decayed v) (a transposed view of the k tile). q, k, v tiles and the chunk's b
+accumulators in registers): q k^T and q S (a bf16 copy of S, as K/64 products of q's column
+blocks with S's row blocks), then A v (A written to shared memory) and k^T (decayed v) (a
+transposed view of the k tile). The three float32 operands S, A and the decayed v live in one
+buffer of [64, 64] bf16 tiles per warpgroup: S's copy is read before A and the decayed v are
+written and rewritten after they are read, so they share it. q, k, v tiles and the chunk's b
 arrive by TMA, double-buffered (warpgroup 0 issues the copies; a slot is refilled once every
 warpgroup has signalled that it is done reading it), so chunk n+1 loads while chunk n computes;
 o leaves by TMA. The loop's shared memory is a scoped allocation, reused afterwards for the
 float32 final state.
+
+``precise`` writes each of S, A and the decayed v as bf16 hi + lo parts (x = hi + lo to
+~2^-16 relative, ``mosaic_gpu_common.store_split``) and sums the products with both: three
+more wgmmas per chunk (x S_lo, A_lo v, k^T (decayed v)_lo). The backward's dq and dk walks
+use it when there is a gate, whose gradient needs them float32-exact (``mosaic_gpu.py``,
+"Accuracy of the gate gradient"); q, k, v are exact bf16 inputs there and need no split.
+With the shared tile buffer it fits two warpgroups' blocks at K = V = 128 with float32 o.
 
 ``reverse`` runs the anti-causal recurrence instead, chunks last to first, R the state
 entering a chunk from the later ones:
@@ -44,8 +54,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, products,
-                                              tiled_smem, warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, store_split,
+                                              summed_products, tiled_smem, warpgroup_index,
+                                              wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -63,6 +74,7 @@ class Walk:
     reverse: bool
     states_only: bool
     has_s0: bool
+    precise: bool        # the state, the scores A and the decayed v as bf16 hi + lo parts
     groups: int          # warpgroups per CTA, each with its own V block of 64 columns
     interpret: bool
 
@@ -79,34 +91,59 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, b_ref, s0_ref, *refs):
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     carry_state(functools.partial(_walk, cfg, q_ref, k_ref, v_ref, b_ref, o_ref, loaded,
                                   consumed, bi, piece, h, vb, w),
-                _walk_scratch(cfg, q_ref.dtype, K, o_ref), groups=cfg.groups, w=w, rows=K,
+                scratch_kw=_walk_scratch(cfg, q_ref.dtype, K, o_ref), groups=cfg.groups, w=w,
+                rows=K,
                 s0_src=s0_ref.at[r, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
                 sf_dst=sf_ref.at[r, h, :, cols])
 
 
-def _walk_scratch(cfg: Walk, dtype, K: int, o_ref) -> list:
-    """Shared memory of the chunk loop (one scoped allocation)."""
+def _operand_tiles(cfg: Walk, K: int) -> tuple[int, int]:
+    """(parts, tiles per warpgroup) of the buffer of [64, 64] bf16 operand tiles (below)."""
+    parts = 2 if cfg.precise else 1
+    return parts, parts if cfg.states_only else max(parts * K // V_BLOCK, 2 * parts)
+
+
+def _walk_scratch(cfg: Walk, dtype, K: int, o_ref) -> dict:
+    """Shared memory of the chunk loop (one scoped allocation). The float32 operands that go
+    to the tensor cores (the decayed v, the scores A and the state S) are written as bf16
+    parts (hi, and lo with ``precise``) into ``tiles`` [G n, 64, 64], warpgroup w's own
+    tiles w n + i: S part p rows 64 j.. at i = p K/64 + j; A part p at i = p, decayed v part p
+    at i = parts + p. Within a chunk step S's tiles are read (q S) before A and the decayed v
+    are written, and rewritten (for the next chunk) after those are read, so they share the
+    memory: with ``precise`` at K = 128 and float32 o, separate buffers for two warpgroups
+    would exceed the 227 KiB of shared memory."""
     G, S, C, Vb = cfg.groups, STAGES, CHUNK, V_BLOCK
-    scratch = [tiled_smem((S, C, K), dtype),                  # k
-               tiled_smem((G, S, C, Vb), dtype),              # v, one block per warpgroup
-               plgpu.SMEM((S, C), jnp.float32),               # b, read as a column
-               plgpu.SMEM((S, C), jnp.float32),               # b, read as a row
-               tiled_smem((G, C, Vb), dtype)]                 # decayed v
-    if not cfg.states_only:
-        o_tile = (tiled_smem((G, C, Vb), dtype) if o_ref.dtype == dtype
-                  else plgpu.SMEM((G, C, Vb), o_ref.dtype))
-        scratch += [tiled_smem((S, C, K), dtype),             # q
-                    tiled_smem((G, C, C), dtype),             # masked, decayed scores A
-                    tiled_smem((G, K, Vb), dtype),            # S in bf16 (for q S)
-                    o_tile]                                   # o
-    return scratch
+    scratch = dict(k_smem=tiled_smem((S, C, K), dtype),
+                   v_smem=tiled_smem((G, S, C, Vb), dtype),    # one block per warpgroup
+                   bc_smem=plgpu.SMEM((S, C), jnp.float32),    # b, read as a column
+                   br_smem=plgpu.SMEM((S, C), jnp.float32),    # b, read as a row
+                   tiles=tiled_smem((G * _operand_tiles(cfg, K)[1], C, Vb), dtype))
+    if cfg.states_only:
+        return scratch
+    o_tile = (tiled_smem((G, C, Vb), dtype) if o_ref.dtype == dtype
+              else plgpu.SMEM((G, C, Vb), o_ref.dtype))
+    return dict(scratch, q_smem=tiled_smem((S, C, K), dtype), o_smem=o_tile)
 
 
 def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, piece, h, vb, w,
-          state, k_smem, v_smem, bc_smem, br_smem, vd_smem, *more):
+          state, *, k_smem, v_smem, bc_smem, br_smem, tiles, q_smem=None, o_smem=None):
     """The chunk loop of one warpgroup; returns its final state block."""
-    q_smem, a_smem, s_smem, o_smem = more if more else (None,) * 4
     K, C, Vb, N = k_smem.shape[-1], CHUNK, V_BLOCK, cfg.chunks
+    P, per_warpgroup = _operand_tiles(cfg, K)
+    R = K // Vb                                             # S's row blocks of 64
+    tile = lambda i: tiles.at[w * per_warpgroup + i]        # this warpgroup's tile i
+    a_parts = [tile(p) for p in range(P)]
+    vd_parts = [tile((0 if cfg.states_only else P) + p) for p in range(P)]
+    s_blocks = [[tile(p * R + j) for p in range(P)] for j in range(R)]  # S rows 64 j.., parts
+
+    def store_state(state):
+        for j, parts in enumerate(s_blocks):
+            store_split(parts, state[j * Vb:(j + 1) * Vb])
+
+    def q_times_state(q_tile):
+        return [(q_tile.at[:, pl.ds(j * Vb, Vb)], s) for j, parts in enumerate(s_blocks)
+                for s in parts]
+
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     wgmma_layout = plgpu.Layout.WGMMA
     chunk_at = ((lambda n: piece * N + N - 1 - n) if cfg.reverse else (lambda n: piece * N + n))
@@ -127,7 +164,7 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
     ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=cfg.groups, w=w, consumed=consumed)
     ring.prefill()
     if not cfg.states_only:
-        s_smem[w] = state.astype(s_smem.dtype)
+        store_state(state)
         plgpu.commit_smem()
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma_layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma_layout)
@@ -140,9 +177,9 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
         q_tile, k_tile, v_tile = (None if cfg.states_only else q_smem.at[slot], k_smem.at[slot],
                                   v_smem.at[w, slot])
         if not cfg.states_only:
-            scores, o = products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
-                                 ((q_tile, transposed(k_tile)), (q_tile, s_smem.at[w])),
-                                 cfg.interpret)
+            scores, o = summed_products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
+                                        ([(q_tile, transposed(k_tile))], q_times_state(q_tile)),
+                                        cfg.interpret)
         v_val = plgpu.layout_cast(v_tile[...], wgmma_layout).astype(jnp.float32)
         if cfg.gated:
             b_col = plgpu.layout_cast(bc_smem[slot], wgmma_layout.reduce(1))
@@ -160,21 +197,22 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
                 o = o * jax.lax.broadcast_in_dim(cfg.scale * reads, (C, Vb), [0])
         elif not cfg.states_only:
             o = o * cfg.scale
-        vd_smem[w] = v_val.astype(vd_smem.dtype)
+        store_split(vd_parts, v_val)
+        update = [(transposed(k_tile), vd) for vd in vd_parts]
         if cfg.states_only:
             plgpu.commit_smem()
-            (state,) = products((state,), ((transposed(k_tile), vd_smem.at[w]),), cfg.interpret)
+            (state,) = summed_products((state,), (update,), cfg.interpret)
         else:
-            a_smem[w] = jnp.where(causal, scores * cfg.scale, 0.0).astype(a_smem.dtype)
+            store_split(a_parts, jnp.where(causal, scores * cfg.scale, 0.0))
             plgpu.commit_smem()
-            o, state = products((o, state), ((a_smem.at[w], v_tile),
-                                             (transposed(k_tile), vd_smem.at[w])), cfg.interpret)
+            o, state = summed_products((o, state), ([(a, v_tile) for a in a_parts], update),
+                                       cfg.interpret)
         ring.release(n, slot)  # every read of this slot is done
 
         if not cfg.states_only:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left o_smem
             o_smem[w] = o.astype(o_smem.dtype)
-            s_smem[w] = state.astype(s_smem.dtype)
+            store_state(state)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[w], o_ref.at[bi, pl.ds(chunk_at(n) * C, C), h, cols])
         return state
@@ -187,14 +225,15 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
 
 def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
          s0: jax.Array | None, *, scale: float, pieces: int = 1, reverse: bool = False,
-         states_only: bool = False, out_dtype: Any = None, groups: int | None = None,
-         interpret: Any = None) -> tuple[jax.Array | None, jax.Array]:
+         states_only: bool = False, precise: bool = False, out_dtype: Any = None,
+         groups: int | None = None, interpret: Any = None) -> tuple[jax.Array | None, jax.Array]:
     """The kernel call. q, k [B, Tp, H, K], v [B, Tp, H, V] bf16 with Tp a multiple of
     ``pieces`` * CHUNK (q unused, may be None, with ``states_only``); b [B, H, Tp] float32
     chunk-local cumulative log gates, or None (no gate); s0 [B * pieces, H, K, V] float32 the
     state handed to each piece (row = batch row * pieces + piece), or None (zeros).
     ``groups``: warpgroups (V blocks of 64) per CTA, sharing its q/k tiles; default all of V's
-    up to 2 (V = 128: one CTA per head, batch row and piece).
+    up to 2 (V = 128: one CTA per head, batch row and piece). ``precise``: S, A and the decayed
+    v as bf16 hi + lo parts (module docstring).
     Returns (o [B, Tp, H, V] in ``out_dtype`` (default k's), or None with ``states_only``;
     each piece's final state [B * pieces, H, K, V] float32)."""
     B, Tp, H, K = k.shape
@@ -205,7 +244,7 @@ def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
         raise ValueError(f"walk: T={Tp} must be a multiple of pieces*{CHUNK}={pieces * CHUNK}, "
                          f"V={V} of {V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
     cfg = Walk(num_chunks // pieces, pieces, float(scale), b is not None, reverse, states_only,
-               s0 is not None, groups, interpret is not None)
+               s0 is not None, precise, groups, interpret is not None)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
     b = b if cfg.gated else placeholder((1, 1, CHUNK))
     s0 = s0 if cfg.has_s0 else placeholder((1, 1, K, V_BLOCK))
