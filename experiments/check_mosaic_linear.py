@@ -148,19 +148,25 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
         if pc:
             row["gk_prepass_ms"] = bc.time_jax(jax.jit(gk_prepass(scale)), [(q, k, g)])
+            row["gk_cumsum_ms"] = bc.time_jax(jax.jit(gk_cumsum), [(g,)])
     return row
+
+
+def gk_cumsum(gk):
+    """The first part of the GLA prepass alone: the chunk-local cumulative log gates (XLA)."""
+    from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
+
+    return chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
 
 
 def gk_prepass(scale: float):
     """The GLA path's forward prepass alone (chunk-local gate sums in XLA, then the
     ``mosaic_gpu_gk_prepass`` kernel: q~, k^, the intra-chunk scores A), to split its forward
     time."""
-    from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
     from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass as kernel
 
     def run(q, k, gk):
-        b = chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
-        return kernel(q, k, b, scale)
+        return kernel(q, k, gk_cumsum(gk), scale)
     return run
 
 
@@ -230,6 +236,7 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "gk_prepass_ms",
+            "gk_cumsum_ms",
             "auto_impl"]
     bc.print_table(rows, cols)
 
