@@ -20,7 +20,7 @@ overhead). At the anchor the forward is also timed without the consumers' turn t
 first batch row. Each case runs on its own: a failure is printed and the next case goes on.
 Prints a table; writes ``check_mosaic_softmax.json`` into ``--out``.
 
-    python -m experiments.check_mosaic_softmax --out experiments/results [--quick]
+    python -m experiments.check_mosaic_softmax --out experiments/results [--quick] [--checks I ...]
 """
 from __future__ import annotations
 
@@ -179,10 +179,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="correctness cases only")
+    ap.add_argument("--checks", type=int, nargs="+",
+                    help="indices into CHECKS to run (default: all); with --quick, nothing else")
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)
-    checks = bc.run_cases(check_case, CHECKS, ("B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments"))
+    checks = CHECKS if args.checks is None else [CHECKS[i] for i in args.checks]
+    checks = bc.run_cases(check_case, checks, ("B", "T", "Hq", "Hkv", "D", "Dv", "mask", "segments"))
     timings = [] if args.quick else bc.run_cases(time_case, TIMINGS, ("B", "T", "Hq", "D", "mask"))
     _sparse_ratios(timings)
     os.makedirs(args.out, exist_ok=True)
