@@ -9,9 +9,9 @@
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
 * ``store_split``: a float32 array written to shared memory as bf16 hi (+ lo) parts, so that
   tensor-core products with the parts, summed, read it to ~float32 accuracy;
-* ``warpgroup_index``, ``carry_state`` and ``TileRing``: the frame of the walk kernels (linear,
-  GLA, delta), whose warpgroups each carry a float32 state block through a chunk loop fed by
-  a ring of TMA-loaded tile slots;
+* ``warpgroup_index``, ``carry_state``, ``TileRing`` and ``launch_walk``: the frame of the walk
+  kernels (linear, GLA, delta), whose warpgroups each carry a float32 state block through a
+  chunk loop fed by a ring of TMA-loaded tile slots;
 * ``is_hopper`` and ``hopper_accepts``: the common part of every Hopper kernel's ``accepts``.
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs these kernels on CPU.
@@ -181,6 +181,30 @@ class TileRing:
                     plgpu.barrier_wait(self.consumed.at[slot])
                 self.issue_loads(n + self.stages, slot)
             self._in_producer(refill)
+
+
+def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_type: Sequence[Any],
+                copies: int, stages: int, groups: int, grid: tuple[int, int, int],
+                interpret: Any) -> tuple[jax.Array, ...]:
+    """Run a walk kernel ``body(*in_refs, *out_refs, loaded, consumed, s0_loaded)`` over the
+    grid (V blocks, heads, rows) with one thread per warpgroup and the walk frame's barriers:
+    ``loaded`` (per ring slot, ``copies`` TMA arrivals), ``consumed`` (per slot, one arrival per
+    warpgroup: ``TileRing``) and ``s0_loaded`` (per warpgroup, its initial-state block:
+    ``carry_state``). Returns the outputs as a tuple."""
+    outs = plgpu.kernel(
+        body,
+        out_type=tuple(out_type),
+        scratch_types=[
+            plgpu.Barrier(num_arrivals=copies, num_barriers=stages),       # tile slot loaded
+            plgpu.Barrier(num_arrivals=groups, num_barriers=stages),       # slot read by all
+            plgpu.Barrier(num_arrivals=1, num_barriers=groups),            # s0 block loaded
+        ],
+        grid=grid,
+        grid_names=("vblocks", "heads", "rows"),
+        **({"num_threads": groups, "thread_name": "wg"} if groups > 1 else {}),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(*args)
+    return tuple(outs)
 
 
 def is_hopper() -> bool:

@@ -44,8 +44,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, products,
-                                              tiled_smem, warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, pl, plgpu,
+                                              products, tiled_smem, warpgroup_index,
+                                              wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
@@ -270,20 +271,9 @@ def walk(q: jax.Array, k: jax.Array, w: jax.Array, x: jax.Array, b: jax.Array | 
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
     out_type.append(state_type)
     copies = 3 + groups + (2 if cfg.gated else 0)
-    outs = plgpu.kernel(
-        functools.partial(_kernel, cfg),
-        out_type=tuple(out_type),
-        scratch_types=[
-            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
-            plgpu.Barrier(num_arrivals=groups, num_barriers=STAGES),       # slot read by all
-            plgpu.Barrier(num_arrivals=1, num_barriers=groups),            # s0 block loaded
-        ],
-        grid=(V // (V_BLOCK * groups), H, B),
-        grid_names=("vblocks", "heads", "rows"),
-        **({"num_threads": groups, "thread_name": "wg"} if groups > 1 else {}),
-        **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, w, x, b, s0)
-    outs = tuple(outs)
+    outs = launch_walk(functools.partial(_kernel, cfg), (q, k, w, x, b, s0), out_type=out_type,
+                       copies=copies, stages=STAGES, groups=groups,
+                       grid=(V // (V_BLOCK * groups), H, B), interpret=interpret)
     if save_states:  # the final carry last, the per-chunk states after it
         outs = outs[:-2] + (outs[-1], outs[-2])
     return outs

@@ -40,9 +40,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, store_split,
-                                              summed_products, tiled_smem, warpgroup_index,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, pl, plgpu,
+                                              store_split, summed_products, tiled_smem,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -218,17 +218,7 @@ def gk_walk(x: jax.Array | None, y: jax.Array, z: jax.Array, a: jax.Array | None
     state_type = jax.ShapeDtypeStruct((B * pieces, H, Dk, Dv), jnp.float32)
     out_type = ((state_type,) if states_only
                 else (jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype), state_type))
-    outs = plgpu.kernel(
-        functools.partial(_kernel, cfg),
-        out_type=out_type,
-        scratch_types=[
-            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
-            plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
-            plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
-        ],
-        grid=(Dv // (V_BLOCK * groups), H, B * pieces),
-        grid_names=("vblocks", "heads", "rows"),
-        **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
-        **({} if interpret is None else {"interpret": interpret}),
-    )(x, y, z, z_lo, a, d, s0)
+    outs = launch_walk(functools.partial(_kernel, cfg), (x, y, z, z_lo, a, d, s0),
+                       out_type=out_type, copies=copies, stages=STAGES, groups=cfg.groups,
+                       grid=(Dv // (V_BLOCK * groups), H, B * pieces), interpret=interpret)
     return (None, outs[0]) if states_only else tuple(outs)

@@ -54,9 +54,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, pl, plgpu, store_split,
-                                              summed_products, tiled_smem, warpgroup_index,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, pl, plgpu,
+                                              store_split, summed_products, tiled_smem,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -254,17 +254,7 @@ def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
     out_type = ((state_type,) if states_only
                 else (jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), state_type))
     copies = (0 if states_only else 1) + 1 + cfg.groups + (2 if cfg.gated else 0)
-    outs = plgpu.kernel(
-        functools.partial(_kernel, cfg),
-        out_type=out_type,
-        scratch_types=[
-            plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),       # tile slot loaded
-            plgpu.Barrier(num_arrivals=cfg.groups, num_barriers=STAGES),   # slot read by all
-            plgpu.Barrier(num_arrivals=1, num_barriers=cfg.groups),        # s0 block loaded
-        ],
-        grid=(V // (V_BLOCK * groups), H, B * pieces),
-        grid_names=("vblocks", "heads", "rows"),
-        **({"num_threads": cfg.groups, "thread_name": "wg"} if cfg.groups > 1 else {}),
-        **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, v, b, s0)
+    outs = launch_walk(functools.partial(_kernel, cfg), (q, k, v, b, s0), out_type=out_type,
+                       copies=copies, stages=STAGES, groups=cfg.groups,
+                       grid=(V // (V_BLOCK * groups), H, B * pieces), interpret=interpret)
     return (None, outs[0]) if states_only else tuple(outs)
