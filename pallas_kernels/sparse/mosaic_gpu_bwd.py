@@ -67,6 +67,16 @@ def _launch(cfg: Walk, kernel, out_type, grid, names, *args):
     )(*args)
 
 
+def _barriers(cfg: Walk, *, resident_copies: int, ring_copies: int) -> list:
+    """Both backward kernels' barriers: each warpgroup's resident tiles loaded (one barrier per
+    warpgroup), a ring slot loaded (one per slot), a slot consumed by every warpgroup. With
+    segments one segment-id copy joins each load."""
+    seg = 1 if cfg.use_segments else 0
+    return [plgpu.Barrier(num_arrivals=resident_copies + seg, num_barriers=CONSUMERS),
+            plgpu.Barrier(num_arrivals=ring_copies + seg, num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES)]
+
+
 # ----------------------------------------------------------------------------------------- dq
 
 def _dq_kernel(cfg: Walk, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, seg_ref,
@@ -86,10 +96,7 @@ def _dq_kernel(cfg: Walk, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_
                tiled_smem((W, WG_ROWS, HALF), dtype) if cfg.interpreted else None,  # ds stage
                plgpu.SMEM((W, WG_ROWS), jnp.int32) if cfg.use_segments else None,
                plgpu.SMEM((STAGES, BLOCK_K), jnp.int32) if cfg.use_segments else None]
-    seg_copies = 1 if cfg.use_segments else 0
-    barriers = [plgpu.Barrier(num_arrivals=4 + seg_copies, num_barriers=W),       # q side loaded
-                plgpu.Barrier(num_arrivals=2 + seg_copies, num_barriers=STAGES),  # k, v loaded
-                plgpu.Barrier(num_arrivals=W, num_barriers=STAGES)]               # slot consumed
+    barriers = _barriers(cfg, resident_copies=4, ring_copies=2)  # q, dO, lse2, delta | k, v
 
     def body(scratch, barriers):
         q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, stage, qseg, kseg = scratch
@@ -171,10 +178,7 @@ def _dkv_kernel(cfg: Walk, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows
                tiled_smem((W, keys_per_wg, HALF), dtype) if cfg.interpreted else None,  # stage
                plgpu.SMEM((W, keys_per_wg), jnp.int32) if cfg.use_segments else None,
                plgpu.SMEM((STAGES, BLOCK_Q), jnp.int32) if cfg.use_segments else None]
-    seg_copies = 1 if cfg.use_segments else 0
-    barriers = [plgpu.Barrier(num_arrivals=2 + seg_copies, num_barriers=W),       # k side loaded
-                plgpu.Barrier(num_arrivals=4 + seg_copies, num_barriers=STAGES),  # q side loaded
-                plgpu.Barrier(num_arrivals=W, num_barriers=STAGES)]               # slot consumed
+    barriers = _barriers(cfg, resident_copies=2, ring_copies=4)  # k, v | q, dO, lse2, delta
     row_of = lambda g: cfg.map_row(b, hk * cfg.groups + g, kb, nk)
 
     def body(scratch, barriers):
