@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and PyTorch share the GPU
 
@@ -143,6 +143,18 @@ def rel_err(out: Any, ref: Any) -> float:
     if not np.all(np.isfinite(out)):
         return float("inf")
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def record_errors(row: dict, named: Iterable[tuple[str, Any, Any]]) -> list[float]:
+    """For each (name, out, ref): row["err_<name>"] = ``rel_err`` (inf where out holds NaN/inf)
+    and row["nan_<name>"] = out's NaN count. Returns the errors in order."""
+    errs = []
+    for name, out, ref in named:
+        out = to_numpy(out)
+        row[f"err_{name}"] = rel_err(out, to_numpy(ref))
+        row[f"nan_{name}"] = int(np.isnan(out).sum())
+        errs.append(row[f"err_{name}"])
+    return errs
 
 
 def to_numpy(x: Any) -> np.ndarray:

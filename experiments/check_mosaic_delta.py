@@ -110,10 +110,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
     o, s = jax.block_until_ready(kernel(q, k, v, beta, g))
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     o_ref, s_ref = jax.jit(lambda *a: oracle_fn(scale, s0, seg)(*map(f32, a)))(q, k, v, beta, g)
-    row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
-    row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, beta, g, s0, seg,
+    errs = bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]] + check_gradients(row, q, k, v, beta, g, s0, seg,
                                                               do, scale)
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, beta, g, scale)
@@ -168,12 +166,7 @@ def check_gradients(row: dict, q, k, v, beta, g, s0, seg, do, scale: float) -> l
     want = jax.jit(fwd_bwd(lambda s0: ref(scale, s0, seg), with_s0))(
         f32(q), f32(k), f32(v), beta, g, s0, f32(do))
     names = [n for n in NAMES if n != "g" or g is not None] + (["s0"] if with_s0 else [])
-    errs = []
-    for name, a, b in zip(names, got, want):
-        row[f"err_d{name}"] = bc.rel_err(bc.to_numpy(a), bc.to_numpy(b))
-        row[f"nan_d{name}"] = int(np.isnan(bc.to_numpy(a)).sum())
-        errs.append(row[f"err_d{name}"] if row[f"nan_d{name}"] == 0 else float("inf"))
-    return errs
+    return bc.record_errors(row, [(f"d{name}", a, b) for name, a, b in zip(names, got, want)])
 
 
 def _auto_choice(q, k, v, beta, g, scale) -> str:

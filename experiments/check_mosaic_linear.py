@@ -129,10 +129,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
     o_ref, s_ref = jax.jit(lambda q, k, v, g: gated_linear_reference(
         f32(q), f32(k), f32(v), **_gates(g, pc), scale=scale, initial_state=s0,
         segment_ids=seg))(q, k, v, g)
-    row["err_o"] = bc.rel_err(bc.to_numpy(o), bc.to_numpy(o_ref))
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
-    row["nan_o"] = int(np.isnan(bc.to_numpy(o)).sum())
-    errs = [row["err_o"], row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do,
+    errs = bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do,
                                                               scale, pc)
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, g, s0, seg, scale, pc)
@@ -189,14 +187,8 @@ def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float,
     f32 = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):  # GPU f32 matmuls default to TF32
         want = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), g, f32(do))
-    errs = []
-    for name, a, b in zip("qkvg", got, want):
-        if a is None:
-            continue
-        row[f"err_d{name}"] = bc.rel_err(bc.to_numpy(a), bc.to_numpy(b))
-        row[f"nan_d{name}"] = int(np.isnan(bc.to_numpy(a)).sum())
-        errs.append(row[f"err_d{name}"] if row[f"nan_d{name}"] == 0 else float("inf"))
-    return errs
+    return bc.record_errors(row, [(f"d{name}", a, b) for name, a, b in zip("qkvg", got, want)
+                                  if a is not None])
 
 
 def _auto_choice(q, k, v, g, s0, seg, scale, per_channel: bool = False) -> str:

@@ -123,11 +123,7 @@ def check_case(B, T, Hq, Hkv, D, Dv, name, with_segments) -> dict:
     grads = jax.block_until_ready(jax.jit(fwd_bwd(kernel))(q, k, v, do))
     o_ref = jax.jit(ref)(f32(q), f32(k), f32(v))
     grads_ref = jax.jit(fwd_bwd(ref))(f32(q), f32(k), f32(v), f32(do))
-    errs = []
-    for what, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref)):
-        row[f"err_{what}"] = bc.rel_err(bc.to_numpy(a), bc.to_numpy(b))
-        row[f"nan_{what}"] = int(np.isnan(bc.to_numpy(a)).sum())
-        errs.append(row[f"err_{what}"])
+    errs = bc.record_errors(row, zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref)))
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     return row
 
