@@ -163,8 +163,9 @@ def check_gradients(row: dict, q, k, v, beta, g, s0, seg, do, scale: float) -> l
     else:
         row["grad_ref"], ref = "xla", xla_fn
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
-    want = jax.jit(fwd_bwd(lambda s0: ref(scale, s0, seg), with_s0))(
-        f32(q), f32(k), f32(v), beta, g, s0, f32(do))
+    with jax.default_matmul_precision("highest"):  # GPU f32 matmuls default to TF32
+        want = jax.jit(fwd_bwd(lambda s0: ref(scale, s0, seg), with_s0))(
+            f32(q), f32(k), f32(v), beta, g, s0, f32(do))
     names = [n for n in NAMES if n != "g" or g is not None] + (["s0"] if with_s0 else [])
     return bc.record_errors(row, [(f"d{name}", a, b) for name, a, b in zip(names, got, want)])
 
