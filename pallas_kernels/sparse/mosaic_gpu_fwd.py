@@ -11,22 +11,27 @@ One CTA per (query block of BLOCK_Q = 128 rows, q head, batch row), three warpgr
 
 Per visit v (key block j, kind from the block map), each consumer keeps per row, in registers,
 
-    s2  = log2(e) scale q k_j^T                   (wgmma, float32 [64, 128]; -inf where masked)
-    m'  = max(m, max_k s2),    p = exp2(s2 - m'),   alpha = exp2(m - m')
+    s   = q k_j^T                                 (wgmma, float32 [64, 128]; -inf where masked)
+    m'  = max(m, c max_k s),   p = exp2(c s - m'),   alpha = exp2(m - m')     (c = log2(e) scale)
     l'  = alpha l + sum_k p,   acc' = alpha acc + p v_j      (wgmma, p in bf16)
 
+(``online_softmax``: m in base 2 and scaled, so p costs one fused multiply-add per logit),
 masking only visits that need it (``mosaic_gpu_util.mask_logits``: PARTIAL by the mask's
-formula, PAD_ONLY by k < T, every visit by segment ids when given). A row that saw nothing
-keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appears) and gets
+formula, PAD_ONLY by k < T, every visit by segment ids when given). m starts at the finite
+M_INIT, so a row that saw nothing keeps l = 0 (p = exp2(-inf) = 0, alpha = 1: no NaN) and gets
 o = 0, lse2 = +inf. Padded query rows (>= T) get lse2 = +inf too, so their recomputed weights
-are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
-[B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
-(reversed), which evens out causal work across the last wave of CTAs.
+are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l
+(bf16, by TMA) and lse2 = m + log2 l (float32 [B, H, Tp]: base-2 log-sum-exp, for the
+backward). Query blocks are launched longest-first (reversed), which evens out causal work
+across the last wave of CTAs. The wait for the next visit's keys runs while the p v_j wgmma
+is in flight.
 
 Turn taking (``PINGPONG``, the FA3 schedule): a two-arrival barrier that each consumer passes
 right after issuing its q k^T wgmma and again after its softmax, warpgroup 1 one pass ahead of
 warpgroup 0 (the two walk the same number of visits, so the passes pair up); so one consumer's
-softmax runs while the other's products occupy the tensor cores.
+softmax runs while the other's products occupy the tensor cores. The softmax results go
+through ``lax.optimization_barrier`` before the turn passes, so the compiler cannot sink the
+softmax past the barrier into the other consumer's turn.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ CONSUMERS = 2
 CONSUMER_REGISTERS = 232
 PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
 PRODUCER_REGISTERS = 40
+M_INIT = -1e30      # finite start of the running max: a row that saw nothing keeps l = 0, no NaN
 
 
 def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
@@ -98,9 +104,11 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         q_seg = (plgpu.layout_cast(qseg_smem[wg], row_layout) if cfg.use_segments else None)
         Dv = v_smem.shape[-1]
-        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
         acc = wgmma_zeros((WG_ROWS, Dv))
+        count = rows_ref[row, 0]
+        pl.when(count > 0)(lambda: plgpu.barrier_wait(k_loaded.at[0]))
 
         def take_turn():
             plgpu.barrier_arrive(turns)
@@ -109,30 +117,33 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         if PINGPONG:
             pl.when(wg == 1)(take_turn)
 
+        def await_next_keys(step):
+            @pl.when(step + 1 < count)
+            def _():
+                plgpu.barrier_wait(k_loaded.at[jax.lax.rem(step + 1, STAGES)])
+
         def visit(step, _, code, carry):
             acc, m, l = carry
             k_block, kind = unpack(code)
             slot = jax.lax.rem(step, STAGES)
-            plgpu.barrier_wait(k_loaded.at[slot])
             (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]),
                           after_issue=take_turn if PINGPONG else None)
             k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
                      if cfg.use_segments else None)
             plgpu.barrier_arrive(k_consumed.at[slot])
-            s = mask_logits(cfg, s * cfg.log2_scale, kind, first, k_block * BLOCK_K, q_seg, k_seg)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
-            p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
-            alpha = jnp.exp2(m - base)
-            l = l * alpha + jnp.sum(p, axis=1)
+            s = mask_logits(cfg, s, kind, first, k_block * BLOCK_K, q_seg, k_seg)
+            m_new, alpha, l, p = online_softmax(s, cfg.log2_scale, m, l)
             acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(v_smem.dtype)
+            # computed before the turn passes: the compiler may not sink it past the barriers
+            acc, m_new, l, p = jax.lax.optimization_barrier((acc, m_new, l, p))
             if PINGPONG:
                 plgpu.barrier_arrive(turns)
             plgpu.barrier_wait(v_loaded.at[slot])
             if PINGPONG:
                 plgpu.barrier_wait(turns)
-            acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
-                          None if p_smem is None else p_smem.at[wg], cfg.interpreted)
+            acc = product(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
+                          cfg.interpreted, after_issue=lambda: await_next_keys(step))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
@@ -168,6 +179,17 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             return carry
 
         walk_visits(rows_ref, lambda _: row, 1, load, ())
+
+
+def online_softmax(s: jax.Array, log2_scale: float, m: jax.Array, l: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One block of the online softmax on raw logits ``s`` [rows, keys] (-inf where masked):
+    the running max m (base 2, scaled) and sum l -> (m', alpha, l', p) with p = exp2(c s - m')
+    (one fused multiply-add per logit), alpha = exp2(m - m'), l' = alpha l + sum_k p."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * log2_scale)
+    p = jnp.exp2(s * log2_scale - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
+    alpha = jnp.exp2(m - m_new)
+    return m_new, alpha, l * alpha + jnp.sum(p, axis=1), p
 
 
 def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:
