@@ -39,7 +39,10 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # "delta": check_mosaic_delta passed on the H100 at commit a3ddcbe (experiments/results/
 # h100_2026-11-23_s3_call1), and the path beats XLA there (fwd 0.50 vs 8.96 ms, fwd+bwd 12.7
 # vs 27.8 ms at the anchor).
-GPU_CHECKED: frozenset[str] = frozenset({"delta"})
+# "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
+# H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
+# padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.
+GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
