@@ -17,12 +17,11 @@ materialises for its backward; saving them costs one TMA store per chunk, recomp
 would cost a second forward walk). The reverse walk then carries the state cotangent from the
 final state's cotangent down to chunk 0, writing the cotangent of the state leaving every chunk
 (bf16) and returning the initial state's cotangent. With both per-chunk states known, every
-chunk's gradients are independent: ``chunk_math.backward`` (the hand-written per-chunk
-backward of the XLA and portable paths) runs batched over all chunks in XLA and gives dq, dk,
-dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. (That XLA part
-recomputes T = (I + A)^-1 with ``chunk_math.inverse_unit_lower``, float32. On the H100 at the
-anchor it takes 11.4 of the 12.7 ms forward+backward: a per-chunk gradient kernel is the next
-step.)
+chunk's gradients are independent: the chunk-gradient kernel (``mosaic_gpu_grads``, one CTA
+per (chunk, head, batch row); it recomputes T = (I + A)^-1 by the prepass's recursive doubling
+and runs ``chunk_math.backward``'s products on the tensor cores) gives dq, dk, dv, dβ and db;
+autodiff carries db back through the chunk cumsum to dg. (Before it, that part ran batched in
+XLA and took 11.4 of the 12.7 ms forward+backward on the H100 at the anchor.)
 Saved for the backward: q, k, v, β, b, W, the initial state and the per-chunk states.
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.delta import chunk_math
+from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads
 from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, walk
 from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
@@ -55,35 +54,10 @@ RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-
 F32 = jnp.float32
 
 
-def _chunks(x: jax.Array) -> jax.Array:
-    """[B, Tp, H, D] -> [B, H, N, C, D]."""
-    B, Tp, H, D = x.shape
-    return jnp.moveaxis(x.reshape(B, Tp // CHUNK, CHUNK, H, D), 3, 1)
-
-
-def _unchunk(x: jax.Array) -> jax.Array:
-    """[B, H, N, C, D] -> [B, Tp, H, D]."""
-    B, H, N, C, D = x.shape
-    return jnp.moveaxis(x, 1, 3).reshape(B, N * C, H, D)
-
-
-def _gates(b: jax.Array | None) -> chunk_math.Gates:
-    """b [B, H, Tp] -> per-chunk Gates ([B, H, N, C, 1] and [B, H, N, 1, C]; no run ids)."""
-    if b is None:
-        return chunk_math.Gates(None, None, None, None)
-    B, H, Tp = b.shape
-    chunked = b.reshape(B, H, Tp // CHUNK, CHUNK)
-    return chunk_math.Gates(chunked[..., :, None], chunked[..., None, :], None, None)
-
-
 def gate_cumsum(g: jax.Array) -> jax.Array:
     """Time-padded log gates g [B, Tp, H] -> b [B, H, Tp] float32, the chunk-local cumulative
     sums the walks read."""
     return cc.chunk_cumsum(jnp.swapaxes(g.astype(F32), 1, 2), CHUNK, axis=2)
-
-
-def _over_chunks(f):
-    return jax.vmap(jax.vmap(jax.vmap(f)))
 
 
 def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None,
@@ -110,24 +84,17 @@ def _delta_fwd(q, k, v, beta, b, s0, scale, interpret):
     return (o, final), (q, k, v, beta, b, s0, W, states)
 
 
-def chunk_gradients(q, k, v, beta, b, states, do, d_states, scale: float):
-    """Every chunk's gradients at once (XLA, ``chunk_math.backward``) from the states entering
-    the chunks and the cotangents of the states leaving them ([B, N, H, K, V]). Returns (dq, dk,
-    dv in their dtypes, dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or None ungated)."""
-    def one(q, k, v, beta, gates, s, do, ds):
-        dq, dk, dv, dbeta, db_col, db_row, _ = chunk_math.backward(q, k, v, beta, gates, s, do,
-                                                                   ds)
-        return dq, dk, dv, dbeta[:, 0], db_col[:, 0] + db_row[0]
-    per_head = lambda x: jnp.moveaxis(x, 1, 2).astype(F32)  # [B, N, H, K, V] -> [B, H, N, K, V]
-    f32 = lambda x: _chunks(x).astype(F32)
-    dq, dk, dv, dbeta, db = _over_chunks(one)(
-        f32(q), f32(k), f32(v), f32(beta[..., None]), _gates(b), per_head(states),
-        scale * f32(do), per_head(d_states))
-    B, H, N, C = db.shape
-    dbeta = _unchunk(dbeta[..., None])[..., 0].astype(beta.dtype)
-    db = None if b is None else db.reshape(B, H, N * C)
-    return (_unchunk(dq).astype(q.dtype), _unchunk(dk).astype(k.dtype),
-            _unchunk(dv).astype(v.dtype), dbeta, db)
+def chunk_gradients(q, k, v, beta, b, w, states, do, d_states, scale: float,
+                    interpret: Any = None):
+    """Every chunk's gradients at once (the ``mosaic_gpu_grads`` kernel) from the states
+    entering the chunks and the cotangents of the states leaving them ([B, N, H, K, V] bf16).
+    Returns (dq, dk, dv in their dtypes, dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or
+    None ungated)."""
+    dq, dk, dv, dbeta, *db_parts = chunk_grads(
+        q, k, v, w, jnp.swapaxes(beta, 1, 2).astype(F32), b, states, do, d_states, scale=scale,
+        interpret=interpret)
+    db = db_parts[0] + db_parts[1] if db_parts else None
+    return dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), db
 
 
 def _delta_bwd(scale, interpret, residuals, cotangents):
@@ -136,7 +103,7 @@ def _delta_bwd(scale, interpret, residuals, cotangents):
     do = do.astype(q.dtype)
     ds0, d_states = walk(q, k, W, do, b, d_final.astype(F32), scale=scale, reverse=True,
                          save_states=True, interpret=interpret)
-    grads = chunk_gradients(q, k, v, beta, b, states, do, d_states, scale)
+    grads = chunk_gradients(q, k, v, beta, b, W, states, do, d_states, scale, interpret)
     return grads + (None if s0 is None else ds0.astype(s0.dtype),)
 
 

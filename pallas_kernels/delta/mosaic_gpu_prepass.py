@@ -17,7 +17,8 @@ diagonal blocks of size 2s (entries i > j in one 2s block but not one s block),
     T_2s = T_s - (T_s L_s) T_s       (exact: (T_s L_s)^2 = 0),   T_1 = I,  T_2 = I - L_1,
 
 five levels of two products each up to s = 64 (the wgmma operands in bf16, T accumulated in
-float32): the same recursion as ``chunk_math.inverse_unit_lower``. Every operand is a true
+float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower`` (also
+used by the backward's chunk-gradient kernel, ``mosaic_gpu_grads``). Every operand is a true
 inverse of a sub-block or a block of A, so nothing grows (a power series sum (-A)^p forms
 entries up to C(63, p)·β^p for strongly correlated keys and cancels away all precision even in
 float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
@@ -33,6 +34,31 @@ import jax.numpy as jnp
 from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
 
 CHUNK = 64
+
+
+def invert_unit_lower(a: jax.Array, row: jax.Array, col: jax.Array, scratch: tuple[Any, Any, Any],
+                      interpret: bool) -> jax.Array:
+    """(I + a)^-1 (float32, wgmma layout) for a strictly lower-triangular [C, C] ``a`` (float32,
+    wgmma layout) by the recursive doubling of the module docstring; ``row``, ``col``: int32
+    iotas of ``a``'s shape; ``scratch``: three [C, C] bf16 tiles (T_s, L_s, -T_s L_s) that the
+    products read, free again on return."""
+    t_smem, l_smem, p_smem = scratch
+    C = a.shape[0]
+    eye = jnp.where(row == col, 1.0, 0.0)
+    off_block = lambda s: ((jax.lax.div(row, 2 * s) == jax.lax.div(col, 2 * s))
+                           & (jax.lax.div(row, s) != jax.lax.div(col, s)))
+    t = eye - jnp.where(off_block(1), a, 0.0)
+    s = 2
+    while s < C:
+        t_smem[...] = t.astype(t_smem.dtype)
+        l_smem[...] = jnp.where(off_block(s), a, 0.0).astype(l_smem.dtype)
+        plgpu.commit_smem()
+        (tl,) = products((wgmma_zeros((C, C)),), ((t_smem, l_smem),), interpret)
+        p_smem[...] = (-tl).astype(p_smem.dtype)
+        plgpu.commit_smem()
+        (t,) = products((t,), ((p_smem, t_smem),), interpret)
+        s *= 2
+    return t
 
 
 def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, u_out,
@@ -62,21 +88,8 @@ def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, 
                 - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
         a = a * jnp.exp(jnp.where(row > col, diff, 0.0))
         row_scale_k = beta * jnp.exp(b_col)
-    a = jnp.where(row > col, a, 0.0)
-    eye = jnp.where(row == col, 1.0, 0.0)
-    off_block = lambda s: ((jax.lax.div(row, 2 * s) == jax.lax.div(col, 2 * s))
-                           & (jax.lax.div(row, s) != jax.lax.div(col, s)))
-    t = eye - jnp.where(off_block(1), a, 0.0)
-    s = 2
-    while s < C:
-        t_smem[...] = t.astype(t_smem.dtype)
-        l_smem[...] = jnp.where(off_block(s), a, 0.0).astype(l_smem.dtype)
-        plgpu.commit_smem()
-        (tl,) = products((wgmma_zeros((C, C)),), ((t_smem, l_smem),), interpret)
-        p_smem[...] = (-tl).astype(p_smem.dtype)
-        plgpu.commit_smem()
-        (t,) = products((t,), ((p_smem, t_smem),), interpret)
-        s *= 2
+    t = invert_unit_lower(jnp.where(row > col, a, 0.0), row, col, (t_smem, l_smem, p_smem),
+                          interpret)
     K, V = k_smem.shape[-1], v_smem.shape[-1]
     k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(row_scale_k,
                                                                                      (C, K))

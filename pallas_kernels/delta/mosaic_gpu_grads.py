@@ -1,0 +1,319 @@
+"""The per-chunk gradients of the (gated) delta rule's backward on Hopper (Mosaic GPU).
+
+Once the forward walk has saved S, the state entering every chunk, and the reverse walk dS1,
+the cotangent of the state leaving it (both bf16 [B, N, H, K, V]), every chunk's gradients
+are independent: one CTA (one warpgroup) per (chunk, head, batch row) computes what
+``chunk_math.backward`` does (its docstring has the derivation), from TMA-loaded q, k, v, W
+(the forward's, saved), dO [C, *] and S, dS1 [K, V]. C = 64 steps, b the chunk-local
+cumulative log gate (none: b = 0), s the output scale,
+
+    D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}},
+
+and, in the order the kernel runs them (each "wgmma" a tensor-core product of bf16 operands
+from shared memory into float32 registers):
+
+    T    = (I + A)^-1,  A = strictly-lower(β (k k^T) ⊙ D)     wgmma k k^T; recursive doubling
+                                                              (``mosaic_gpu_prepass``)
+    Δ    = T_β v - W S,  T_β = T diag(β)                      wgmma T_β v, W S
+    P    = s (q k^T) ⊙ D,  dPD = s (dO Δ^T) ⊙ D                wgmma q k^T, dO Δ^T
+    dΔ   = P^T dO + (λ k) dS1                                 wgmma (two, summed)
+    dWn  = dΔ S^T            (= -dW)                          wgmma
+    dO S^T,  Δ dS1^T                                          wgmma (two)
+    dRu  = T^T dΔ,  dRwn = T^T dWn  (= -dRw),  Y = dΔ v^T      wgmma (three)
+    X    = T^T Y             (= dRu v^T)                      wgmma, and k k^T again
+    dA   = strictly-lower(-X diag(β) T^T + dRwn W^T)          wgmma (two, summed; U = T_β v
+                                                              is never stored: dRu U^T = X T_β^T)
+    M    = diag(β) dA ⊙ D
+    dq   = dPD k + s Γ ⊙ (dO S^T)                             wgmma
+    dk   = dPD^T q + M k + M^T k - β Γ ⊙ dRwn + λ ⊙ (Δ dS1^T) wgmma (three, summed)
+    dv   = β ⊙ dRu
+    dβ   = rowsum(dRu ⊙ v) - Γ rowsum(k ⊙ dRwn) + rowsum(dA ⊙ (k k^T) ⊙ D)
+
+and with a gate, E = dPD ⊙ (q k^T) + M ⊙ (k k^T), the gradient of b in two parts (the caller
+adds them, then carries db back through the chunk cumsum to dg):
+
+    db_col = rowsum(E) + Γ (s rowsum(q ⊙ dO S^T) - β rowsum(k ⊙ dRwn)) - d_λ
+             + [i = C-1] (sum(d_λ) + γ sum(S ⊙ dS1)),      d_λ = λ rowsum(k ⊙ Δ dS1^T)
+    db_row = -colsum(E)
+
+Shared memory (bf16 unless noted): the inputs q, k, W, v, dO, S, dS1, β, b (β and b twice,
+once per register layout they are read in), three [C, C] tiles (T then M; T_β, P, Y, -X diag(β);
+dPD; all three the doubling's scratch first), and three more tiles of the inputs' shapes
+reused across disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes to dO's
+tile. At K = V = 128 that is 216 KB + 7 KB of vectors (1 KB each: allocations are aligned) + 2 KB
+that Mosaic GPU keeps, within the 227 KB of one CTA.
+(K != V: dq and dk get tiles of their own; K or V is 64 there, so it fits easily.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK, invert_unit_lower
+from pallas_kernels.mosaic_gpu_common import (pl, plgpu, products, summed_products, tiled_smem,
+                                              wgmma_zeros)
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    gated: bool
+    interpret: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    """Per-row factors of one chunk in registers (None = 1, ungated)."""
+    beta: Any        # [C] β, row layout
+    gamma: Any       # [C] Γ
+    lam: Any         # [C] λ
+    carry: Any       # scalar γ
+    decay: Any       # [C, C] D (causal mask included)
+    row: Any         # [C, C] int32 iotas
+    col: Any
+
+
+def _t(ref):
+    return ref.transpose((1, 0))
+
+
+def _rows(x: jax.Array, shape) -> jax.Array:
+    """A per-row [C] factor broadcast over ``shape``."""
+    return jax.lax.broadcast_in_dim(x, shape, [0])
+
+
+def _scale_rows(x: jax.Array, factor: Any) -> jax.Array:
+    return x if factor is None else x * _rows(factor, x.shape)
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=1)
+
+
+def _load(ref) -> jax.Array:
+    """A bf16 SMEM tile as float32 registers in the wgmma layout."""
+    return plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA).astype(F32)
+
+
+def _zeros(x, y) -> jax.Array:
+    return wgmma_zeros((x.shape[0], y.shape[-1]))
+
+
+def _terms(buf, gated: bool) -> _Terms:
+    C = CHUNK
+    layout = plgpu.Layout.WGMMA
+    row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
+    causal = row >= col
+    beta = plgpu.layout_cast(buf["beta_col"][...], layout.reduce(1))
+    if not gated:
+        return _Terms(beta, None, None, None, jnp.where(causal, 1.0, 0.0), row, col)
+    b = plgpu.layout_cast(buf["b_col"][...], layout.reduce(1))
+    b_row = plgpu.layout_cast(buf["b_row"][...], layout.reduce(0))
+    b_last = buf["b_col"][C - 1]
+    diff = _rows(b, (C, C)) - jax.lax.broadcast_in_dim(b_row, (C, C), [1])
+    decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+    return _Terms(beta, jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), decay, row, col)
+
+
+def _state_dot(buf) -> jax.Array:
+    """sum(S ⊙ dS1) over [K, V], by [C, V] row blocks (bounded registers)."""
+    K = buf["s"].shape[0]
+    total = 0.0
+    for r in range(0, K, CHUNK):
+        block = lambda ref: _load(ref.at[pl.ds(r, CHUNK)])
+        total = total + jnp.sum(_row_sum(block(buf["s"]) * block(buf["ds"])))
+    return total
+
+
+def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do_ref, ds_ref,
+            *refs):
+    dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
+    db_refs = refs[4:6] if cfg.gated else None
+    loaded, buf = refs[-2], refs[-1]
+    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
+    rows = pl.ds(n * CHUNK, CHUNK)
+    copies = [(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
+              (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
+              (do_ref.at[bi, rows, h], "do"), (s_ref.at[bi, n, h], "s"),
+              (ds_ref.at[bi, n, h], "ds"), (beta_ref.at[bi, h, rows], "beta_col"),
+              (beta_ref.at[bi, h, rows], "beta_row")]
+    if cfg.gated:
+        copies += [(b_ref.at[bi, h, rows], "b_col"), (b_ref.at[bi, h, rows], "b_row")]
+    for src, name in copies:
+        plgpu.copy_gmem_to_smem(src, buf[name], loaded)
+    plgpu.barrier_wait(loaded)
+    grads = _gradients(cfg, buf)
+    vectors = [("dbeta", dbeta_ref)] + ([("db_col", db_refs[0]), ("db_row", db_refs[1])]
+                                        if cfg.gated else [])
+    for name, ref in vectors:
+        buf[name][...] = grads[name]
+    plgpu.commit_smem()
+    for name, ref in (("dq", dq_ref), ("dk", dk_ref), ("dv", dv_ref)):
+        plgpu.copy_smem_to_gmem(buf[name], ref.at[bi, rows, h])
+    for name, ref in vectors:
+        plgpu.copy_smem_to_gmem(buf[name], ref.at[bi, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
+    """The module docstring's sequence on one chunk's loaded tiles; leaves dq, dk, dv in their
+    tiles and returns the vectors (dbeta and, gated, db_col, db_row)."""
+    interp, s, C = cfg.interpret, cfg.scale, CHUNK
+    f = _terms(buf, cfg.gated)
+    bf16 = buf["q"].dtype
+    q, k, v, w, do = (buf[x] for x in ("q", "k", "v", "w", "do"))
+    st, ds = buf["s"], buf["ds"]
+    t_s, c1, c2 = buf["t"], buf["c1"], buf["c2"]
+    xd, xa, xk = buf["delta"], buf["d_delta"], buf["kx"]
+    commit = plgpu.commit_smem
+    state_dot = _state_dot(buf) if cfg.gated else None
+    zcc = wgmma_zeros((C, C))
+
+    # T, then T_β and Δ.
+    (kk,) = products((zcc,), ((k, _t(k)),), interp)
+    a = jnp.where(f.row > f.col, _rows(f.beta, (C, C)) * kk * f.decay, 0.0)
+    t = invert_unit_lower(a, f.row, f.col, (t_s, c1, c2), interp)
+    beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
+    times_beta_cols = lambda x: x * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])
+    t_s[...] = t.astype(bf16)
+    c1[...] = times_beta_cols(t).astype(bf16)                          # T_β
+    commit()
+    u, ws = products((_zeros(c1, v), _zeros(w, st)), ((c1, v), (w, st)), interp)
+    xd[...] = (u - ws).astype(bf16)
+    commit()
+
+    # The scores P, dPD and dΔ.
+    qk, dp = products((zcc, zcc), ((q, _t(k)), (do, _t(xd))), interp)
+    c1[...] = (qk * f.decay * s).astype(bf16)
+    dpd = dp * f.decay * s
+    c2[...] = dpd.astype(bf16)
+    k_f32 = _load(k)
+    xk[...] = _scale_rows(k_f32, f.lam).astype(bf16)
+    commit()
+    out = {}
+    if cfg.gated:
+        e = dpd * qk
+        e_row, e_col = _row_sum(e), jnp.sum(e, axis=0)
+    (d_delta,) = summed_products((_zeros(c1, do),), (((_t(c1), do), (xk, ds)),), interp)
+    xa[...] = d_delta.astype(bf16)
+    commit()
+
+    # dWn = dΔ S^T; dO S^T and Δ dS1^T start dq and dk.
+    (dwn,) = products((_zeros(xa, k),), ((xa, _t(st)),), interp)
+    xk[...] = dwn.astype(bf16)
+    do_s, delta_ds = products((_zeros(do, k), _zeros(xd, k)), ((do, _t(st)), (xd, _t(ds))),
+                              interp)
+    if cfg.gated:
+        d_gamma = s * _row_sum(_load(q) * do_s)
+        d_lam = f.lam * _row_sum(k_f32 * delta_ds)
+    buf["dq"][...] = _scale_rows(do_s * s, f.gamma).astype(bf16)      # overwrites dO (K == V)
+    buf["dk"][...] = _scale_rows(delta_ds, f.lam).astype(bf16)        # overwrites Δ (K == V)
+    commit()
+
+    # dRu, dRwn, dv, dβ's first two terms.
+    dru, drwn, y = products((_zeros(t_s, xa), _zeros(t_s, xk), zcc),
+                            ((_t(t_s), xa), (_t(t_s), xk), (xa, _t(v))), interp)
+    k_drwn = _row_sum(k_f32 * drwn)
+    dbeta = _row_sum(dru * _load(v)) - (k_drwn if f.gamma is None else f.gamma * k_drwn)
+    if cfg.gated:
+        d_gamma = d_gamma - f.beta * k_drwn
+    buf["dv"][...] = _scale_rows(dru, f.beta).astype(bf16)            # overwrites dΔ
+    xk[...] = drwn.astype(bf16)
+    c1[...] = y.astype(bf16)
+    commit()
+
+    # dA and M.
+    x, kk = products((zcc, zcc), ((_t(t_s), c1), (k, _t(k))), interp)
+    c1[...] = times_beta_cols(-x).astype(bf16)
+    commit()
+    (da,) = summed_products((zcc,), (((c1, _t(t_s)), (xk, _t(w))),), interp)
+    da = jnp.where(f.row > f.col, da, 0.0)
+    kkd = kk * f.decay
+    dbeta = dbeta + _row_sum(da * kkd)
+    m = _scale_rows(da * f.decay, f.beta)
+    c1[...] = m.astype(bf16)
+    if cfg.gated:
+        e = m * kk
+        e_row, e_col = e_row + _row_sum(e), e_col + jnp.sum(e, axis=0)
+
+    # dq, dk.
+    beta_gamma = f.beta if f.gamma is None else f.beta * f.gamma
+    dk_init = _load(buf["dk"]) - _scale_rows(_load(xk), beta_gamma)
+    commit()
+    dq, dk = summed_products((_load(buf["dq"]), dk_init),
+                             (((c2, k),), ((_t(c2), q), (c1, k), (_t(c1), k))), interp)
+    buf["dq"][...] = dq.astype(bf16)
+    buf["dk"][...] = dk.astype(bf16)
+    out["dbeta"] = dbeta
+    if cfg.gated:
+        last = plgpu.broadcasted_iota(jnp.int32, (C,), 0,
+                                      layout=plgpu.Layout.WGMMA.reduce(1)) == C - 1
+        d_last = jnp.sum(d_lam) + f.carry * state_dot
+        out["db_col"] = (e_row + f.gamma * d_gamma - d_lam + jnp.where(last, d_last, 0.0))
+        out["db_row"] = -e_col
+    return out
+
+
+def _buffers(K: int, V: int, gated: bool, dtype) -> dict[str, Any]:
+    """The kernel's shared memory by name (module docstring)."""
+    C = CHUNK
+    ck, cv, cc = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype)), \
+        (lambda: tiled_smem((C, C), dtype))
+    vec = lambda: plgpu.SMEM((C,), F32)
+    buf = dict(q=ck(), k=ck(), w=ck(), kx=ck(), v=cv(), do=cv(), delta=cv(), d_delta=cv(),
+               s=tiled_smem((K, V), dtype), ds=tiled_smem((K, V), dtype),
+               t=cc(), c1=cc(), c2=cc(),
+               beta_col=vec(), beta_row=vec(), dbeta=vec())
+    if K != V:
+        buf.update(dq=ck(), dk=ck())
+    if gated:
+        buf.update(b_col=vec(), b_row=vec(), db_col=vec(), db_row=vec())
+    return buf
+
+
+def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
+    """Names for tiles reused across disjoint lifetimes."""
+    buf = dict(buf, dv=buf["d_delta"])
+    if K == V:
+        buf.update(dq=buf["do"], dk=buf["delta"])
+    return buf
+
+
+def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
+                b: jax.Array | None, states: jax.Array, do: jax.Array, d_states: jax.Array, *,
+                scale: float, interpret: Any = None) -> tuple[jax.Array, ...]:
+    """The kernel call. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple of
+    CHUNK; dO the output's cotangent, unscaled), beta [B, H, Tp] float32, b [B, H, Tp] float32
+    chunk-local cumulative log gates or None, states / d_states [B, N, H, K, V] bf16 (entering
+    / cotangent of leaving each chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
+    dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    cfg = _Config(float(scale), b is not None, interpret is not None)
+    b = b if cfg.gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
+    vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
+    copies = 9 + (2 if cfg.gated else 0)
+    buffers = _buffers(K, V, cfg.gated, k.dtype)
+
+    def body(*refs):
+        def scoped(**buf):
+            _kernel(cfg, *refs, _alias(buf, K, V))
+        pl.run_scoped(scoped, **buffers)
+
+    return tuple(plgpu.kernel(
+        body,
+        out_type=tuple(out_type),
+        scratch_types=[plgpu.Barrier(num_arrivals=copies)],
+        grid=(Tp // CHUNK, H, B),
+        grid_names=("chunks", "heads", "rows"),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, v, w, beta, b, states, do, d_states))
