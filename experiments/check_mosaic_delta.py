@@ -12,11 +12,12 @@ the inputs: autodiff of the oracle where its per-step states fit in 4 GiB, else 
 XLA path (``grad_ref`` says which). Times (``bench_common.time_jax``, the method of DESIGN.md's
 anchor figures): the forward of the kernel and of ``impl="xla"``; at the anchor shapes also
 forward+backward, and the parts alone (prepass kernel, forward walk with the states saved,
-reverse walk, the chunk-parallel XLA gradients).
+reverse walk, the chunk-gradient kernel alone (``grads_kernel_ms``) and with its XLA glue
+(``chunk_grads_ms``: beta's transpose in, dβ's out, db's two parts summed)).
 Each case runs on its own: a failure is printed and the next case goes on. Prints a table;
 writes ``check_mosaic_delta.json`` into ``--out``.
 
-    python -m experiments.check_mosaic_delta --out experiments/results [--quick]
+    python -m experiments.check_mosaic_delta --out experiments/results [--quick] [--cases I ...]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from experiments import bench_common as bc
 from pallas_kernels import common
-from pallas_kernels.delta import chunk_delta_rule, mosaic_gpu, mosaic_gpu_kernel
+from pallas_kernels.delta import chunk_delta_rule, mosaic_gpu, mosaic_gpu_grads, mosaic_gpu_kernel
 from pallas_kernels.delta.reference import delta_rule_reference
 
 # (B, T, H, D, gate, time fwd+bwd and the forward's parts too)
@@ -130,7 +131,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
 
 def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
     """Times of the parts alone: forward = prepass kernel + forward walk; backward = reverse
-    walk + the chunk-parallel XLA gradients (``mosaic_gpu.chunk_gradients``)."""
+    walk + the chunk-gradient kernel (``mosaic_gpu_grads.chunk_grads``; with its XLA glue:
+    ``mosaic_gpu.chunk_gradients``)."""
     C = mosaic_gpu_kernel.CHUNK
     Tp = common.round_up(q.shape[1], C)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
@@ -148,7 +150,10 @@ def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
     row["reverse_walk_ms"] = bc.time_jax(rev, [(q, k, W, do, b)])
     _, d_states = rev(q, k, W, do, b)
     grads = jax.jit(lambda *a: mosaic_gpu.chunk_gradients(*a, scale=scale))
-    row["chunk_grads_ms"] = bc.time_jax(grads, [(q, k, v, beta, b, states, do, d_states)])
+    row["chunk_grads_ms"] = bc.time_jax(grads, [(q, k, v, beta, b, W, states, do, d_states)])
+    beta_t = jnp.swapaxes(beta, 1, 2)
+    kernel = jax.jit(lambda *a: mosaic_gpu_grads.chunk_grads(*a, scale=scale))
+    row["grads_kernel_ms"] = bc.time_jax(kernel, [(q, k, v, W, beta_t, b, states, do, d_states)])
 
 
 def check_gradients(row: dict, q, k, v, beta, g, s0, seg, do, scale: float) -> list[float]:
@@ -183,10 +188,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
+    ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)
     cases = [case for case in CASES if not (args.quick and case[1] > 1000)]
+    if args.cases:
+        cases = [CASES[i] for i in args.cases]
     rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_delta.json"), "w") as f:
@@ -194,7 +202,7 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dbeta", "err_dg", "err_ds0",
             "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "walk_ms", "mosaic_fwdbwd_ms",
-            "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "auto_impl"]
+            "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "grads_kernel_ms", "auto_impl"]
     bc.print_table(rows, cols)
 
 
