@@ -158,13 +158,13 @@ def gk_cumsum(gk):
 
 
 def gk_prepass(scale: float):
-    """The GLA path's forward prepass alone (chunk-local gate sums in XLA, then the
-    ``mosaic_gpu_gk_prepass`` kernel: q~, k^, the intra-chunk scores A), to split its forward
+    """The GLA path's forward prepass kernel alone (``mosaic_gpu_gk_prepass``: from the raw log
+    gates, q~, k^, the intra-chunk scores A and the state decays d), to split its forward
     time."""
     from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass as kernel
 
     def run(q, k, gk):
-        return kernel(q, k, gk_cumsum(gk), scale)
+        return kernel(q, k, gk, scale)
     return run
 
 

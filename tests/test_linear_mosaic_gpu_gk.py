@@ -14,7 +14,8 @@
   scores, q~ and k^ against a float64 oracle with strong gates (steps of -30, segment resets of
   -80, mild gates on other channels), in the forward's bf16 operands and the backward's float32,
   and its vjp (dq, dk) in float32; the forward's Mosaic GPU prepass kernel
-  (``mosaic_gpu_gk_prepass``) lowers for cuda and, in interpret mode, matches the same oracle;
+  (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A and the state decays d, bf16 or
+  q~, k^ as hi + lo parts) lowers for cuda and, in interpret mode, matches the same oracle;
 * its ``accepts`` takes only calls with gk and declines everything else it does not support,
   and everything off Hopper.
 """
@@ -175,8 +176,9 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segmen
         assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
 
 
-def _prepass_inputs(seed, B, T, H, K, dtype):
-    """q, k (``dtype``) and the chunk-local gate sums b, padded to whole chunks as in the op.
+def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
+    """q, k (``dtype``) and the chunk-local gate sums b (``cumsum``; else the log gates
+    themselves), padded to whole chunks as in the op.
     Gates: log_sigmoid(N(0, 1) + 4) (mild), steps of -30 and segment resets of -80 on every
     channel at random steps, and -20 per step on the first 8 channels."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -186,7 +188,7 @@ def _prepass_inputs(seed, B, T, H, K, dtype):
     lg = jnp.where(step < 0.1, -30.0, jnp.where(step > 0.95, -80.0, lg)).at[..., :8].set(-20.0)
     Tp = -(-T // mk.CHUNK) * mk.CHUNK
     q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
-    return q, k, chunks.chunk_log_gates(lg, mk.CHUNK)
+    return q, k, chunks.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
 
 
 def _prepass_oracle(q, k, b, scale):
@@ -240,28 +242,44 @@ def test_prepass_vjp_matches_oracle_with_strong_gates():
         assert_close(g, w, TOL_F32, name)
 
 
-@pytest.mark.parametrize("K", [128, 64])
-def test_prepass_kernel_lowers_for_cuda(K):
+@pytest.mark.parametrize("K,split", [(128, False), (64, False), (128, True)])
+def test_prepass_kernel_lowers_for_cuda(K, split):
     sd = jax.ShapeDtypeStruct
     args = (sd((2, 128, 3, K), jnp.bfloat16), sd((2, 128, 3, K), jnp.bfloat16),
             sd((2, 128, 3, K), jnp.float32))
-    run = jax.jit(lambda q, k, b: mp.gk_prepass(q, k, b, 0.1))
+    run = jax.jit(lambda q, k, lg: mp.gk_prepass(q, k, lg, 0.1, split=split))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _join(parts):
+    return sum(p.astype(jnp.float32) for p in parts)
+
+
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K", [(1, 150, 2, 128), (2, 64, 1, 64)])
-def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
-    """q~, k^, A of the Mosaic GPU prepass (bf16 out; race detection on) against the float64
-    oracle, with the gates of ``_prepass_inputs``."""
-    q, k, b = _prepass_inputs(T, B, T, H, K, jnp.bfloat16)
+@pytest.mark.parametrize("B,T,H,K,split", [(1, 150, 2, 128, False), (2, 64, 1, 64, False),
+                                           (1, 100, 1, 128, True)])
+def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K, split):
+    """q~, k^, A and d of the Mosaic GPU prepass (race detection on) from the raw log gates,
+    against the float64 oracle (its chunk-local sums in float64 too), with the gates of
+    ``_prepass_inputs``: bf16 q~, k^, A (the forward); with ``split`` q~ and k^ as hi + lo
+    parts, to float32 accuracy (measured here: ~2.5e-6; a float32 cumulative sum of the gates
+    alone is off by ~1.4e-5 in k^)."""
+    q, k, lg = _prepass_inputs(T, B, T, H, K, jnp.bfloat16, cumsum=False)
     scale = K ** -0.5
-    got = mp.gk_prepass(q, k, b, scale, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    q_t, k_h, a, d = mp.gk_prepass(q, k, lg, scale, split=split,
+                                   interpret=plgpu.InterpretGPUParams(detect_races=True))
     with jax.enable_x64(True):
-        want = [np.asarray(x) for x in _prepass_oracle(*map(_f64, (q, k, b)), scale)]
-    for name, g, w in zip(("q~", "k^", "A"), got, want):
-        assert g.dtype == jnp.bfloat16 and g.shape == w.shape, name
-        assert_close(g, w, TOL_BF16, name)
+        b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
+        last = np.asarray(b).reshape(B, -1, mk.CHUNK, H, K)[:, :, -1]
+        want.append(np.exp(last.transpose(0, 2, 1, 3)))
+    if split:
+        q_t, k_h = _join(q_t), _join(k_h)
+    tols = (TOL_F32 if split else TOL_BF16,) * 2 + (TOL_BF16, TOL_F32)
+    for name, g, w, tol in zip(("q~", "k^", "A", "d"), (q_t, k_h, a, d), want, tols):
+        assert g.shape == w.shape, name
+        assert_close(g, w, tol, name)
+    assert a.dtype == jnp.bfloat16 and d.dtype == jnp.float32
 
 
 def test_accepts_declines_unsupported_calls():
@@ -288,19 +306,20 @@ def test_accepts_declines_unsupported_calls():
 
 def test_registered_for_gk_calls_only(monkeypatch):
     """On Hopper, once both kernels are GPU-checked (``auto``), auto dispatch runs this kernel
-    for gk calls and the scalar kernel otherwise; unchecked, auto passes over both."""
+    for gk calls and the scalar kernel otherwise; until "linear_gk" is GPU-checked, auto passes
+    over this kernel."""
     import dataclasses
     from pallas_kernels.linear import REGISTRY
     monkeypatch.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     kw = dict(scale=0.1, initial_state=None, segment_ids=None, chunk_size=None)
-    if not {"linear", "linear_gk"} <= mosaic_gpu_common.GPU_CHECKED:
-        assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name != "mosaic_gpu"
+    gk = jnp.zeros((1, 64, 1, 128))
+    if "linear_gk" not in mosaic_gpu_common.GPU_CHECKED:
+        assert REGISTRY.choose(None, q, q, q, g=None, gk=gk, **kw).name != "mosaic_gpu_gk"
     for name in ("mosaic_gpu", "mosaic_gpu_gk"):
         monkeypatch.setitem(REGISTRY._impls, name,
                             dataclasses.replace(REGISTRY._impls[name], auto=True))
-    assert REGISTRY.choose(None, q, q, q, g=None, gk=jnp.zeros((1, 64, 1, 128)), **kw).name \
-        == "mosaic_gpu_gk"
+    assert REGISTRY.choose(None, q, q, q, g=None, gk=gk, **kw).name == "mosaic_gpu_gk"
     assert REGISTRY.choose(None, q, q, q, g=None, gk=None, **kw).name == "mosaic_gpu"
 
 

@@ -5,20 +5,21 @@ backward; that docstring has the per-chunk math).
 
     S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
 
-Forward: XLA computes the chunk-local gate sums b and the state decays d = e^{b_last}; a
-chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_prepass``, one CTA per chunk and head) makes
-q~ = scale q e^{b}, k^ = k e^{b_last - b} and the intra-chunk scores A in bf16; one walk gives
-o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
+Forward: a chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_prepass``, one CTA per chunk and
+head) makes, from the raw log gates lg, q~ = scale q e^{b}, k^ = k e^{b_last - b} and the
+intra-chunk scores A in bf16 and the state decays d = e^{b_last} in float32 (b, the chunk-local
+cumulative sums of lg, never leave the kernel: every exponent is an interval sum of lg on the
+tensor cores); one walk gives o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
 
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
-exponentials per element of q and k and six more small products per chunk;
+exponentials per element of q and k and more small products per chunk;
 ``mosaic_gpu_gk_chunks``), which would sit on the walk's sequential critical path, while the
-prepass is chunk-parallel. Its cost is HBM traffic; per token and head (K = V = 128): XLA reads
-gk and writes b (512 B each, f32), the prepass kernel reads q, k (512 B) and b (512 B) and
-writes q~, k^ (512 B) and A (128 B); the walk reads q~, k^, v, A (896 B) and writes o (256 B):
-about 3.8 KB, 2 GB at the B=8, T=4096, H=16 anchor, ~0.75 ms at 2.7 TB/s. Computing b inside
-the prepass kernel (a cumulative sum over the chunk's rows) would save 1 KB of it.
+prepass is chunk-parallel. Its cost is HBM traffic; per token and head (K = V = 128): the
+prepass reads q, k (512 B) and lg (512 B) and writes q~, k^ (512 B) and A (128 B); the walk
+reads q~, k^, v, A (896 B) and writes o (256 B): about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16
+anchor, ~0.55 ms at 2.7 TB/s (gk itself arrives as float32; with g or segments XLA first writes
+lg = gk + g, 1 KB more).
 
 Backward (``_backward``, a ``jax.custom_vjp``). With S_n the state entering chunk n and dS_n
 the cotangent of that state (dS_N = the final state's cotangent):
@@ -122,9 +123,7 @@ def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    b = chunk_log_gates(lg, CHUNK)
-    d = state_decay(b, CHUNK)
-    q_t, k_h, a = gk_prepass(q, k, b, scale, interpret=interpret)
+    q_t, k_h, a, d = gk_prepass(q, k, lg, scale, interpret=interpret)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
@@ -198,7 +197,7 @@ def mosaic_gpu_gk_gated_linear_attention(q, k, v, *, g, gk, scale: float, initia
     gates become RESET_LOG_GATE on every channel (their gradient is exactly zero)."""
     del chunk_size  # declined unless None or CHUNK
     B, T, H, K = q.shape
-    lg = gk.astype(F32) + (0.0 if g is None else g.astype(F32)[..., None])
+    lg = gk.astype(F32) if g is None else gk.astype(F32) + g.astype(F32)[..., None]
     if segment_ids is not None:
         starts = cc.segment_starts(segment_ids, B, T)[..., None, None]
         lg = jnp.where(starts, RESET_LOG_GATE, lg)
