@@ -32,6 +32,14 @@ warpgroup 0 (the two walk the same number of visits, so the passes pair up); so 
 softmax runs while the other's products occupy the tensor cores. The softmax results go
 through ``lax.optimization_barrier`` before the turn passes, so the compiler cannot sink the
 softmax past the barrier into the other consumer's turn.
+
+Intra-warpgroup overlap (``OVERLAP``, FA3's second schedule; ``_overlapped_walk``): step t
+issues q k_t^T and p_{t-1} v_{t-1} back to back, waits for the scores only and runs the softmax
+of block t (mask, max, exp2, row sums) while the p v wgmma is still in flight; then
+acc = alpha_t (acc + p_{t-1} v_{t-1}). Visit 0 issues only its scores, a last turn only
+p_{n-1} v_{n-1}. The consumers issue in strict turns (one barrier per consumer, passed on once
+its wgmmas are issued), so the tensor cores alternate between them. Same arithmetic as the
+ping-pong walk; one turn per visit instead of two barrier passes.
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ STAGES = 2          # depth of the k/v TMA ring
 CONSUMERS = 2
 CONSUMER_REGISTERS = 232
 PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
+OVERLAP = False     # FA3 intra-warpgroup overlap (q k_{j+1}^T with p_j v_j; module docstring)
 PRODUCER_REGISTERS = 40
 M_INIT = -1e30      # finite start of the running max: a row that saw nothing keeps l = 0, no NaN
 
@@ -78,7 +87,8 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
                 plgpu.Barrier(num_barriers=STAGES),                           # v loaded
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # v consumed
-                plgpu.Barrier(num_arrivals=CONSUMERS)]                        # turn taking
+                plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS) if OVERLAP  # turns
+                else plgpu.Barrier(num_arrivals=CONSUMERS)]                   # rendezvous
     body = functools.partial(_body, cfg, q_ref, k_ref, v_ref, rows_ref, seg_ref,
                              o_ref, lse_ref, b, h, q_block, row)
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -110,46 +120,25 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         count = rows_ref[row, 0]
         pl.when(count > 0)(lambda: plgpu.barrier_wait(k_loaded.at[0]))
 
-        def take_turn():
-            plgpu.barrier_arrive(turns)
-            plgpu.barrier_wait(turns)
-
-        if PINGPONG:
-            pl.when(wg == 1)(take_turn)
-
         def await_next_keys(step):
             @pl.when(step + 1 < count)
             def _():
                 plgpu.barrier_wait(k_loaded.at[jax.lax.rem(step + 1, STAGES)])
 
-        def visit(step, _, code, carry):
-            acc, m, l = carry
+        def weights(s, code, slot, m, l):
+            """Release the keys of ``slot``, mask, and run the online softmax (bf16 p)."""
             k_block, kind = unpack(code)
-            slot = jax.lax.rem(step, STAGES)
-            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]),
-                          after_issue=take_turn if PINGPONG else None)
             k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
                      if cfg.use_segments else None)
             plgpu.barrier_arrive(k_consumed.at[slot])
             s = mask_logits(cfg, s, kind, first, k_block * BLOCK_K, q_seg, k_seg)
             m_new, alpha, l, p = online_softmax(s, cfg.log2_scale, m, l)
-            acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(v_smem.dtype)
-            # computed before the turn passes: the compiler may not sink it past the barriers
-            acc, m_new, l, p = jax.lax.optimization_barrier((acc, m_new, l, p))
-            if PINGPONG:
-                plgpu.barrier_arrive(turns)
-            plgpu.barrier_wait(v_loaded.at[slot])
-            if PINGPONG:
-                plgpu.barrier_wait(turns)
-            acc = product(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
-                          cfg.interpreted, after_issue=lambda: await_next_keys(step))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
+            return m_new, alpha, l, p.astype(v_smem.dtype)
 
-        acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit, (acc, m, l))
-        if PINGPONG:
-            pl.when(wg == 0)(take_turn)
+        stage = None if p_smem is None else p_smem.at[wg]
+        walk = _overlapped_walk if OVERLAP else _pingpong_walk
+        acc, m, l = walk(cfg, wg, count, rows_ref, row, q_smem.at[wg], k_smem, v_smem, stage,
+                         v_loaded, v_consumed, turns, weights, await_next_keys, (acc, m, l))
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
@@ -179,6 +168,108 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             return carry
 
         walk_visits(rows_ref, lambda _: row, 1, load, ())
+
+
+def _pingpong_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, stage,
+                   v_loaded, v_consumed, turns, weights, await_next_keys, carry):
+    """One visit per step: q k_j^T, softmax, p v_j; with PINGPONG the consumers pass a
+    rendezvous barrier after issuing q k_j^T and after the softmax (module docstring)."""
+    def take_turn():
+        plgpu.barrier_arrive(turns)
+        plgpu.barrier_wait(turns)
+
+    if PINGPONG:
+        pl.when(wg == 1)(take_turn)
+
+    def visit(step, _, code, carry):
+        acc, m, l = carry
+        slot = jax.lax.rem(step, STAGES)
+        (s,) = scores(cfg, (q_tile, k_smem.at[slot]), after_issue=take_turn if PINGPONG else None)
+        m, alpha, l, p = weights(s, code, slot, m, l)
+        acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+        # computed before the turn passes: the compiler may not sink it past the barriers
+        acc, m, l, p = jax.lax.optimization_barrier((acc, m, l, p))
+        if PINGPONG:
+            plgpu.barrier_arrive(turns)
+        plgpu.barrier_wait(v_loaded.at[slot])
+        if PINGPONG:
+            plgpu.barrier_wait(turns)
+        acc = product(acc, p, v_smem.at[slot], stage, cfg.interpreted,
+                      after_issue=lambda: await_next_keys(step))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m, l
+
+    carry = walk_visits(rows_ref, lambda _: row, 1, visit, carry)
+    if PINGPONG:
+        pl.when(wg == 0)(take_turn)
+    return carry
+
+
+def _overlapped_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, stage,
+                     v_loaded, v_consumed, turns, weights, await_next_keys, carry):
+    """FA3's intra-warpgroup overlap: step t issues q k_t^T and p_{t-1} v_{t-1} back to back,
+    waits for the scores only, and runs the softmax of block t while the p v wgmma is in
+    flight. The consumers issue in turns (``turns.at[w]``: consumer w's turn, passed to the
+    other once its wgmmas are issued; consumer 0 first), count + 1 turns each."""
+    other = 1 - wg
+
+    def take_turn():
+        plgpu.barrier_wait(turns.at[wg])
+
+    def pass_turn():
+        plgpu.barrier_arrive(turns.at[other])
+
+    def issue_pair(acc, p, slot, prev, softmax):
+        """acc + p v_prev and softmax(q k_slot^T), the two wgmmas in flight together."""
+        if cfg.interpreted:
+            (s,) = scores(cfg, (q_tile, k_smem.at[slot]))
+            plgpu.barrier_wait(v_loaded.at[prev])
+            acc = product(acc, p, v_smem.at[prev], stage, True)
+            pass_turn()
+            return acc, softmax(s)
+
+        def body(o_ref, s_ref):
+            o_ref[...] = acc
+            plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+            plgpu.barrier_wait(v_loaded.at[prev])
+            plgpu.wgmma(o_ref, p, v_smem.at[prev])
+            pass_turn()
+            out = softmax(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+            out = jax.lax.optimization_barrier(out)  # before the wait for p v
+            return o_ref[...], out
+        return pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32),
+                             plgpu.ACC((q_tile.shape[0], k_smem.shape[1]), jnp.float32))
+
+    def step(t, carry):
+        acc, m, l, p = carry
+        slot, prev = jax.lax.rem(t, STAGES), jax.lax.rem(t - 1, STAGES)
+        take_turn()
+
+        def softmax(s):
+            out = weights(s, rows_ref[row, 1 + t], slot, m, l)
+            await_next_keys(t)
+            return out
+        acc, (m, alpha, l, p) = issue_pair(acc, p, slot, prev, softmax)
+        plgpu.barrier_arrive(v_consumed.at[prev])
+        return acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p
+
+    def walk(acc, m, l):
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
+        first = count * 0  # step and slot 0, traced (jax 0.12 cannot lower a closed-over literal)
+        take_turn()
+        (s,) = scores(cfg, (q_tile, k_smem.at[first]), after_issue=pass_turn)
+        m, _, l, p = weights(s, rows_ref[row, 1], first, m, l)  # acc is still 0
+        await_next_keys(first)
+        acc, m, l, p = jax.lax.fori_loop(1, count, step, (acc, m, l, p))
+        last = jax.lax.rem(count - 1, STAGES)
+        take_turn()
+        plgpu.barrier_wait(v_loaded.at[last])
+        acc = product(acc, p, v_smem.at[last], stage, cfg.interpreted,
+                      after_issue=lambda: pl.when(wg == 0)(pass_turn))  # consumer 1 goes last
+        plgpu.barrier_arrive(v_consumed.at[last])
+        return acc, m, l
+
+    return jax.lax.cond(count > 0, walk, lambda *c: c, *carry)
 
 
 def online_softmax(s: jax.Array, log2_scale: float, m: jax.Array, l: jax.Array
