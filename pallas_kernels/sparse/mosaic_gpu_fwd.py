@@ -44,6 +44,7 @@ ping-pong walk; one turn per visit instead of two barrier passes.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,9 +137,10 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             return m_new, alpha, l, p.astype(v_smem.dtype)
 
         stage = None if p_smem is None else p_smem.at[wg]
+        walker = _Walker(cfg, wg, count, rows_ref, row, q_smem.at[wg], k_smem, v_smem, stage,
+                         v_loaded, v_consumed, turns, weights, await_next_keys)
         walk = _overlapped_walk if OVERLAP else _pingpong_walk
-        acc, m, l = walk(cfg, wg, count, rows_ref, row, q_smem.at[wg], k_smem, v_smem, stage,
-                         v_loaded, v_consumed, turns, weights, await_next_keys, (acc, m, l))
+        acc, m, l = walk(walker, (acc, m, l))
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
@@ -170,10 +172,30 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         walk_visits(rows_ref, lambda _: row, 1, load, ())
 
 
-def _pingpong_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, stage,
-                   v_loaded, v_consumed, turns, weights, await_next_keys, carry):
+class _Walker(NamedTuple):
+    """What a consumer's walk over its visits needs (refs of this consumer where per consumer)."""
+
+    cfg: Walk
+    wg: Any                  # this consumer's index
+    count: Any               # number of visits
+    rows_ref: Any            # packed visit rows (GMEM)
+    row: Any                 # this block's row of rows_ref
+    q_tile: Any              # this consumer's q tile (SMEM)
+    k_smem: Any              # k ring
+    v_smem: Any              # v ring
+    stage: Any               # p staging tile (interpreter only) or None
+    v_loaded: Any
+    v_consumed: Any
+    turns: Any               # rendezvous barrier (ping-pong) or one turn barrier per consumer
+    weights: Callable[..., tuple]            # (s, code, slot, m, l) -> (m', alpha, l', p bf16)
+    await_next_keys: Callable[[Any], None]   # step -> wait for step + 1's keys if any
+
+
+def _pingpong_walk(w: _Walker, carry: tuple) -> tuple:
     """One visit per step: q k_j^T, softmax, p v_j; with PINGPONG the consumers pass a
     rendezvous barrier after issuing q k_j^T and after the softmax (module docstring)."""
+    cfg, wg, turns, v_smem, v_loaded = w.cfg, w.wg, w.turns, w.v_smem, w.v_loaded
+
     def take_turn():
         plgpu.barrier_arrive(turns)
         plgpu.barrier_wait(turns)
@@ -184,8 +206,9 @@ def _pingpong_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, 
     def visit(step, _, code, carry):
         acc, m, l = carry
         slot = jax.lax.rem(step, STAGES)
-        (s,) = scores(cfg, (q_tile, k_smem.at[slot]), after_issue=take_turn if PINGPONG else None)
-        m, alpha, l, p = weights(s, code, slot, m, l)
+        (s,) = scores(cfg, (w.q_tile, w.k_smem.at[slot]),
+                      after_issue=take_turn if PINGPONG else None)
+        m, alpha, l, p = w.weights(s, code, slot, m, l)
         acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
         # computed before the turn passes: the compiler may not sink it past the barriers
         acc, m, l, p = jax.lax.optimization_barrier((acc, m, l, p))
@@ -194,23 +217,24 @@ def _pingpong_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, 
         plgpu.barrier_wait(v_loaded.at[slot])
         if PINGPONG:
             plgpu.barrier_wait(turns)
-        acc = product(acc, p, v_smem.at[slot], stage, cfg.interpreted,
-                      after_issue=lambda: await_next_keys(step))
-        plgpu.barrier_arrive(v_consumed.at[slot])
+        acc = product(acc, p, v_smem.at[slot], w.stage, cfg.interpreted,
+                      after_issue=lambda: w.await_next_keys(step))
+        plgpu.barrier_arrive(w.v_consumed.at[slot])
         return acc, m, l
 
-    carry = walk_visits(rows_ref, lambda _: row, 1, visit, carry)
+    carry = walk_visits(w.rows_ref, lambda _: w.row, 1, visit, carry)
     if PINGPONG:
         pl.when(wg == 0)(take_turn)
     return carry
 
 
-def _overlapped_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem, stage,
-                     v_loaded, v_consumed, turns, weights, await_next_keys, carry):
+def _overlapped_walk(w: _Walker, carry: tuple) -> tuple:
     """FA3's intra-warpgroup overlap: step t issues q k_t^T and p_{t-1} v_{t-1} back to back,
     waits for the scores only, and runs the softmax of block t while the p v wgmma is in
     flight. The consumers issue in turns (``turns.at[w]``: consumer w's turn, passed to the
     other once its wgmmas are issued; consumer 0 first), count + 1 turns each."""
+    cfg, wg, count, turns = w.cfg, w.wg, w.count, w.turns
+    q_tile, k_smem, v_smem, v_loaded, stage = w.q_tile, w.k_smem, w.v_smem, w.v_loaded, w.stage
     other = 1 - wg
 
     def take_turn():
@@ -246,11 +270,11 @@ def _overlapped_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem
         take_turn()
 
         def softmax(s):
-            out = weights(s, rows_ref[row, 1 + t], slot, m, l)
-            await_next_keys(t)
+            out = w.weights(s, w.rows_ref[w.row, 1 + t], slot, m, l)
+            w.await_next_keys(t)
             return out
         acc, (m, alpha, l, p) = issue_pair(acc, p, slot, prev, softmax)
-        plgpu.barrier_arrive(v_consumed.at[prev])
+        plgpu.barrier_arrive(w.v_consumed.at[prev])
         return acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p
 
     def walk(acc, m, l):
@@ -258,15 +282,15 @@ def _overlapped_walk(cfg: Walk, wg, count, rows_ref, row, q_tile, k_smem, v_smem
         first = count * 0  # step and slot 0, traced (jax 0.12 cannot lower a closed-over literal)
         take_turn()
         (s,) = scores(cfg, (q_tile, k_smem.at[first]), after_issue=pass_turn)
-        m, _, l, p = weights(s, rows_ref[row, 1], first, m, l)  # acc is still 0
-        await_next_keys(first)
+        m, _, l, p = w.weights(s, w.rows_ref[w.row, 1], first, m, l)  # acc is still 0
+        w.await_next_keys(first)
         acc, m, l, p = jax.lax.fori_loop(1, count, step, (acc, m, l, p))
         last = jax.lax.rem(count - 1, STAGES)
         take_turn()
         plgpu.barrier_wait(v_loaded.at[last])
         acc = product(acc, p, v_smem.at[last], stage, cfg.interpreted,
                       after_issue=lambda: pl.when(wg == 0)(pass_turn))  # consumer 1 goes last
-        plgpu.barrier_arrive(v_consumed.at[last])
+        plgpu.barrier_arrive(w.v_consumed.at[last])
         return acc, m, l
 
     return jax.lax.cond(count > 0, walk, lambda *c: c, *carry)
