@@ -7,8 +7,9 @@
   tensor cores, with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
-* ``store_split``: a float32 array written to shared memory as bf16 hi (+ lo) parts, so that
-  tensor-core products with the parts, summed, read it to ~float32 accuracy;
+* ``bf16_parts`` / ``store_split``: a float32 array as bf16 hi (+ lo (+ a third)) parts (written
+  to shared memory), so that tensor-core products with the parts, summed, read it to ~float32
+  accuracy;
 * ``warpgroup_index``, ``carry_state``, ``TileRing`` and ``launch_walk``: the frame of the walk
   kernels (linear, GLA, delta), whose warpgroups each carry a float32 state block through a
   chunk loop fed by a ring of TMA-loaded tile slots;
@@ -58,15 +59,28 @@ def wgmma_zeros(shape: Sequence[int]) -> jax.Array:
     return plgpu.layout_cast(jnp.zeros(tuple(shape), jnp.float32), plgpu.Layout.WGMMA)
 
 
-def store_split(parts: Sequence[Any], value: jax.Array) -> None:
-    """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape): parts[0] <- hi =
-    bf16(value) and, where a second ref is given, parts[1] <- lo = bf16(value - hi). A product
-    with hi plus one with lo reads value to a relative error of ~2^-16 (bf16's 8 bits twice)
-    instead of ~2^-8."""
-    hi = value.astype(parts[0].dtype)
-    parts[0][...] = hi
-    if len(parts) > 1:
-        parts[1][...] = (value - hi.astype(value.dtype)).astype(parts[1].dtype)
+def bf16_parts(value: jax.Array, count: int, dtype: Any = jnp.bfloat16) -> list[jax.Array]:
+    """float32 ``value`` as ``count`` bf16 parts: hi = bf16(value), then each further part the
+    bf16 rounding of what the earlier ones leave (lo = bf16(value - hi), a third =
+    bf16(value - hi - lo)). Two parts hold value to a relative error of ~2^-16 (bf16's 8 bits
+    twice) instead of ~2^-8; three to float32's 24 bits."""
+    parts, rest = [], value
+    for i in range(count):
+        parts.append(rest.astype(dtype))
+        if i + 1 < count:
+            rest = rest - parts[-1].astype(value.dtype)
+    return parts
+
+
+def store_split(parts: Sequence[Any], value: jax.Array) -> jax.Array:
+    """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape) as ``bf16_parts``;
+    a product with each part, summed, reads value to ~2^-16 (two parts) or ~float32 (three).
+    Returns the float32 value the parts hold (their sum), for arithmetic that must agree with
+    those products."""
+    pieces = bf16_parts(value, len(parts), parts[0].dtype)
+    for part, piece in zip(parts, pieces):
+        part[...] = piece
+    return sum(piece.astype(value.dtype) for piece in pieces)
 
 
 def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],

@@ -1,7 +1,17 @@
 """The chunk-parallel prepass of the per-channel-gate (GLA) Hopper path as a Mosaic GPU kernel:
-from the raw log gates, q~, k^, the intra-chunk scores A and the state decays d of
-``mosaic_gpu_gk_chunks`` (whose docstring has the bisection), one CTA (one warpgroup) per
-(chunk, head, batch row).
+from the raw log gates, the decayed tiles q~, k^, the intra-chunk scores A and the state decays
+d that the walk kernel (``mosaic_gpu_gk_kernel``) consumes, one CTA (one warpgroup) per (chunk,
+head, batch row).
+
+The intra-chunk scores A_ij = scale sum_c q_ic k_jc e^{b_ic - b_jc} (j <= i, b the chunk-local
+cumulative log gates) by bisection anchoring, matmuls only, every factor in [0, 1]: b is
+non-increasing along the chunk, so e^{b_i - b_j} = e^{b_i - a} e^{a - b_j} with both factors
+<= 1 for any anchor a = b_m with j <= m <= i. A pair i > j has exactly one level h (C/2, ..., 2,
+1: the highest bit in which i and j differ) at which i lies in the second half and j in the
+first half of the same block of 2h rows; anchoring that block at the last row of its first half
+gives A on those pairs as one masked product per level; the diagonal is A_ii = scale q_i · k_i.
+Nothing overflows whatever the gates (steps of -30, segment resets of -80); a term underflows to
+0 only where its true value is below float32's range.
 
 Per chunk of C = 64 rows, with lg the total log gates [C, K] (float32, <= 0) and q, k [C, K]
 bf16, every exponent the kernel needs is a sum of lg over an interval of rows,
@@ -52,7 +62,8 @@ LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16,
 F32 = jnp.float32
 
 
-def _iota(shape, dim: int) -> jax.Array:
+def iota(shape, dim: int) -> jax.Array:
+    """int32 indices along ``dim`` in the wgmma register layout."""
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
@@ -61,23 +72,33 @@ def _anchor(row: jax.Array, h: int) -> jax.Array:
     return row - jax.lax.rem(row, 2 * h) + (h - 1)
 
 
-def _level_interval(row: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
+def level_interval(row: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
     """(lo, hi) of level h's exponent rows (module docstring)."""
     m = _anchor(row, h)
     return jnp.minimum(row, m), jnp.maximum(row, m)
 
 
-def interval_exponent(e_smem, lg_parts, bounds, interpret: bool) -> jax.Array:
-    """(E @ lg) [C, K] float32 for E[r, u] = [lo(r) < u <= hi(r)]: ``bounds(row)`` -> (lo, hi)
+def prefix(row: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of the inclusive prefix sum (b_r: rows u <= r)."""
+    return row * 0 - 1, row
+
+
+def suffix(row: jax.Array, inclusive: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of the suffix sum over rows u > r (b_last - b_r), or u >= r (``inclusive``)."""
+    return row - 1 if inclusive else row, row * 0 + (CHUNK - 1)
+
+
+def interval_sums(e_smem, parts, bounds, interpret: bool) -> jax.Array:
+    """(E @ x) [C, W] float32 for E[r, u] = [lo(r) < u <= hi(r)]: ``bounds(row)`` -> (lo, hi)
     for the [C, C] row iota; E is written to ``e_smem`` (bf16 [C, C]) and multiplied with each
-    bf16 part of lg in ``lg_parts`` (summed in one accumulator)."""
+    bf16 part of x in ``parts`` ([C, W] SMEM refs; summed in one accumulator)."""
     C = e_smem.shape[0]
-    K = lg_parts[0].shape[-1]
-    row, col = _iota((C, C), 0), _iota((C, C), 1)
+    W = parts[0].shape[-1]
+    row, col = iota((C, C), 0), iota((C, C), 1)
     lo, hi = bounds(row)
     e_smem[...] = jnp.where((col > lo) & (col <= hi), 1.0, 0.0).astype(e_smem.dtype)
     plgpu.commit_smem()
-    (x,) = summed_products((wgmma_zeros((C, K)),), ([(e_smem, part) for part in lg_parts],),
+    (x,) = summed_products((wgmma_zeros((C, W)),), ([(e_smem, part) for part in parts],),
                            interpret)
     return x
 
@@ -107,27 +128,34 @@ def _kernel(scale: float, split: bool, interpret: bool, q_ref, k_ref, lg_ref, *r
 
     pl.run_scoped(split_gates, tiled_smem((C, K), F32))
 
-    def tiles_and_scores(*buffers):
-        x_parts, y_parts = buffers[:len(qt_out)], buffers[len(qt_out):]
-        x_smem, y_smem = x_parts[0], y_parts[0]
-        row = _iota((C, K), 0)
-        exponent = functools.partial(interval_exponent, e_smem, lg_parts, interpret=interpret)
-        q_t = scale * load(q_smem) * jnp.exp(exponent(lambda r: (r * 0 - 1, r)))
-        k_h = load(k_smem) * jnp.exp(exponent(lambda r: (r, r * 0 + (C - 1))))
-        store_split(x_parts, q_t)
-        store_split(y_parts, k_h)
-        plgpu.commit_smem()
-        for parts, out in ((x_parts, qt_out), (y_parts, kh_out)):
-            for part, dst in zip(parts, out):
-                plgpu.copy_smem_to_gmem(part, dst.at[bi, rows, hd])
+    def tiles_and_scores(x_smem, y_smem):
+        row = iota((C, K), 0)
+        exponent = functools.partial(interval_sums, e_smem, lg_parts, interpret=interpret)
+        q_t = scale * load(q_smem) * jnp.exp(exponent(prefix))
+        k_h = load(k_smem) * jnp.exp(exponent(suffix))
+        # q~ and k^ leave through x_smem and y_smem: together in bf16, or (split) q~'s hi + lo
+        # first, then k^'s; each round is (buffers, value, outputs) triples
+        if split:
+            rounds = [[((x_smem, y_smem), q_t, qt_out)], [((x_smem, y_smem), k_h, kh_out)]]
+        else:
+            rounds = [[((x_smem,), q_t, qt_out), ((y_smem,), k_h, kh_out)]]
+        for i, tiles in enumerate(rounds):
+            if i:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round has left
+            for bufs, value, _ in tiles:
+                store_split(bufs, value)
+            plgpu.commit_smem()
+            for bufs, _, outs in tiles:
+                for buf, out in zip(bufs, outs):
+                    plgpu.copy_smem_to_gmem(buf, out.at[bi, rows, hd])
 
-        score_row, score_col = _iota((C, C), 0), _iota((C, C), 1)
+        score_row, score_col = iota((C, C), 0), iota((C, C), 1)
         (qk,) = products((wgmma_zeros((C, C)),), ((q_smem, k_smem.transpose((1, 0))),),
                          interpret)
         a = jnp.where(score_row == score_col, qk, 0.0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~, k^ have left x_smem, y_smem
         for h in LEVELS:
-            f = jnp.exp(exponent(functools.partial(_level_interval, h=h)))
+            f = jnp.exp(exponent(functools.partial(level_interval, h=h)))
             second = jax.lax.rem(row, 2 * h) >= h
             x_smem[...] = jnp.where(second, load(q_smem) * f, 0.0).astype(x_smem.dtype)
             y_smem[...] = jnp.where(second, 0.0, load(k_smem) * f).astype(y_smem.dtype)
@@ -141,7 +169,8 @@ def _kernel(scale: float, split: bool, interpret: bool, q_ref, k_ref, lg_ref, *r
         plgpu.copy_smem_to_gmem(e_smem, a_out.at[bi, hd, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(tiles_and_scores, *[tiled_smem((C, K), q_smem.dtype)] * (2 * len(qt_out)))
+    pl.run_scoped(tiles_and_scores, tiled_smem((C, K), q_smem.dtype),
+                  tiled_smem((C, K), q_smem.dtype))
 
 
 def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *, split: bool = False,
