@@ -17,15 +17,20 @@ with x_h, X_h, Y_h of the prepass's level h (float32 here) and D_h = dA on pairs
 
 and the caller adds the sums of the later chunks (row 0 of each chunk's dlg_local).
 
-Precision: the gate gradient subtracts nearly equal terms, so every tensor-core product here
-reads float32 values: dA, X_h, Y_h as bf16 hi + lo parts (three wgmmas per product: hi·hi,
-hi·lo, lo·hi), lg as hi + lo for the exponents (interval sums), dG as three parts (hi, mid,
-lo) for its reverse cumulative sum; dO v^T and the 0/1 interval matrices are exact in bf16.
+Precision: the gate gradient subtracts nearly equal terms (each intra-chunk pair (i, j) adds
+the same P_ij to dG_i and takes it from dG_j), so every tensor-core product here reads float32
+values: dA, X_h, Y_h as bf16 hi + lo parts (all four part products, so D_h @ Y_h and
+D_h^T @ X_h are the exact bilinear forms of the same held values) and dG's level terms are
+formed from those held values (X_h ⊙ (D_h @ Y_h) - Y_h ⊙ (D_h^T @ X_h); q~ ⊙ dq~ - k^ ⊙ dk^ with
+the hi + lo q~, k^ the walks read), so a pair's two contributions cancel to float32 accuracy;
+lg as hi + lo for the exponents (interval sums), dG as three parts (hi, mid, lo) for its
+reverse cumulative sum; dO v^T and the 0/1 interval matrices are exact in bf16.
 
 K is processed in slabs of W = 64 columns (every quantity but dA is per channel), so the
-float32 accumulators dq, dk [C, W] and dA [C, C] fit in registers. Per chunk and slab: 2 · 8
-exponent wgmmas, 6 · 6 level-product wgmmas and 3 for the cumulative sum, all [C, C] x [C, W]
-(~0.5 MFLOP each), plus dO v^T once per chunk: ~57 MFLOP per chunk at K = V = 128. HBM per
+float32 accumulators dq, dk, dG [C, W] and dA [C, C] fit in registers. Per chunk and slab:
+2 · 8 exponent wgmmas, 6 · 8 level-product wgmmas and 3 for the cumulative sum, all
+[C, C] x [C, W] (~0.5 MFLOP each), plus dO v^T once per chunk: ~70 MFLOP per chunk at
+K = V = 128. HBM per
 (chunk, head): reads q, k, dO, v (bf16, 64 KB at K = V = 128) and lg, dq~, dk^ (float32, 96 KB),
 writes dq, dk (bf16, 32 KB) and dlg_local (float32, 32 KB). Shared memory ~100 KB (scoped
 phases share space), two CTAs per SM.

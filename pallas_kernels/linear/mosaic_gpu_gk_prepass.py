@@ -38,13 +38,14 @@ the first half of r's block of 2h rows), E: min(r, m) < u <= max(r, m), so that
 
 Per chunk (K = 128): 2 · 8 exponent wgmmas ([C, C] x [C, K]) and 7 score wgmmas ([C, K] x [K, C]),
 about 24 MFLOP on the tensor cores; one exponential per element of q and k per exponent tile
-(8 in all). HBM per (chunk, head): reads q, k (bf16) and lg (f32), 32 KB; writes q~, k^ (bf16,
-or hi + lo parts each with ``split``) and A (bf16), 40 KB (56 KB split), d 0.5 KB. Shared
-memory ~105 KB (lg's float32 tile shares its space with X and Y), so two CTAs fit on an SM and
-one's loads overlap the other's compute.
+(8 in all). HBM per (chunk, head): reads q, k (bf16, 32 KB) and lg (float32, 32 KB); writes
+q~, k^ (bf16, or hi + lo parts each with ``split``) and A (bf16), 40 KB (72 KB split), d
+0.5 KB. Shared memory ~105 KB (lg's float32 tile shares its space with X and Y), so two CTAs
+fit on an SM and one's loads overlap the other's compute.
 
 ``split`` (the backward): q~ and k^ leave as bf16 hi + lo parts (~float32 accuracy, for the
-gate gradient's hi + lo walks), A as bf16.
+gate gradient's hi + lo walks; q~'s parts first, then k^'s, through the X and Y buffers), A as
+bf16.
 """
 from __future__ import annotations
 
