@@ -8,9 +8,6 @@
   multiple of the 128 blocks, T = 1, per-(batch, head) maps; race detection with and without
   the forward's turn taking; padded query rows holding random q and dO change no gradient
   (their lse2 is +inf);
-* the forward alone, with either consumer walk (``mosaic_gpu_fwd.OVERLAP``): o and lse2 against
-  float64, lse2 = +inf exactly on empty and padded rows; the overlapped walk lowers for cuda and
-  has no races;
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
   the op registers it after cuDNN.
 """
@@ -21,9 +18,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernel_utils import TOL_BF16, TOL_F32, assert_close
+from kernel_utils import TOL_BF16, assert_close
 from test_sparse_utils import allowed_matrix, oracle, qkv, segments
-from pallas_kernels import common, mosaic_gpu_common
+from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Dense, Full, Local,
                                    implementations, make_block_map)
 from pallas_kernels.sparse import mosaic_gpu_bwd, mosaic_gpu_fwd
@@ -146,83 +143,6 @@ def test_interpret_has_no_races(pingpong, monkeypatch):
     assert_close(out, want, TOL_BF16, "o")
     for what, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
         assert_close(got, ref, TOL_BF16, what)
-
-
-def _forward_padded(mask, seg, q, k, v, interpret):
-    """mosaic_gpu_fwd.forward on inputs padded to the map's Tp -> (o [B, T, ...], lse2 [B, H, Tp])."""
-    T, D = q.shape[1], q.shape[-1]
-    cfg, seg_p, maps = mo.walk_setup(q, k, v, mask=mask, segment_ids=seg, scale=D ** -0.5,
-                                     interpret=interpret)
-    pad = lambda x: common.pad_axis(x, cfg.meta.padded_len, axis=1)
-    o, lse2 = mosaic_gpu_fwd.forward(cfg, pad(q), pad(k), pad(v), maps[0], seg_p)
-    return o[:, :T], np.asarray(lse2)
-
-
-def _oracle_lse2(q, k, allowed) -> np.ndarray:
-    """float64 base-2 log-sum-exp [B, Hq, T] of the allowed scaled logits, +inf on empty rows."""
-    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k))
-    kr = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
-    s = np.where(allowed, np.einsum("bqhd,bkhd->bhqk", q, kr) * q.shape[-1] ** -0.5, -np.inf)
-    m = s.max(-1, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    l = np.exp(s - m_safe).sum(-1)
-    return np.where(l > 0, (m_safe[..., 0] + np.log(np.where(l > 0, l, 1.0))) / np.log(2), np.inf)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("name,B,T,Hq,Hkv,D,Dv,with_segments", [
-    ("block_sparse", 1, 300, 2, 1, 64, 64, False),       # empty query block, padded rows, GQA
-    ("local", 2, 300, 1, 1, 128, 64, True),              # segments, Dv != D, PAD_ONLY visits
-    ("causal", 1, 1, 1, 1, 64, 64, False),               # T = 1: one visit
-])
-def test_interpret_forward_walks_match_oracle(overlap, name, B, T, Hq, Hkv, D, Dv, with_segments,
-                                              monkeypatch):
-    """Both consumer walks (ping-pong, and FA3's intra-warpgroup overlap: q k_{j+1}^T issued
-    with p_j v_j) give o and lse2 of the float64 oracle; lse2 = +inf exactly on the rows that see
-    nothing and on the padded rows >= T (the backward relies on it)."""
-    monkeypatch.setattr(mosaic_gpu_fwd, "OVERLAP", overlap)
-    mask = MASKS[name](B, Hq, T)
-    q, k, v, _ = qkv(T + 3 * D, B, T, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)
-    seg = segments(T + 1, B, T) if with_segments else None
-    o, lse2 = _forward_padded(mask, seg, q, k, v, plgpu.InterpretGPUParams())
-    allowed = allowed_matrix(mask, T, B, Hq, seg)
-    assert_close(o, oracle(q, k, v, allowed), TOL_BF16, "o")
-    want = _oracle_lse2(q, k, allowed)
-    assert np.all(lse2[:, :, T:] == np.inf)
-    assert np.array_equal(np.isinf(lse2[:, :, :T]), np.isinf(want))
-    finite = np.isfinite(want)
-    assert finite.any()
-    assert_close(lse2[:, :, :T][finite], want[finite], TOL_F32, "lse2")
-    if name == "block_sparse":
-        assert np.all(np.asarray(o[:, 128:256], np.float32) == 0)  # the empty query block
-
-
-@needs_interpreter
-def test_interpret_overlapped_forward_has_no_races(monkeypatch):
-    """The overlapped walk with race detection on: three visits on the last block row, so the
-    two-slot ring is reused while a p v wgmma is in flight."""
-    monkeypatch.setattr(mosaic_gpu_fwd, "OVERLAP", True)
-    T, mask = 384, Causal()
-    q, k, v, _ = qkv(11, 1, T, 2, 1, 64, 64, dtype=jnp.bfloat16)
-    o, _ = _forward_padded(mask, None, q, k, v, plgpu.InterpretGPUParams(detect_races=True))
-    assert_close(o, oracle(q, k, v, allowed_matrix(mask, T, 1, 2)), TOL_BF16, "o")
-
-
-@pytest.mark.parametrize("name,D,Dv,with_segments", [
-    ("causal", 128, 128, False),
-    ("local", 64, 128, True),
-])
-def test_overlapped_forward_lowers_for_cuda(name, D, Dv, with_segments, monkeypatch):
-    monkeypatch.setattr(mosaic_gpu_fwd, "OVERLAP", True)
-    B, T, Hq, Hkv = 2, 300, 2, 1
-    sd = jax.ShapeDtypeStruct
-    mask = MASKS[name](B, Hq, T)
-    args = (sd((B, T, Hq, D), jnp.bfloat16), sd((B, T, Hkv, D), jnp.bfloat16),
-            sd((B, T, Hkv, Dv), jnp.bfloat16), sd((B, T), jnp.int32))
-    run = lambda q, k, v, seg: _run(mask, seg if with_segments else None)(q, k, v)
-    text = jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
 
 
 def test_accepts_declines_unsupported_calls(monkeypatch):

@@ -11,40 +11,26 @@ One CTA per (query block of BLOCK_Q = 128 rows, q head, batch row), three warpgr
 
 Per visit v (key block j, kind from the block map), each consumer keeps per row, in registers,
 
-    s   = q k_j^T                                 (wgmma, float32 [64, 128]; -inf where masked)
-    m'  = max(m, c max_k s),   p = exp2(c s - m'),   alpha = exp2(m - m')     (c = log2(e) scale)
+    s2  = log2(e) scale q k_j^T                   (wgmma, float32 [64, 128]; -inf where masked)
+    m'  = max(m, max_k s2),    p = exp2(s2 - m'),   alpha = exp2(m - m')
     l'  = alpha l + sum_k p,   acc' = alpha acc + p v_j      (wgmma, p in bf16)
 
-(``online_softmax``: m in base 2 and scaled, so p costs one fused multiply-add per logit),
 masking only visits that need it (``mosaic_gpu_util.mask_logits``: PARTIAL by the mask's
-formula, PAD_ONLY by k < T, every visit by segment ids when given). m starts at the finite
-M_INIT, so a row that saw nothing keeps l = 0 (p = exp2(-inf) = 0, alpha = 1: no NaN) and gets
+formula, PAD_ONLY by k < T, every visit by segment ids when given). A row that saw nothing
+keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appears) and gets
 o = 0, lse2 = +inf. Padded query rows (>= T) get lse2 = +inf too, so their recomputed weights
-are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l
-(bf16, by TMA) and lse2 = m + log2 l (float32 [B, H, Tp]: base-2 log-sum-exp, for the
-backward). Query blocks are launched longest-first (reversed), which evens out causal work
-across the last wave of CTAs. The wait for the next visit's keys runs while the p v_j wgmma
-is in flight.
+are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
+[B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
+(reversed), which evens out causal work across the last wave of CTAs.
 
 Turn taking (``PINGPONG``, the FA3 schedule): a two-arrival barrier that each consumer passes
 right after issuing its q k^T wgmma and again after its softmax, warpgroup 1 one pass ahead of
 warpgroup 0 (the two walk the same number of visits, so the passes pair up); so one consumer's
-softmax runs while the other's products occupy the tensor cores. The softmax results go
-through ``lax.optimization_barrier`` before the turn passes, so the compiler cannot sink the
-softmax past the barrier into the other consumer's turn.
-
-Intra-warpgroup overlap (``OVERLAP``, FA3's second schedule; ``_overlapped_walk``): step t
-issues q k_t^T and p_{t-1} v_{t-1} back to back, waits for the scores only and runs the softmax
-of block t (mask, max, exp2, row sums) while the p v wgmma is still in flight; then
-acc = alpha_t (acc + p_{t-1} v_{t-1}). Visit 0 issues only its scores, a last turn only
-p_{n-1} v_{n-1}. The consumers issue in strict turns (one barrier per consumer, passed on once
-its wgmmas are issued), so the tensor cores alternate between them. Same arithmetic as the
-ping-pong walk; one turn per visit instead of two barrier passes.
+softmax runs while the other's products occupy the tensor cores.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +46,7 @@ STAGES = 2          # depth of the k/v TMA ring
 CONSUMERS = 2
 CONSUMER_REGISTERS = 232
 PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
-OVERLAP = False     # FA3 intra-warpgroup overlap (q k_{j+1}^T with p_j v_j; module docstring)
 PRODUCER_REGISTERS = 40
-M_INIT = -1e30      # finite start of the running max: a row that saw nothing keeps l = 0, no NaN
 
 
 def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
@@ -88,8 +72,7 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
                 plgpu.Barrier(num_barriers=STAGES),                           # v loaded
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # v consumed
-                plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS) if OVERLAP  # turns
-                else plgpu.Barrier(num_arrivals=CONSUMERS)]                   # rendezvous
+                plgpu.Barrier(num_arrivals=CONSUMERS)]                        # turn taking
     body = functools.partial(_body, cfg, q_ref, k_ref, v_ref, rows_ref, seg_ref,
                              o_ref, lse_ref, b, h, q_block, row)
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -115,32 +98,47 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         q_seg = (plgpu.layout_cast(qseg_smem[wg], row_layout) if cfg.use_segments else None)
         Dv = v_smem.shape[-1]
-        m = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), row_layout)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
         acc = wgmma_zeros((WG_ROWS, Dv))
-        count = rows_ref[row, 0]
-        pl.when(count > 0)(lambda: plgpu.barrier_wait(k_loaded.at[0]))
 
-        def await_next_keys(step):
-            @pl.when(step + 1 < count)
-            def _():
-                plgpu.barrier_wait(k_loaded.at[jax.lax.rem(step + 1, STAGES)])
+        def take_turn():
+            plgpu.barrier_arrive(turns)
+            plgpu.barrier_wait(turns)
 
-        def weights(s, code, slot, m, l):
-            """Release the keys of ``slot``, mask, and run the online softmax (bf16 p)."""
+        if PINGPONG:
+            pl.when(wg == 1)(take_turn)
+
+        def visit(step, _, code, carry):
+            acc, m, l = carry
             k_block, kind = unpack(code)
+            slot = jax.lax.rem(step, STAGES)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]),
+                          after_issue=take_turn if PINGPONG else None)
             k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
                      if cfg.use_segments else None)
             plgpu.barrier_arrive(k_consumed.at[slot])
-            s = mask_logits(cfg, s, kind, first, k_block * BLOCK_K, q_seg, k_seg)
-            m_new, alpha, l, p = online_softmax(s, cfg.log2_scale, m, l)
-            return m_new, alpha, l, p.astype(v_smem.dtype)
+            s = mask_logits(cfg, s * cfg.log2_scale, kind, first, k_block * BLOCK_K, q_seg, k_seg)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
+            p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
+            alpha = jnp.exp2(m - base)
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if PINGPONG:
+                plgpu.barrier_arrive(turns)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            if PINGPONG:
+                plgpu.barrier_wait(turns)
+            acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
+                          None if p_smem is None else p_smem.at[wg], cfg.interpreted)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
 
-        stage = None if p_smem is None else p_smem.at[wg]
-        walker = _Walker(cfg, wg, count, rows_ref, row, q_smem.at[wg], k_smem, v_smem, stage,
-                         v_loaded, v_consumed, turns, weights, await_next_keys)
-        walk = _overlapped_walk if OVERLAP else _pingpong_walk
-        acc, m, l = walk(walker, (acc, m, l))
+        acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit, (acc, m, l))
+        if PINGPONG:
+            pl.when(wg == 0)(take_turn)
         seen = l > 0.0
         l_safe = jnp.where(seen, l, 1.0)
         o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
@@ -170,141 +168,6 @@ def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
             return carry
 
         walk_visits(rows_ref, lambda _: row, 1, load, ())
-
-
-class _Walker(NamedTuple):
-    """What a consumer's walk over its visits needs (refs of this consumer where per consumer)."""
-
-    cfg: Walk
-    wg: Any                  # this consumer's index
-    count: Any               # number of visits
-    rows_ref: Any            # packed visit rows (GMEM)
-    row: Any                 # this block's row of rows_ref
-    q_tile: Any              # this consumer's q tile (SMEM)
-    k_smem: Any              # k ring
-    v_smem: Any              # v ring
-    stage: Any               # p staging tile (interpreter only) or None
-    v_loaded: Any
-    v_consumed: Any
-    turns: Any               # rendezvous barrier (ping-pong) or one turn barrier per consumer
-    weights: Callable[..., tuple]            # (s, code, slot, m, l) -> (m', alpha, l', p bf16)
-    await_next_keys: Callable[[Any], None]   # step -> wait for step + 1's keys if any
-
-
-def _pingpong_walk(w: _Walker, carry: tuple) -> tuple:
-    """One visit per step: q k_j^T, softmax, p v_j; with PINGPONG the consumers pass a
-    rendezvous barrier after issuing q k_j^T and after the softmax (module docstring)."""
-    cfg, wg, turns, v_smem, v_loaded = w.cfg, w.wg, w.turns, w.v_smem, w.v_loaded
-
-    def take_turn():
-        plgpu.barrier_arrive(turns)
-        plgpu.barrier_wait(turns)
-
-    if PINGPONG:
-        pl.when(wg == 1)(take_turn)
-
-    def visit(step, _, code, carry):
-        acc, m, l = carry
-        slot = jax.lax.rem(step, STAGES)
-        (s,) = scores(cfg, (w.q_tile, w.k_smem.at[slot]),
-                      after_issue=take_turn if PINGPONG else None)
-        m, alpha, l, p = w.weights(s, code, slot, m, l)
-        acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
-        # computed before the turn passes: the compiler may not sink it past the barriers
-        acc, m, l, p = jax.lax.optimization_barrier((acc, m, l, p))
-        if PINGPONG:
-            plgpu.barrier_arrive(turns)
-        plgpu.barrier_wait(v_loaded.at[slot])
-        if PINGPONG:
-            plgpu.barrier_wait(turns)
-        acc = product(acc, p, v_smem.at[slot], w.stage, cfg.interpreted,
-                      after_issue=lambda: w.await_next_keys(step))
-        plgpu.barrier_arrive(w.v_consumed.at[slot])
-        return acc, m, l
-
-    carry = walk_visits(w.rows_ref, lambda _: w.row, 1, visit, carry)
-    if PINGPONG:
-        pl.when(wg == 0)(take_turn)
-    return carry
-
-
-def _overlapped_walk(w: _Walker, carry: tuple) -> tuple:
-    """FA3's intra-warpgroup overlap: step t issues q k_t^T and p_{t-1} v_{t-1} back to back,
-    waits for the scores only, and runs the softmax of block t while the p v wgmma is in
-    flight. The consumers issue in turns (``turns.at[w]``: consumer w's turn, passed to the
-    other once its wgmmas are issued; consumer 0 first), count + 1 turns each."""
-    cfg, wg, count, turns = w.cfg, w.wg, w.count, w.turns
-    q_tile, k_smem, v_smem, v_loaded, stage = w.q_tile, w.k_smem, w.v_smem, w.v_loaded, w.stage
-    other = 1 - wg
-
-    def take_turn():
-        plgpu.barrier_wait(turns.at[wg])
-
-    def pass_turn():
-        plgpu.barrier_arrive(turns.at[other])
-
-    def issue_pair(acc, p, slot, prev, softmax):
-        """acc + p v_prev and softmax(q k_slot^T), the two wgmmas in flight together."""
-        if cfg.interpreted:
-            (s,) = scores(cfg, (q_tile, k_smem.at[slot]))
-            plgpu.barrier_wait(v_loaded.at[prev])
-            acc = product(acc, p, v_smem.at[prev], stage, True)
-            pass_turn()
-            return acc, softmax(s)
-
-        def body(o_ref, s_ref):
-            o_ref[...] = acc
-            plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
-            plgpu.barrier_wait(v_loaded.at[prev])
-            plgpu.wgmma(o_ref, p, v_smem.at[prev])
-            pass_turn()
-            out = softmax(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
-            out = jax.lax.optimization_barrier(out)  # before the wait for p v
-            return o_ref[...], out
-        return pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32),
-                             plgpu.ACC((q_tile.shape[0], k_smem.shape[1]), jnp.float32))
-
-    def step(t, carry):
-        acc, m, l, p = carry
-        slot, prev = jax.lax.rem(t, STAGES), jax.lax.rem(t - 1, STAGES)
-        take_turn()
-
-        def softmax(s):
-            out = w.weights(s, w.rows_ref[w.row, 1 + t], slot, m, l)
-            w.await_next_keys(t)
-            return out
-        acc, (m, alpha, l, p) = issue_pair(acc, p, slot, prev, softmax)
-        plgpu.barrier_arrive(w.v_consumed.at[prev])
-        return acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p
-
-    def walk(acc, m, l):
-        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
-        first = count * 0  # step and slot 0, traced (jax 0.12 cannot lower a closed-over literal)
-        take_turn()
-        (s,) = scores(cfg, (q_tile, k_smem.at[first]), after_issue=pass_turn)
-        m, _, l, p = w.weights(s, w.rows_ref[w.row, 1], first, m, l)  # acc is still 0
-        w.await_next_keys(first)
-        acc, m, l, p = jax.lax.fori_loop(1, count, step, (acc, m, l, p))
-        last = jax.lax.rem(count - 1, STAGES)
-        take_turn()
-        plgpu.barrier_wait(v_loaded.at[last])
-        acc = product(acc, p, v_smem.at[last], stage, cfg.interpreted,
-                      after_issue=lambda: pl.when(wg == 0)(pass_turn))  # consumer 1 goes last
-        plgpu.barrier_arrive(w.v_consumed.at[last])
-        return acc, m, l
-
-    return jax.lax.cond(count > 0, walk, lambda *c: c, *carry)
-
-
-def online_softmax(s: jax.Array, log2_scale: float, m: jax.Array, l: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One block of the online softmax on raw logits ``s`` [rows, keys] (-inf where masked):
-    the running max m (base 2, scaled) and sum l -> (m', alpha, l', p) with p = exp2(c s - m')
-    (one fused multiply-add per logit), alpha = exp2(m - m'), l' = alpha l + sum_k p."""
-    m_new = jnp.maximum(m, jnp.max(s, axis=1) * log2_scale)
-    p = jnp.exp2(s * log2_scale - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
-    alpha = jnp.exp2(m - m_new)
-    return m_new, alpha, l * alpha + jnp.sum(p, axis=1), p
 
 
 def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:

@@ -81,15 +81,6 @@ def allowed_is_trivial(cfg: Walk, partial: bool, padded: bool) -> bool:
                 or (partial and cfg.meta.rule_kind == "formula"))
 
 
-def position_tile(shape: tuple[int, int], axis: int, first: Any) -> jax.Array:
-    """int32 [rows, cols] in the wgmma layout holding ``first + i`` along ``axis``: a vector in
-    the reduced layout, broadcast (the tile shares the vector's registers, where a full iota
-    tile would hold one register per element)."""
-    vector_layout = plgpu.Layout.WGMMA.reduce(1 - axis)
-    vector = first + plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0, layout=vector_layout)
-    return jax.lax.broadcast_in_dim(vector, shape, [axis])
-
-
 def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first: Any,
                 q_seg: jax.Array | None, k_seg: jax.Array | None, transposed: bool = False
                 ) -> jax.Array:
@@ -101,6 +92,7 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
     depend on that row alone and padded key rows are dropped. (With the bound, the H100 gave
     dk, dv 0.65 off on every key block for Full + segments + T = 777, while interpret mode,
     Full without segments, T = 768 and Causal + segments + T = 777 were right.)"""
+    layout = plgpu.Layout.WGMMA
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     seq_len = cfg.meta.seq_len
 
@@ -108,11 +100,11 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
         ok = None
         both = lambda a, b: b if a is None else a & b
         if partial or padded:
-            k_pos = position_tile(s.shape, k_axis, k_first)
+            k_pos = k_first + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=layout)
             if padded and not transposed and _needs_key_bound(cfg.meta):
                 ok = k_pos < seq_len
             if partial and cfg.meta.rule_kind == "formula":
-                q_pos = position_tile(s.shape, q_axis, q_first)
+                q_pos = q_first + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=layout)
                 ok = both(ok, cfg.meta.formula.element(q_pos, k_pos))
         if cfg.use_segments:
             qs = jax.lax.broadcast_in_dim(q_seg, s.shape, [q_axis])
@@ -130,7 +122,7 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
     flags = {EMPTY: (False, False), PARTIAL: (True, True), FULL: (False, False),
              PAD_ONLY: (False, True)}
     if transposed:  # no key bound (docstring)
-        flags = {kind: (partial, False) for kind, (partial, _) in flags.items()}
+        flags = {visit: (partial, False) for visit, (partial, _) in flags.items()}
     if all(allowed_is_trivial(cfg, *f) for f in flags.values()):
         return s
     return jax.lax.switch(kind, [apply(*flags[kind]) for kind in range(len(flags))], s)
@@ -156,24 +148,16 @@ def scores(cfg: Walk, *pairs: tuple[Any, Any],
     return pl.run_state(body)(tuple(plgpu.ACC.init(z) for z in zeros))
 
 
-def product(acc: jax.Array, a: jax.Array, b_ref: Any, stage: Any, interpret: bool,
-            after_issue: Callable[[], None] | None = None) -> jax.Array:
+def product(acc: jax.Array, a: jax.Array, b_ref: Any, stage: Any, interpret: bool) -> jax.Array:
     """``acc + a @ b`` on the tensor cores: ``a`` [M, K] bf16 registers, ``b_ref`` [K, N] SMEM
-    (may be a transposed view). ``stage``: an [M, K] SMEM tile used only under the interpreter.
-    ``after_issue()`` runs once the wgmma is issued, before its result is awaited (compiled;
-    after it under the interpreter)."""
+    (may be a transposed view). ``stage``: an [M, K] SMEM tile used only under the interpreter."""
     if interpret:
         stage[...] = a
         plgpu.commit_smem()
-        out = products((acc,), ((stage, b_ref),), True)[0]
-        if after_issue is not None:
-            after_issue()
-        return out
+        return products((acc,), ((stage, b_ref),), True)[0]
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b_ref)
-        if after_issue is not None:
-            after_issue()
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
