@@ -198,6 +198,12 @@ def torch_from_jax(x: Any, requires_grad: bool = False) -> Any:
 ASSUMED_CEILINGS = {"matmul_bf16_tflops": 710.0, "hbm_tbps": 2.7, "assumed_from_DESIGN_md": 1.0}
 
 
+def add_no_xla_timing(ap: Any) -> None:
+    """The check scripts' switch to leave out timing the XLA path (each compile of it costs
+    device time; the XLA path still serves as the gradient reference where it is one)."""
+    ap.add_argument("--no-xla-timing", action="store_true", help="do not time the XLA path")
+
+
 def add_common_args(ap: Any) -> None:
     """Command-line flags every benchmark script takes."""
     ap.add_argument("--out", default="experiments/results")

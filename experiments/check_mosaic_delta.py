@@ -45,6 +45,7 @@ CASES = [
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
     (8, 4096, 16, 128, "none", True),
 ]
+TIME_XLA = True  # --no-xla-timing: skip timing the XLA path (saves its compiles on the GPU)
 ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D, D] state a step
 NAMES = ("q", "k", "v", "beta", "g")
 
@@ -118,14 +119,16 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
     row["auto_impl"] = _auto_choice(q, k, v, beta, g, scale)
     args = [(q, k, v, beta, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
-    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg)), args)
+    if TIME_XLA:
+        row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg)), args)
     if anchor:
         time_parts(row, q, k, v, beta, g, do, scale)
         args = [(q, k, v, beta, g, s0, do)]
         row["mosaic_fwdbwd_ms"] = bc.time_jax(
             jax.jit(fwd_bwd(lambda s0: kernel_fn(scale, s0, seg))), args)
-        row["xla_fwdbwd_ms"] = bc.time_jax(
-            jax.jit(fwd_bwd(lambda s0: xla_fn(scale, s0, seg))), args)
+        if TIME_XLA:
+            row["xla_fwdbwd_ms"] = bc.time_jax(
+                jax.jit(fwd_bwd(lambda s0: xla_fn(scale, s0, seg))), args)
     return row
 
 
@@ -189,12 +192,15 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
     ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
+    bc.add_no_xla_timing(ap)
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)
     cases = [case for case in CASES if not (args.quick and case[1] > 1000)]
     if args.cases:
         cases = [CASES[i] for i in args.cases]
+    global TIME_XLA
+    TIME_XLA = not args.no_xla_timing
     rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_delta.json"), "w") as f:

@@ -50,6 +50,7 @@ CASES = [
     (2, 2048, 4, 128, "gk+seg", False),
     (8, 4096, 16, 128, "gk", True),         # the GLA anchor (jla gla, fla chunk_gla)
 ]
+TIME_XLA = True  # --no-xla-timing: skip timing the XLA path (saves its compiles on the GPU)
 ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D, D] state a step
 
 
@@ -138,12 +139,14 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         return row
     args = [(q, k, v, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
-    row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg, pc)), args)
+    if TIME_XLA:
+        row["xla_fwd_ms"] = bc.time_jax(jax.jit(xla_fn(scale, s0, seg, pc)), args)
     if with_bwd:
         args = [(q, k, v, g, do)]
         row["mosaic_fwdbwd_ms"] = bc.time_jax(
             jax.jit(fwd_bwd(kernel_fn(scale, s0, seg, pc))), args)
-        row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
+        if TIME_XLA:
+            row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
         if pc:
             row["gk_prepass_ms"] = bc.time_jax(jax.jit(gk_prepass(scale)), [(q, k, g)])
             cot = tuple(x.astype(jnp.float32) for x in (q, k))  # stand-ins for dq~, dk^
@@ -212,6 +215,7 @@ def main() -> None:
     ap.add_argument("--interpret", action="store_true",
                     help="dry run on CPU in GPU interpret mode (jax >= 0.12; small shapes)")
     ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
+    bc.add_no_xla_timing(ap)
     args = ap.parse_args()
     if args.interpret:
         global INTERPRET
@@ -226,6 +230,8 @@ def main() -> None:
         cases = [case for case in CASES if case[1] <= 1000]
     if args.cases:
         cases = [CASES[i] for i in args.cases]
+    global TIME_XLA
+    TIME_XLA = not args.no_xla_timing
     rows = bc.run_cases(check_case, cases, ("B", "T", "H", "D", "gate"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check_mosaic_linear.json"), "w") as f:
