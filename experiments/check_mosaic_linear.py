@@ -11,9 +11,9 @@ checked call, so an output element the kernel never writes most likely shows up 
 the forward time of the kernel and of ``impl="xla"`` (``bench_common.time_jax``: median of
 repeated samples after warm-up, the method of the anchor figures in DESIGN.md). Gradients dq,
 dk, dv, dg of sum(o * dO) from the Mosaic GPU backward (three more runs of the forward kernel
-plus, for gk, the chunk-parallel gradient kernel; XLA for dg) against the same on float32
-copies of the inputs: autodiff of the step-by-step oracle where its saved per-step states fit
-in 4 GiB, else of the chunked XLA path (``grad_ref`` says which); then forward+backward times at the anchor shapes. Each case runs on its own: a
+plus XLA for dg) against the same on float32 copies of the inputs: autodiff of the step-by-step
+oracle where its saved per-step states fit in 4 GiB, else of the chunked XLA path (``grad_ref``
+says which); then forward+backward times at the anchor shapes. Each case runs on its own: a
 failure is printed and the next case goes on. Prints a table; writes
 ``check_mosaic_linear.json`` into ``--out``.
 
@@ -149,20 +149,15 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
             row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
         if pc:
             row["gk_prepass_ms"] = bc.time_jax(jax.jit(gk_prepass(scale)), [(q, k, g)])
-            cot = tuple(x.astype(jnp.float32) for x in (q, k))  # stand-ins for dq~, dk^
-            row["gk_grads_ms"] = bc.time_jax(jax.jit(gk_gradients(scale)),
-                                             [(q, k, v, g, do) + cot])
+            row["gk_cumsum_ms"] = bc.time_jax(jax.jit(gk_cumsum), [(g,)])
     return row
 
 
-def gk_gradients(scale: float):
-    """The GLA backward's chunk-parallel gradient kernel alone (``mosaic_gpu_gk_grads``: dq, dk
-    and the chunk-local gate-gradient sums from dq~, dk^, dO, v)."""
-    from pallas_kernels.linear.mosaic_gpu_gk_grads import gk_gradients as kernel
+def gk_cumsum(gk):
+    """The first part of the GLA prepass alone: the chunk-local cumulative log gates (XLA)."""
+    from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
 
-    def run(q, k, v, gk, do, dq_t, dk_h):
-        return kernel(q, k, gk, dq_t, dk_h, do, v, scale)
-    return run
+    return chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
 
 
 def gk_prepass(scale: float):
@@ -239,7 +234,7 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "gk_prepass_ms",
-            "gk_grads_ms",
+            "gk_cumsum_ms",
             "auto_impl"]
     bc.print_table(rows, cols)
 

@@ -7,9 +7,8 @@
   tensor cores, with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
-* ``bf16_parts`` / ``store_split``: a float32 array as bf16 hi (+ lo (+ a third)) parts (written
-  to shared memory), so that tensor-core products with the parts, summed, read it to ~float32
-  accuracy;
+* ``store_split``: a float32 array written to shared memory as bf16 hi (+ lo) parts, so that
+  tensor-core products with the parts, summed, read it to ~float32 accuracy;
 * ``warpgroup_index``, ``carry_state``, ``TileRing`` and ``launch_walk``: the frame of the walk
   kernels (linear, GLA, delta), whose warpgroups each carry a float32 state block through a
   chunk loop fed by a ring of TMA-loaded tile slots;
@@ -37,13 +36,21 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# "delta": check_mosaic_delta passed on the H100 at commit a3ddcbe (experiments/results/
-# h100_2026-11-23_s3_call1), and the path beats XLA there (fwd 0.50 vs 8.96 ms, fwd+bwd 12.7
-# vs 27.8 ms at the anchor).
+# "delta": with its chunk-gradient kernel (mosaic_gpu_grads), check_mosaic_delta's cases 0-6
+# passed on the H100 (experiments/results/h100_2026-11-23_s4_call3: 0-2 at a459c37, _call4:
+# 3-6 at 16ee0cd; same delta code); at the anchor fwd 0.50 ms, fwd+bwd 3.15 ms (XLA path
+# 8.96 / 27.8 ms, session 3).
 # "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
 # H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
 # padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.
-GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear"})
+# "sparse": all six check_mosaic_softmax correctness cases passed on the current code (cases 0-4
+# in h100_2026-11-23_s4_call4 at 16ee0cd; case 5, T = 1024 (no padding, so untouched by the
+# later dk/dv key-bound change), at d04e928 in _s4_call1). The op registers it after cuDNN, so
+# auto takes cuDNN where cuDNN has the mask and this kernel for the rest (segments, sparse /
+# two-sided / chunked masks), where the alternative is the dense XLA path.
+# Not here: "linear_gk" (GLA): its small cases passed (h100_2026-11-23_s4_call3) but its anchor
+# case has not run with the current prepass kernel.
+GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "sparse"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
@@ -59,28 +66,15 @@ def wgmma_zeros(shape: Sequence[int]) -> jax.Array:
     return plgpu.layout_cast(jnp.zeros(tuple(shape), jnp.float32), plgpu.Layout.WGMMA)
 
 
-def bf16_parts(value: jax.Array, count: int, dtype: Any = jnp.bfloat16) -> list[jax.Array]:
-    """float32 ``value`` as ``count`` bf16 parts: hi = bf16(value), then each further part the
-    bf16 rounding of what the earlier ones leave (lo = bf16(value - hi), a third =
-    bf16(value - hi - lo)). Two parts hold value to a relative error of ~2^-16 (bf16's 8 bits
-    twice) instead of ~2^-8; three to float32's 24 bits."""
-    parts, rest = [], value
-    for i in range(count):
-        parts.append(rest.astype(dtype))
-        if i + 1 < count:
-            rest = rest - parts[-1].astype(value.dtype)
-    return parts
-
-
-def store_split(parts: Sequence[Any], value: jax.Array) -> jax.Array:
-    """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape) as ``bf16_parts``;
-    a product with each part, summed, reads value to ~2^-16 (two parts) or ~float32 (three).
-    Returns the float32 value the parts hold (their sum), for arithmetic that must agree with
-    those products."""
-    pieces = bf16_parts(value, len(parts), parts[0].dtype)
-    for part, piece in zip(parts, pieces):
-        part[...] = piece
-    return sum(piece.astype(value.dtype) for piece in pieces)
+def store_split(parts: Sequence[Any], value: jax.Array) -> None:
+    """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape): parts[0] <- hi =
+    bf16(value) and, where a second ref is given, parts[1] <- lo = bf16(value - hi). A product
+    with hi plus one with lo reads value to a relative error of ~2^-16 (bf16's 8 bits twice)
+    instead of ~2^-8."""
+    hi = value.astype(parts[0].dtype)
+    parts[0][...] = hi
+    if len(parts) > 1:
+        parts[1][...] = (value - hi.astype(value.dtype)).astype(parts[1].dtype)
 
 
 def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],

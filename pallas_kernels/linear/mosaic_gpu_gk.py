@@ -1,7 +1,7 @@
 """The per-channel-gate (GLA) linear recurrence on Hopper: forward and backward around the Mosaic
-GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``), the chunk-parallel prepass kernel
-(``mosaic_gpu_gk_prepass``, the per-chunk math) and, in the backward, the chunk-parallel gradient
-kernel (``mosaic_gpu_gk_grads``).
+GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``) and the chunk-parallel prepass (the Mosaic GPU
+kernel ``mosaic_gpu_gk_prepass`` in the forward, its XLA form ``mosaic_gpu_gk_chunks`` in the
+backward; that docstring has the per-chunk math).
 
     S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
 
@@ -14,7 +14,7 @@ tensor cores); one walk gives o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_row
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
 exponentials per element of q and k and more small products per chunk;
-``mosaic_gpu_gk_prepass``), which would sit on the walk's sequential critical path, while the
+``mosaic_gpu_gk_chunks``), which would sit on the walk's sequential critical path, while the
 prepass is chunk-parallel. Its cost is HBM traffic; per token and head (K = V = 128): the
 prepass reads q, k (512 B) and lg (512 B) and writes q~, k^ (512 B) and A (128 B); the walk
 reads q~, k^, v, A (896 B) and writes o (256 B): about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16
@@ -28,36 +28,29 @@ the cotangent of that state (dS_N = the final state's cotangent):
     dq~_n = dO_n S_n^T                     walk: x = dO, y = v, z = k^, d on S^T's columns
     dk^_n = v_n dS_{n+1}^T                 reverse walk: x = v, y = dO, z = q~, d on columns
     dv_n  = A_n^T dO_n + k^_n dS_{n+1}     reverse walk: x = k^, y = q~, z = dO, A^T, d on rows
-    dA_n  = tril(dO_n v_n^T)                                chunk-parallel (gradient kernel)
+    dA_n  = dO_n v_n^T (masked by the vjp)                 chunk-parallel, XLA
 
-and the initial state's cotangent is the dv walk's final state dS_0 (the prepass runs again, in
-its ``split`` form: q~, k^ as hi + lo parts for the dq and dk walks). dq and dk then come from
-the gradient kernel (``mosaic_gpu_gk_grads``: through q~, k^ and the bisection's levels, at the
-cotangents dq~, dk^, dA, with the gates held fixed). The gate gradient uses the cumulative-sum
-identity per channel, with G_t = sum_{u <= t} lg_u:
+and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
+``jax.vjp`` of the prepass (``decayed_tiles``, float32) at the cotangents (dq~, dk^, dA), with
+the gates held fixed. The gate gradient uses the cumulative-sum identity per channel, with
+G_t = sum_{u <= t} lg_u:
 
     dL/dG_t = q_t ⊙ dq_t - k_t ⊙ dk_t  (+ rowsum(dS_T ⊙ S_T) at t = T - 1),
-    dlg_s   = sum_{t >= s} dL/dG_t,    dlg_0 = 0 exactly without an initial state;
+    dlg_s   = sum_{t >= s} dL/dG_t,    dlg_0 = 0 exactly without an initial state,
 
-the gradient kernel returns each chunk's part of that sum (dlg_local, the sum over t >= s within
-the chunk); XLA adds the sums of the later chunks (row 0 of their dlg_local: an exclusive reverse
-cumulative sum over [B, N, H, K]) and the final-state term (to every s <= T - 1), one pass over
-[B, T, H, K] float32. dgk = dlg, dg = sum_K dlg through XLA's autodiff of lg = gk + g.
+and dgk = dlg, dg = sum_K dlg through XLA's autodiff of lg = gk + g.
 
 Accuracy of the gate gradient. The identity subtracts nearly equal terms and sums them over the
-whole sequence, so dq and dk must be close to float32-exact where they enter it. With the dq
-and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was off by
-1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2 (emulated in
-float32 outside the kernel); so these two walks get the rounded operand as hi + lo bf16 parts
-(``z_lo``) and read their state as hi + lo (``split_state``): two more wgmmas per chunk. S_T in
-the dL/dG_{T-1} term is the dq walk's final state (accumulated from hi + lo k^), not the
-forward's. The gradient kernel forms dG from the same hi + lo values the products read, so each
-intra-chunk pair's two contributions cancel to float32 accuracy (see its docstring). Then, in
-interpret mode with a bf16-exact dO (the op rounds dO to bf16), dgk and dg match the float64
-oracle to 1.3e-5..4e-5 with mild gates and 1.1e-4 with -20 gates and segments (the XLA-vjp
-backward before it: 1.9e-5..4.7e-5 and 1.1e-4); dq, dk, dv ~2e-3, the bf16 rounding of the
-outputs. Saved between forward and backward: q, k, v, lg and the initial state (nothing per
-chunk; the prepass is recomputed).
+whole sequence, so dq and dk (in float32 until the end) must be close to float32-exact. With
+the dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was
+off by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2
+(emulated in float32 outside the kernel); so these two walks get the rounded operand as
+hi + lo bf16 parts (``z_lo``, from ``common.split_bf16``: a bit mask, since XLA on GPU folds the
+f32 -> bf16 -> f32 round trip of the obvious split and zeroes lo) and read their state as
+hi + lo (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
+hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
+(dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
+q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
 H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu.pieces_for``
@@ -86,8 +79,8 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, piece_starts, pieces_for
+from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
-from pallas_kernels.linear.mosaic_gpu_gk_grads import gk_gradients
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
 from pallas_kernels.mosaic_gpu_common import hopper_accepts
 
@@ -142,8 +135,11 @@ def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
     B, T, H, K = q.shape
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
-    (q_hi, q_lo), (k_hi, k_lo), a, d = gk_prepass(qp, kp, lgp, scale, split=True,
-                                                  interpret=interpret)
+    b = chunk_log_gates(lgp, CHUNK)
+    d = state_decay(b, CHUNK)
+    (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
+                                      qp.astype(F32), kp.astype(F32))
+    (q_hi, q_lo), (k_hi, k_lo) = common.split_bf16(q_t), common.split_bf16(k_h)
     run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
     with_state = not isinstance(dstate, SymbolicZero)
@@ -152,19 +148,20 @@ def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
                         decay_axis=1, out_dtype=F32)
     dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
                   reverse=True, decay_axis=1, out_dtype=F32)
-    dv, ds0 = run(k_hi, q_hi, dop, a, d, carry, reverse=True, out_dtype=v.dtype)
-    dq, dk, dlg = gk_gradients(qp, kp, lgp, dq_t, dk_h, dop, vp, scale, interpret=interpret)
+    dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
     Tp = qp.shape[1]
-    dlg = dlg.reshape(B, Tp // CHUNK, CHUNK, H, K)
-    totals = dlg[:, :, 0]                                      # each chunk's sum of dG
-    later = jnp.flip(jnp.cumsum(jnp.flip(totals, 1), 1), 1) - totals
-    dlg = (dlg + later[:, :, None]).reshape(B, Tp, H, K)[:, :T]
-    if with_state:  # dL/dG_{T-1} += rowsum(dS_T ⊙ S_T) reaches every dlg_s, s <= T - 1
-        dlg = dlg + jnp.sum(dstate * swap(final_t), axis=-1)[:, None]
+    by_chunk = lambda x: x.reshape(B, Tp // CHUNK, CHUNK, H, -1)
+    da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop.astype(F32)), by_chunk(vp.astype(F32)),
+                    precision=jax.lax.Precision.HIGHEST).reshape(B, H, Tp, CHUNK)
+    dq, dk = (x[:, :T] for x in pullback((dq_t, dk_h, da)))
+    dG = q.astype(F32) * dq - k.astype(F32) * dk
+    if with_state:
+        dG = dG.at[:, -1].add(jnp.sum(dstate * swap(final_t), axis=-1))
+    dlg = jnp.flip(jnp.cumsum(jnp.flip(dG, 1), axis=1), 1)
     if s0 is None:
         dlg = dlg.at[:, 0].set(0.0)  # lg_0 only decays the zero initial state
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
-    return dq[:, :T], dk[:, :T], dv[:, :T], dlg.astype(lg.dtype), ds0
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv[:, :T], dlg.astype(lg.dtype), ds0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

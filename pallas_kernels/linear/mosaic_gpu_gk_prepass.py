@@ -1,17 +1,7 @@
 """The chunk-parallel prepass of the per-channel-gate (GLA) Hopper path as a Mosaic GPU kernel:
-from the raw log gates, the decayed tiles q~, k^, the intra-chunk scores A and the state decays
-d that the walk kernel (``mosaic_gpu_gk_kernel``) consumes, one CTA (one warpgroup) per (chunk,
-head, batch row).
-
-The intra-chunk scores A_ij = scale sum_c q_ic k_jc e^{b_ic - b_jc} (j <= i, b the chunk-local
-cumulative log gates) by bisection anchoring, matmuls only, every factor in [0, 1]: b is
-non-increasing along the chunk, so e^{b_i - b_j} = e^{b_i - a} e^{a - b_j} with both factors
-<= 1 for any anchor a = b_m with j <= m <= i. A pair i > j has exactly one level h (C/2, ..., 2,
-1: the highest bit in which i and j differ) at which i lies in the second half and j in the
-first half of the same block of 2h rows; anchoring that block at the last row of its first half
-gives A on those pairs as one masked product per level; the diagonal is A_ii = scale q_i · k_i.
-Nothing overflows whatever the gates (steps of -30, segment resets of -80); a term underflows to
-0 only where its true value is below float32's range.
+from the raw log gates, q~, k^, the intra-chunk scores A and the state decays d of
+``mosaic_gpu_gk_chunks`` (whose docstring has the bisection), one CTA (one warpgroup) per
+(chunk, head, batch row).
 
 Per chunk of C = 64 rows, with lg the total log gates [C, K] (float32, <= 0) and q, k [C, K]
 bf16, every exponent the kernel needs is a sum of lg over an interval of rows,
@@ -38,14 +28,9 @@ the first half of r's block of 2h rows), E: min(r, m) < u <= max(r, m), so that
 
 Per chunk (K = 128): 2 · 8 exponent wgmmas ([C, C] x [C, K]) and 7 score wgmmas ([C, K] x [K, C]),
 about 24 MFLOP on the tensor cores; one exponential per element of q and k per exponent tile
-(8 in all). HBM per (chunk, head): reads q, k (bf16, 32 KB) and lg (float32, 32 KB); writes
-q~, k^ (bf16, or hi + lo parts each with ``split``) and A (bf16), 40 KB (72 KB split), d
-0.5 KB. Shared memory ~105 KB (lg's float32 tile shares its space with X and Y), so two CTAs
-fit on an SM and one's loads overlap the other's compute.
-
-``split`` (the backward): q~ and k^ leave as bf16 hi + lo parts (~float32 accuracy, for the
-gate gradient's hi + lo walks; q~'s parts first, then k^'s, through the X and Y buffers), A as
-bf16.
+(8 in all). HBM per (chunk, head): reads q, k (bf16) and lg (f32), 32 KB; writes q~, k^ and
+A (bf16), 40 KB, d 0.5 KB. Shared memory ~105 KB (lg's float32 tile shares its space with X and
+Y), so two CTAs fit on an SM and one's loads overlap the other's compute.
 """
 from __future__ import annotations
 
@@ -63,8 +48,7 @@ LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16,
 F32 = jnp.float32
 
 
-def iota(shape, dim: int) -> jax.Array:
-    """int32 indices along ``dim`` in the wgmma register layout."""
+def _iota(shape, dim: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
@@ -73,42 +57,29 @@ def _anchor(row: jax.Array, h: int) -> jax.Array:
     return row - jax.lax.rem(row, 2 * h) + (h - 1)
 
 
-def level_interval(row: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
+def _level_interval(row: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
     """(lo, hi) of level h's exponent rows (module docstring)."""
     m = _anchor(row, h)
     return jnp.minimum(row, m), jnp.maximum(row, m)
 
 
-def prefix(row: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) of the inclusive prefix sum (b_r: rows u <= r)."""
-    return row * 0 - 1, row
-
-
-def suffix(row: jax.Array, inclusive: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) of the suffix sum over rows u > r (b_last - b_r), or u >= r (``inclusive``)."""
-    return row - 1 if inclusive else row, row * 0 + (CHUNK - 1)
-
-
-def interval_sums(e_smem, parts, bounds, interpret: bool) -> jax.Array:
-    """(E @ x) [C, W] float32 for E[r, u] = [lo(r) < u <= hi(r)]: ``bounds(row)`` -> (lo, hi)
+def interval_exponent(e_smem, lg_parts, bounds, interpret: bool) -> jax.Array:
+    """(E @ lg) [C, K] float32 for E[r, u] = [lo(r) < u <= hi(r)]: ``bounds(row)`` -> (lo, hi)
     for the [C, C] row iota; E is written to ``e_smem`` (bf16 [C, C]) and multiplied with each
-    bf16 part of x in ``parts`` ([C, W] SMEM refs; summed in one accumulator)."""
+    bf16 part of lg in ``lg_parts`` (summed in one accumulator)."""
     C = e_smem.shape[0]
-    W = parts[0].shape[-1]
-    row, col = iota((C, C), 0), iota((C, C), 1)
+    K = lg_parts[0].shape[-1]
+    row, col = _iota((C, C), 0), _iota((C, C), 1)
     lo, hi = bounds(row)
     e_smem[...] = jnp.where((col > lo) & (col <= hi), 1.0, 0.0).astype(e_smem.dtype)
     plgpu.commit_smem()
-    (x,) = summed_products((wgmma_zeros((C, W)),), ([(e_smem, part) for part in parts],),
+    (x,) = summed_products((wgmma_zeros((C, K)),), ([(e_smem, part) for part in lg_parts],),
                            interpret)
     return x
 
 
-def _kernel(scale: float, split: bool, interpret: bool, q_ref, k_ref, lg_ref, *refs):
-    n_out = 6 if split else 4
-    outs, (q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded) = refs[:n_out], refs[n_out:]
-    qt_out, kh_out = (outs[:2], outs[2:4]) if split else (outs[:1], outs[1:2])
-    a_out, d_out = outs[-2:]
+def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, qt_out, kh_out, a_out, d_out,
+            q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded):
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
     rows = pl.ds(n * C, C)
@@ -130,33 +101,23 @@ def _kernel(scale: float, split: bool, interpret: bool, q_ref, k_ref, lg_ref, *r
     pl.run_scoped(split_gates, tiled_smem((C, K), F32))
 
     def tiles_and_scores(x_smem, y_smem):
-        row = iota((C, K), 0)
-        exponent = functools.partial(interval_sums, e_smem, lg_parts, interpret=interpret)
-        q_t = scale * load(q_smem) * jnp.exp(exponent(prefix))
-        k_h = load(k_smem) * jnp.exp(exponent(suffix))
-        # q~ and k^ leave through x_smem and y_smem: together in bf16, or (split) q~'s hi + lo
-        # first, then k^'s; each round is (buffers, value, outputs) triples
-        if split:
-            rounds = [[((x_smem, y_smem), q_t, qt_out)], [((x_smem, y_smem), k_h, kh_out)]]
-        else:
-            rounds = [[((x_smem,), q_t, qt_out), ((y_smem,), k_h, kh_out)]]
-        for i, tiles in enumerate(rounds):
-            if i:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round has left
-            for bufs, value, _ in tiles:
-                store_split(bufs, value)
-            plgpu.commit_smem()
-            for bufs, _, outs in tiles:
-                for buf, out in zip(bufs, outs):
-                    plgpu.copy_smem_to_gmem(buf, out.at[bi, rows, hd])
+        row = _iota((C, K), 0)
+        exponent = functools.partial(interval_exponent, e_smem, lg_parts, interpret=interpret)
+        q_t = scale * load(q_smem) * jnp.exp(exponent(lambda r: (r * 0 - 1, r)))
+        k_h = load(k_smem) * jnp.exp(exponent(lambda r: (r, r * 0 + (C - 1))))
+        x_smem[...] = q_t.astype(x_smem.dtype)
+        y_smem[...] = k_h.astype(y_smem.dtype)
+        plgpu.commit_smem()
+        for src, dst in ((x_smem, qt_out), (y_smem, kh_out)):
+            plgpu.copy_smem_to_gmem(src, dst.at[bi, rows, hd])
 
-        score_row, score_col = iota((C, C), 0), iota((C, C), 1)
+        score_row, score_col = _iota((C, C), 0), _iota((C, C), 1)
         (qk,) = products((wgmma_zeros((C, C)),), ((q_smem, k_smem.transpose((1, 0))),),
                          interpret)
         a = jnp.where(score_row == score_col, qk, 0.0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~, k^ have left x_smem, y_smem
         for h in LEVELS:
-            f = jnp.exp(exponent(functools.partial(level_interval, h=h)))
+            f = jnp.exp(exponent(functools.partial(_level_interval, h=h)))
             second = jax.lax.rem(row, 2 * h) >= h
             x_smem[...] = jnp.where(second, load(q_smem) * f, 0.0).astype(x_smem.dtype)
             y_smem[...] = jnp.where(second, 0.0, load(k_smem) * f).astype(y_smem.dtype)
@@ -170,23 +131,21 @@ def _kernel(scale: float, split: bool, interpret: bool, q_ref, k_ref, lg_ref, *r
         plgpu.copy_smem_to_gmem(e_smem, a_out.at[bi, hd, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(tiles_and_scores, tiled_smem((C, K), q_smem.dtype),
-                  tiled_smem((C, K), q_smem.dtype))
+    pl.run_scoped(tiles_and_scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
 
-def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *, split: bool = False,
+def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
                interpret: Any = None):
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
     gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
-    and A in q's dtype; with ``split`` q~ and k^ are (hi, lo) pairs."""
+    and A in q's dtype."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
     tile = jax.ShapeDtypeStruct(q.shape, dtype)
-    out_type = ((tile,) * (4 if split else 2)
-                + (jax.ShapeDtypeStruct((B, H, Tp, C), dtype),
-                   jax.ShapeDtypeStruct((B, H, Tp // C, K), F32)))
-    outs = plgpu.kernel(
-        functools.partial(_kernel, float(scale), split, interpret is not None),
+    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, C), dtype),
+                jax.ShapeDtypeStruct((B, H, Tp // C, K), F32))
+    return plgpu.kernel(
+        functools.partial(_kernel, float(scale), interpret is not None),
         out_type=out_type,
         scratch_types=[
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # q, k
@@ -199,6 +158,3 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *, split
         grid_names=("chunks", "heads", "rows"),
         **({} if interpret is None else {"interpret": interpret}),
     )(q, k, lg.astype(F32))
-    if split:
-        return (outs[0], outs[1]), (outs[2], outs[3]), outs[4], outs[5]
-    return outs
