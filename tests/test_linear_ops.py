@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from kernel_utils import TOL_BF16, TOL_F32, assert_close, normal

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
 
 from kernel_utils import assert_close, TOL_F32
 from test_sparse_utils import allowed_matrix, oracle, qkv, segments

@@ -1,7 +1,6 @@
 """MoBA-style block selection: against a NumPy re-derivation, and end to end inside jit."""
 import numpy as np
 import jax
-import jax.numpy as jnp
 
 from kernel_utils import assert_close, TOL_F32
 from test_sparse_utils import allowed_matrix, oracle, qkv

@@ -30,7 +30,7 @@ from flax import nnx
 
 from pallas_kernels import sparse as sparse_ops
 
-from attnlab.layers.common import default_positions, dense, split_heads
+from attnlab.layers.common import default_positions, dense
 from attnlab.layers.registry import register_attention
 from attnlab.layers.softmax import (SoftmaxAttention, append_kv_cache, attend_kv_cache,
                                     causal_mask, decode_positions)

@@ -14,7 +14,6 @@ After chunk 0 the scratch holds the gradient of the initial state.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 

@@ -12,7 +12,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.delta.bwd_kernel import backward

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.chunk_math import ChunkTerms
 from pallas_kernels.linear.chunk_xla import head_major_inputs
