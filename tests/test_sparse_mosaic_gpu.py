@@ -9,7 +9,7 @@
   the forward's turn taking; padded query rows holding random q and dO change no gradient
   (their lse2 is +inf);
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
-  the op registers it after cuDNN.
+  the op registers it after cuDNN, and auto dispatch on Hopper picks it where cuDNN declines.
 """
 from __future__ import annotations
 
@@ -171,3 +171,16 @@ def test_accepts_declines_unsupported_calls(monkeypatch):
 def test_registered_after_cudnn():
     names = implementations()
     assert names.index("cudnn") < names.index("mosaic_gpu") < names.index("pallas")
+
+
+def test_auto_picks_the_hopper_kernel_where_cudnn_declines(monkeypatch):
+    """On Hopper ("sparse" is GPU-checked) auto dispatch runs this kernel for what cuDNN lacks
+    (packed segments here; cuDNN also declines off an NVIDIA GPU) and keeps cuDNN's place first."""
+    from pallas_kernels.sparse.ops import REGISTRY
+    monkeypatch.setattr(mosaic_gpu_common, "is_hopper", lambda: True)
+    assert "sparse" in mosaic_gpu_common.GPU_CHECKED
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    kw = dict(mask=Full(), segment_ids=jnp.zeros((1, 256), jnp.int32), scale=0.1,
+              logits_soft_cap=None, block_sizes=None)
+    assert REGISTRY.choose(None, q, q, q, **kw).name == "mosaic_gpu"
+    assert REGISTRY.choose(None, q, q, q, **{**kw, "logits_soft_cap": 30.0}).name != "mosaic_gpu"
