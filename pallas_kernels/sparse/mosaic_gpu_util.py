@@ -101,7 +101,7 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
         both = lambda a, b: b if a is None else a & b
         if partial or padded:
             k_pos = k_first + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=layout)
-            if padded and not transposed and _needs_key_bound(cfg.meta):
+            if padded and _needs_key_bound(cfg.meta):
                 ok = k_pos < seq_len
             if partial and cfg.meta.rule_kind == "formula":
                 q_pos = q_first + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=layout)
@@ -121,7 +121,7 @@ def mask_logits(cfg: Walk, s: jax.Array, kind: jax.Array, q_first: Any, k_first:
     # (partial, padded) by kind; EMPTY (SKIP) visits are never walked
     flags = {EMPTY: (False, False), PARTIAL: (True, True), FULL: (False, False),
              PAD_ONLY: (False, True)}
-    if transposed:  # no key bound (docstring)
+    if transposed:  # no key bound (docstring): no visit counts as padded
         flags = {visit: (partial, False) for visit, (partial, _) in flags.items()}
     if all(allowed_is_trivial(cfg, *f) for f in flags.values()):
         return s
