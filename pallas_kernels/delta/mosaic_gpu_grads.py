@@ -132,6 +132,12 @@ def _state_dot(buf) -> jax.Array:
     return total
 
 
+def _loaded_tiles(gated: bool) -> tuple[str, ...]:
+    """The buffers the kernel fills by TMA before it starts (one barrier arrival each)."""
+    inputs = ("q", "k", "v", "w", "do", "s", "ds", "beta_col", "beta_row")
+    return inputs + (("b_col", "b_row") if gated else ())
+
+
 def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do_ref, ds_ref,
             *refs):
     dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
@@ -139,15 +145,14 @@ def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do
     loaded, buf = refs[-2], refs[-1]
     n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     rows = pl.ds(n * CHUNK, CHUNK)
-    copies = [(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
-              (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
-              (do_ref.at[bi, rows, h], "do"), (s_ref.at[bi, n, h], "s"),
-              (ds_ref.at[bi, n, h], "ds"), (beta_ref.at[bi, h, rows], "beta_col"),
-              (beta_ref.at[bi, h, rows], "beta_row")]
+    sources = dict(q=q_ref.at[bi, rows, h], k=k_ref.at[bi, rows, h], v=v_ref.at[bi, rows, h],
+                   w=w_ref.at[bi, rows, h], do=do_ref.at[bi, rows, h], s=s_ref.at[bi, n, h],
+                   ds=ds_ref.at[bi, n, h], beta_col=beta_ref.at[bi, h, rows],
+                   beta_row=beta_ref.at[bi, h, rows])
     if cfg.gated:
-        copies += [(b_ref.at[bi, h, rows], "b_col"), (b_ref.at[bi, h, rows], "b_row")]
-    for src, name in copies:
-        plgpu.copy_gmem_to_smem(src, buf[name], loaded)
+        sources.update(b_col=b_ref.at[bi, h, rows], b_row=b_ref.at[bi, h, rows])
+    for name in _loaded_tiles(cfg.gated):
+        plgpu.copy_gmem_to_smem(sources[name], buf[name], loaded)
     plgpu.barrier_wait(loaded)
     grads = _gradients(cfg, buf)
     vectors = [("dbeta", dbeta_ref)] + ([("db_col", db_refs[0]), ("db_row", db_refs[1])]
@@ -300,7 +305,6 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: ja
     vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
-    copies = 9 + (2 if cfg.gated else 0)
     buffers = _buffers(K, V, cfg.gated, k.dtype)
 
     def body(*refs):
@@ -311,7 +315,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: ja
     return tuple(plgpu.kernel(
         body,
         out_type=tuple(out_type),
-        scratch_types=[plgpu.Barrier(num_arrivals=copies)],
+        scratch_types=[plgpu.Barrier(num_arrivals=len(_loaded_tiles(cfg.gated)))],
         grid=(Tp // CHUNK, H, B),
         grid_names=("chunks", "heads", "rows"),
         **({} if interpret is None else {"interpret": interpret}),
