@@ -208,9 +208,8 @@ def _prepass_oracle(q, k, b, scale):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, TOL_BF16), (jnp.float32, TOL_F32)])
 def test_prepass_matches_oracle_with_strong_gates(dtype, tol):
-    """q~, k^ and the bisection-anchored scores A: finite and accurate for any gate strength;
-    bf16 inputs (the forward) round the score operands to bf16, float32 ones (the backward) do
-    not (measured here: ~2e-3 and ~1.3e-7)."""
+    """q~, k^ and the bisection-anchored scores A of the backward's XLA form: finite and accurate
+    for any gate strength, from bf16 inputs (widened to float32) and float32 ones."""
     B, T, H, K = 2, 150, 2, 64
     q, k, b = _prepass_inputs(1, B, T, H, K, dtype)
     scale = K ** -0.5

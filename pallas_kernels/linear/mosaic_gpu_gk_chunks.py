@@ -36,12 +36,9 @@ writes its operands Q_h, K_h to memory: C·K elements per (chunk, head) and leve
 = 3 times the size of q and k together, in the matmul operand dtype, plus the f32 scores
 (C(C + 1)/2 used entries per chunk before assembly).
 
-Operand precision: ``decayed_tiles`` multiplies in the inputs' dtype. With bf16 q and k the level
-operands are rounded to bf16 (float32 accumulation), as in the forward's Mosaic GPU form of this
-prepass (``mosaic_gpu_gk_prepass``; A goes to the tensor cores in bf16 anyway). The backward
-calls it (through ``jax.vjp``) with float32 inputs: the level matmuls then run at HIGHEST
-precision, since the per-channel gate gradient needs float32-accurate dq and dk
-(``mosaic_gpu_gk``).
+Operand precision: float32 throughout (bf16 inputs are widened), the level matmuls at HIGHEST
+precision: the backward differentiates this form (through ``jax.vjp``), and the per-channel gate
+gradient needs float32-accurate dq and dk (``mosaic_gpu_gk``).
 """
 from __future__ import annotations
 
@@ -65,19 +62,17 @@ def state_decay(b: jax.Array, chunk: int) -> jax.Array:
     return jnp.exp(jnp.transpose(last, (0, 2, 1, 3)))
 
 
-def _level_scores(q, k, b, h: int, dtype) -> jax.Array:
+def _level_scores(q, k, b, h: int) -> jax.Array:
     """Level h of the bisection (module docstring): [B, H, N, C / 2h, h, h] float32, the scores
     of rows in the second half of each 2h block against columns in its first half (unscaled).
-    Inputs [B, N, C, H, K], q and k in float32."""
+    Inputs [B, N, C, H, K] float32."""
     B, N, C, H, K = q.shape
     halves = lambda x: x.reshape(B, N, C // (2 * h), 2, h, H, K)
     qs, ks, bs = halves(q), halves(k), halves(b)
     anchor = bs[:, :, :, 0, h - 1:h]                              # [B, N, C/2h, 1, H, K]
-    q_h = (qs[:, :, :, 1] * jnp.exp(bs[:, :, :, 1] - anchor)).astype(dtype)
-    k_h = (ks[:, :, :, 0] * jnp.exp(anchor - bs[:, :, :, 0])).astype(dtype)
-    precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
-    return jnp.einsum("bnmihk,bnmjhk->bhnmij", q_h, k_h, precision=precision,
-                      preferred_element_type=F32)
+    q_h = qs[:, :, :, 1] * jnp.exp(bs[:, :, :, 1] - anchor)
+    k_h = ks[:, :, :, 0] * jnp.exp(anchor - bs[:, :, :, 0])
+    return jnp.einsum("bnmihk,bnmjhk->bhnmij", q_h, k_h, precision=jax.lax.Precision.HIGHEST)
 
 
 def _join_level(blocks: jax.Array, below: jax.Array) -> jax.Array:
@@ -94,28 +89,25 @@ def _join_level(blocks: jax.Array, below: jax.Array) -> jax.Array:
 def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: int
                  ) -> jax.Array:
     """A [B, H, Tp, C] float32 (row i of chunk n at time n C + i; module docstring) from
-    q, k [B, Tp, H, K] and b [B, Tp, H, K] float32; C = ``chunk``, a power of two. The level
-    matmuls take their operands in q's dtype (float32 ones at HIGHEST precision)."""
+    q, k [B, Tp, H, K] and b [B, Tp, H, K] float32; C = ``chunk``, a power of two."""
     if chunk & (chunk - 1):
         raise ValueError(f"the bisection needs a power-of-two chunk, got {chunk}")
     B, Tp, H, K = q.shape
-    dtype = q.dtype
     N = Tp // chunk
     q, k, b = (x.astype(F32).reshape(B, N, chunk, H, K) for x in (q, k, b))
     diagonal = jnp.einsum("bnchk,bnchk->bhnc", q, k, precision=jax.lax.Precision.HIGHEST)
     blocks = diagonal[..., None, None]                                # [B, H, N, C, 1, 1]
     h = 1
     while h < chunk:
-        blocks = _join_level(blocks, _level_scores(q, k, b, h, dtype))
+        blocks = _join_level(blocks, _level_scores(q, k, b, h))
         h *= 2
     return (scale * blocks).reshape(B, H, Tp, chunk)
 
 
 def decayed_tiles(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: int
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(q~, k^ [B, Tp, H, K], A [B, H, Tp, C]) float32 (module docstring) from q, k in bf16 (the
-    forward: bf16 score operands) or float32 (the backward: HIGHEST precision); differentiable
-    in q and k."""
+    """(q~, k^ [B, Tp, H, K], A [B, H, Tp, C]) float32 (module docstring) from q, k (float32 or
+    bf16, widened); differentiable in q and k."""
     B, Tp, H, K = q.shape
     qf, kf = q.astype(F32), k.astype(F32)
     by_chunk = (B, Tp // chunk, chunk, H, K)
