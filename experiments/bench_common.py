@@ -198,9 +198,11 @@ def torch_from_jax(x: Any, requires_grad: bool = False) -> Any:
 ASSUMED_CEILINGS = {"matmul_bf16_tflops": 710.0, "hbm_tbps": 2.7, "assumed_from_DESIGN_md": 1.0}
 
 
-def add_no_xla_timing(ap: Any) -> None:
-    """The check scripts' switch to leave out timing the XLA path (each compile of it costs
-    device time; the XLA path still serves as the gradient reference where it is one)."""
+def add_check_args(ap: Any) -> None:
+    """Flags of the linear and delta check scripts: ``--cases`` picks cases by index, and
+    ``--no-xla-timing`` leaves out timing the XLA path (each compile of it costs device time;
+    the XLA path still serves as the gradient reference where it is one)."""
+    ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
     ap.add_argument("--no-xla-timing", action="store_true", help="do not time the XLA path")
 
 

@@ -18,6 +18,7 @@ Each case runs on its own: a failure is printed and the next case goes on. Print
 writes ``check_mosaic_delta.json`` into ``--out``.
 
     python -m experiments.check_mosaic_delta --out experiments/results [--quick] [--cases I ...]
+        [--no-xla-timing]
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     o_ref, s_ref = jax.jit(lambda *a: oracle_fn(scale, s0, seg)(*map(f32, a)))(q, k, v, beta, g)
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
-    errs = bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]] + check_gradients(row, q, k, v, beta, g, s0, seg,
-                                                              do, scale)
+    errs = (bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]]
+            + check_gradients(row, q, k, v, beta, g, s0, seg, do, scale))
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, beta, g, scale)
     args = [(q, k, v, beta, g)]
@@ -191,8 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
-    ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
-    bc.add_no_xla_timing(ap)
+    bc.add_check_args(ap)
     args = ap.parse_args()
     env = bc.environment()
     print(env, flush=True)

@@ -18,10 +18,12 @@ failure is printed and the next case goes on. Prints a table; writes
 ``check_mosaic_linear.json`` into ``--out``.
 
     python -m experiments.check_mosaic_linear --out experiments/results [--quick] [--interpret]
+        [--cases I ...] [--no-xla-timing]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -31,6 +33,7 @@ import numpy as np
 
 from experiments import bench_common as bc
 from pallas_kernels.linear import chunk_gated_linear_attention, mosaic_gpu, mosaic_gpu_gk
+from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
 from pallas_kernels.linear.reference import gated_linear_reference
 
 # (B, T, H, D, gate, time fwd+bwd too)
@@ -131,8 +134,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         f32(q), f32(k), f32(v), **_gates(g, pc), scale=scale, initial_state=s0,
         segment_ids=seg))(q, k, v, g)
     row["err_state"] = bc.rel_err(np.asarray(s), np.asarray(s_ref))
-    errs = bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]] + check_gradients(row, q, k, v, g, s0, seg, do,
-                                                              scale, pc)
+    errs = (bc.record_errors(row, [("o", o, o_ref)]) + [row["err_state"]]
+            + check_gradients(row, q, k, v, g, s0, seg, do, scale, pc))
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, g, s0, seg, scale, pc)
     if INTERPRET is not None:  # CPU dry run: timings would mean nothing
@@ -146,29 +149,12 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         row["mosaic_fwdbwd_ms"] = bc.time_jax(
             jax.jit(fwd_bwd(kernel_fn(scale, s0, seg, pc))), args)
         if TIME_XLA:
-            row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))), args)
-        if pc:
-            row["gk_prepass_ms"] = bc.time_jax(jax.jit(gk_prepass(scale)), [(q, k, g)])
-            row["gk_cumsum_ms"] = bc.time_jax(jax.jit(gk_cumsum), [(g,)])
+            row["xla_fwdbwd_ms"] = bc.time_jax(jax.jit(fwd_bwd(xla_fn(scale, s0, seg, pc))),
+                                               args)
+        if pc:  # the GLA forward's prepass kernel alone, to split its forward time
+            row["gk_prepass_ms"] = bc.time_jax(
+                jax.jit(functools.partial(gk_prepass, scale=scale)), [(q, k, g)])
     return row
-
-
-def gk_cumsum(gk):
-    """The first part of the GLA prepass alone: the chunk-local cumulative log gates (XLA)."""
-    from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
-
-    return chunks.chunk_log_gates(gk, mosaic_gpu_gk.CHUNK)
-
-
-def gk_prepass(scale: float):
-    """The GLA path's forward prepass kernel alone (``mosaic_gpu_gk_prepass``: from the raw log
-    gates, q~, k^, the intra-chunk scores A and the state decays d), to split its forward
-    time."""
-    from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass as kernel
-
-    def run(q, k, gk):
-        return kernel(q, k, gk, scale)
-    return run
 
 
 def check_gradients(row: dict, q, k, v, g, s0, seg, do, scale: float,
@@ -209,8 +195,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small cases only")
     ap.add_argument("--interpret", action="store_true",
                     help="dry run on CPU in GPU interpret mode (jax >= 0.12; small shapes)")
-    ap.add_argument("--cases", type=int, nargs="+", help="indices into CASES (default: all)")
-    bc.add_no_xla_timing(ap)
+    bc.add_check_args(ap)
     args = ap.parse_args()
     if args.interpret:
         global INTERPRET
@@ -234,7 +219,6 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "gk_prepass_ms",
-            "gk_cumsum_ms",
             "auto_impl"]
     bc.print_table(rows, cols)
 
