@@ -2,21 +2,24 @@
 
 Once the forward walk has saved S, the state entering every chunk, and the reverse walk dS1,
 the cotangent of the state leaving it (both bf16 [B, N, H, K, V]), every chunk's gradients
-are independent: one CTA (one warpgroup) per (chunk, head, batch row) computes what
-``chunk_math.backward`` does (its docstring has the derivation), from TMA-loaded q, k, v, W
-(the forward's, saved), dO [C, *] and S, dS1 [K, V]. C = 64 steps, b the chunk-local
-cumulative log gate (none: b = 0), s the output scale,
+are independent. Two kernels, each one CTA (one warpgroup) per (chunk, head, batch row),
+compute what ``chunk_math.backward`` does (its docstring has the derivation). C = 64 steps,
+b the chunk-local cumulative log gate (none: b = 0), s the output scale,
 
     D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}},
 
-and, in the order the kernel runs them (each "wgmma" a tensor-core product of bf16 operands
-from shared memory into float32 registers):
+each "wgmma" below a tensor-core product of bf16 operands from shared memory into float32
+registers. The first kernel (``inverse_factors``), from TMA-loaded k, β, b:
 
     T    = (I + A)^-1,  A = strictly-lower(β (k k^T) ⊙ D)     wgmma k k^T; recursive doubling
                                                               (``mosaic_gpu_prepass``)
-    Δ    = T_β v - W S,  T_β = T diag(β)                      wgmma T_β v, W S
-    P    = s (q k^T) ⊙ D,  dPD = s (dO Δ^T) ⊙ D                wgmma q k^T, dO Δ^T
-    dΔ   = P^T dO + (λ k) dS1                                 wgmma (two, summed)
+    T_β  = T diag(β);   T and T_β leave in bf16 ([B, Tp, H, C]: 16 KB a chunk to HBM and back)
+
+The second (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
+dO [C, *] and S, dS1 [K, V], in the order it runs them (a line's products issued together):
+
+    Δ    = T_β v - W S,  P = s (q k^T) ⊙ D                    wgmma T_β v, W S, q k^T
+    dPD  = s (dO Δ^T) ⊙ D,  dΔ = P^T dO + (λ k) dS1            wgmma dO Δ^T, and two summed
     dWn  = dΔ S^T            (= -dW)                          wgmma
     dO S^T,  Δ dS1^T                                          wgmma (two)
     dRu  = T^T dΔ,  dRwn = T^T dWn  (= -dRw),  Y = dΔ v^T      wgmma (three)
@@ -36,13 +39,21 @@ adds them, then carries db back through the chunk cumsum to dg):
              + [i = C-1] (sum(d_λ) + γ sum(S ⊙ dS1)),      d_λ = λ rowsum(k ⊙ Δ dS1^T)
     db_row = -colsum(E)
 
-Shared memory (bf16 unless noted): the inputs q, k, W, v, dO, S, dS1, β, b (β and b twice,
-once per register layout they are read in), three [C, C] tiles (T; T_β, P, Y, -X diag(β), M;
-dPD; all three the doubling's scratch first), and three more tiles of the inputs' shapes
-reused across disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes to dO's
-tile. At K = V = 128 that is 216 KB + 7 KB of vectors (1 KB each: allocations are aligned)
-+ 2 KB that Mosaic GPU keeps: 225 KB of the 227 KB one CTA may have (so one CTA per SM).
-(K != V: dq and dk get tiles of their own; K or V is 64 there, so it fits easily.)
+The split takes the doubling's chain of ten dependent products (five levels) off the second
+kernel, which has one CTA per SM, into a kernel with several per SM, where other CTAs hide it;
+the numbers are those of one kernel (T and T_β were rounded to bf16 in shared memory there
+too). Speed on the H100 not measured yet.
+
+Shared memory (bf16 unless noted; vectors float32, 1 KB each as allocations are aligned; Mosaic
+GPU keeps 2 KB more; an SM has 228 KB, 227 KB at most per CTA, 1 KB reserved per CTA):
+* first kernel: k, three [C, C] tiles (the doubling's scratch, then T and T_β), β and b twice
+  (once per register layout they are read in). K = 128: 16 + 24 + 4 + 2 = 46 KB, so up to
+  four CTAs per SM (228 // 47) by shared memory;
+* second kernel: the inputs q, k, W, v, dO, S, dS1, β, b (β and b twice), three [C, C] tiles
+  (T; T_β, P, Y, -X diag(β), M; dPD) and three more tiles of the inputs' shapes reused across
+  disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes to dO's tile. At
+  K = V = 128 that is 216 KB + 7 KB of vectors + 2 KB: 225 KB, one CTA per SM. (K != V: dq
+  and dk get tiles of their own; K or V is 64 there, so it fits easily.)
 """
 from __future__ import annotations
 
@@ -122,6 +133,12 @@ def _terms(buf, gated: bool) -> _Terms:
     return _Terms(beta, jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), decay, row, col)
 
 
+def _times_beta_cols(x: jax.Array, buf) -> jax.Array:
+    """x diag(β) for a [C, C] x."""
+    beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
+    return x * jax.lax.broadcast_in_dim(beta_row, x.shape, [1])
+
+
 def _state_dot(buf) -> jax.Array:
     """sum(S ⊙ dS1) over [K, V], by [C, V] row blocks (bounded registers)."""
     K = buf["s"].shape[0]
@@ -132,23 +149,57 @@ def _state_dot(buf) -> jax.Array:
     return total
 
 
-def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do_ref, ds_ref,
-            *refs):
-    dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
-    db_refs = refs[4:6] if cfg.gated else None
-    loaded, buf = refs[-2], refs[-1]
-    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
-    rows = pl.ds(n * CHUNK, CHUNK)
-    copies = [(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
-              (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
-              (do_ref.at[bi, rows, h], "do"), (s_ref.at[bi, n, h], "s"),
-              (ds_ref.at[bi, n, h], "ds"), (beta_ref.at[bi, h, rows], "beta_col"),
-              (beta_ref.at[bi, h, rows], "beta_row")]
-    if cfg.gated:
-        copies += [(b_ref.at[bi, h, rows], "b_col"), (b_ref.at[bi, h, rows], "b_row")]
+def _vector_copies(beta_ref, b_ref, bi, h, rows, names: tuple[str, ...]):
+    """TMA sources of a chunk's per-step vectors: "beta_*" from beta, "b_*" from b."""
+    return [((beta_ref if name.startswith("beta") else b_ref).at[bi, h, rows], name)
+            for name in names]
+
+
+def _load_all(copies, buf, loaded) -> None:
     for src, name in copies:
         plgpu.copy_gmem_to_smem(src, buf[name], loaded)
     plgpu.barrier_wait(loaded)
+
+
+def _chunk_coordinates():
+    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
+    return n, h, bi, pl.ds(n * CHUNK, CHUNK)
+
+
+def _inverse_kernel(cfg: _Config, k_ref, beta_ref, b_ref, t_ref, tb_ref, loaded, buf):
+    """T = (I + A)^-1 and T_β = T diag(β) of one chunk (the first kernel)."""
+    n, h, bi, rows = _chunk_coordinates()
+    _load_all([(k_ref.at[bi, rows, h], "k")]
+              + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)),
+              buf, loaded)
+    C = CHUNK
+    f = _terms(buf, cfg.gated)
+    k, t_s, c1, c2 = buf["k"], buf["t"], buf["c1"], buf["c2"]
+    (kk,) = products((wgmma_zeros((C, C)),), ((k, _t(k)),), cfg.interpret)
+    a = jnp.where(f.row > f.col, _rows(f.beta, (C, C)) * kk * f.decay, 0.0)
+    t = invert_unit_lower(a, f.row, f.col, (t_s, c1, c2), cfg.interpret)
+    t_s[...] = t.astype(t_s.dtype)
+    c1[...] = _times_beta_cols(t, buf).astype(c1.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(t_s, t_ref.at[bi, rows, h])
+    plgpu.copy_smem_to_gmem(c1, tb_ref.at[bi, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, t_ref, tb_ref, beta_ref, b_ref, s_ref,
+            do_ref, ds_ref, *refs):
+    """The gradients of one chunk (the second kernel)."""
+    dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
+    db_refs = refs[4:6] if cfg.gated else None
+    loaded, buf = refs[-2], refs[-1]
+    n, h, bi, rows = _chunk_coordinates()
+    copies = [(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
+              (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
+              (t_ref.at[bi, rows, h], "t"), (tb_ref.at[bi, rows, h], "c1"),
+              (do_ref.at[bi, rows, h], "do"), (s_ref.at[bi, n, h], "s"),
+              (ds_ref.at[bi, n, h], "ds")]
+    _load_all(copies + _vector_copies(beta_ref, b_ref, bi, h, rows,
+                                      _vector_names(cfg.gated)), buf, loaded)
     grads = _gradients(cfg, buf)
     vectors = [("dbeta", dbeta_ref)] + ([("db_col", db_refs[0]), ("db_row", db_refs[1])]
                                         if cfg.gated else [])
@@ -162,9 +213,15 @@ def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do
     plgpu.wait_smem_to_gmem(0)
 
 
+def _vector_names(gated: bool) -> tuple[str, ...]:
+    """The per-step vectors both kernels load (each in the two register layouts it is read in)."""
+    return ("beta_col", "beta_row") + (("b_col", "b_row") if gated else ())
+
+
 def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
-    """The module docstring's sequence on one chunk's loaded tiles; leaves dq, dk, dv in their
-    tiles and returns the vectors (dbeta and, gated, db_col, db_row)."""
+    """The module docstring's sequence on one chunk's loaded tiles (T in ``t``, T_β in ``c1``);
+    leaves dq, dk, dv in their tiles and returns the vectors (dbeta and, gated, db_col,
+    db_row)."""
     interp, s, C = cfg.interpret, cfg.scale, CHUNK
     f = _terms(buf, cfg.gated)
     bf16 = buf["q"].dtype
@@ -176,32 +233,22 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     state_dot = _state_dot(buf) if cfg.gated else None
     zcc = wgmma_zeros((C, C))
 
-    # T, then T_β and Δ.
-    (kk,) = products((zcc,), ((k, _t(k)),), interp)
-    a = jnp.where(f.row > f.col, _rows(f.beta, (C, C)) * kk * f.decay, 0.0)
-    t = invert_unit_lower(a, f.row, f.col, (t_s, c1, c2), interp)
-    beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
-    times_beta_cols = lambda x: x * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])
-    t_s[...] = t.astype(bf16)
-    c1[...] = times_beta_cols(t).astype(bf16)                          # T_β
-    commit()
-    u, ws = products((_zeros(c1, v), _zeros(w, st)), ((c1, v), (w, st)), interp)
+    # Δ and the scores P, then dPD and dΔ.
+    u, ws, qk = products((_zeros(c1, v), _zeros(w, st), zcc),
+                         ((c1, v), (w, st), (q, _t(k))), interp)
     xd[...] = (u - ws).astype(bf16)
-    commit()
-
-    # The scores P, dPD and dΔ.
-    qk, dp = products((zcc, zcc), ((q, _t(k)), (do, _t(xd))), interp)
-    c1[...] = (qk * f.decay * s).astype(bf16)
-    dpd = dp * f.decay * s
-    c2[...] = dpd.astype(bf16)
+    c1[...] = (qk * f.decay * s).astype(bf16)                          # P (over T_β)
     xk[...] = _scale_rows(_load(k), f.lam).astype(bf16)
     commit()
+    dp, d_delta = summed_products((zcc, _zeros(c1, do)),
+                                  (((do, _t(xd)),), ((_t(c1), do), (xk, ds))), interp)
+    dpd = dp * f.decay * s
+    c2[...] = dpd.astype(bf16)
+    xa[...] = d_delta.astype(bf16)
     out = {}
     if cfg.gated:
         e = dpd * qk
         e_row, e_col = _row_sum(e), jnp.sum(e, axis=0)
-    (d_delta,) = summed_products((_zeros(c1, do),), (((_t(c1), do), (xk, ds)),), interp)
-    xa[...] = d_delta.astype(bf16)
     commit()
 
     # dWn = dΔ S^T; dO S^T and Δ dS1^T start dq and dk.
@@ -230,7 +277,7 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
 
     # dA and M.
     x, kk = products((zcc, zcc), ((_t(t_s), c1), (k, _t(k))), interp)
-    c1[...] = times_beta_cols(-x).astype(bf16)
+    c1[...] = _times_beta_cols(-x, buf).astype(bf16)
     commit()
     (da,) = summed_products((zcc,), (((c1, _t(t_s)), (xk, _t(w))),), interp)
     da = jnp.where(f.row > f.col, da, 0.0)
@@ -261,20 +308,28 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
 
 
 def _buffers(K: int, V: int, gated: bool, dtype) -> dict[str, Any]:
-    """The kernel's shared memory by name (module docstring)."""
+    """The gradient kernel's shared memory by name (module docstring)."""
     C = CHUNK
-    ck, cv, cc = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype)), \
-        (lambda: tiled_smem((C, C), dtype))
-    vec = lambda: plgpu.SMEM((C,), F32)
-    buf = dict(q=ck(), k=ck(), w=ck(), kx=ck(), v=cv(), do=cv(), delta=cv(), d_delta=cv(),
-               s=tiled_smem((K, V), dtype), ds=tiled_smem((K, V), dtype),
-               t=cc(), c1=cc(), c2=cc(),
-               beta_col=vec(), beta_row=vec(), dbeta=vec())
+    ck, cv = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype))
+    buf = dict(_inverse_buffers(K, gated, dtype), q=ck(), w=ck(), kx=ck(), v=cv(), do=cv(),
+               delta=cv(), d_delta=cv(), s=tiled_smem((K, V), dtype),
+               ds=tiled_smem((K, V), dtype), dbeta=_vector())
     if K != V:
         buf.update(dq=ck(), dk=ck())
     if gated:
-        buf.update(b_col=vec(), b_row=vec(), db_col=vec(), db_row=vec())
+        buf.update(db_col=_vector(), db_row=_vector())
     return buf
+
+
+def _inverse_buffers(K: int, gated: bool, dtype) -> dict[str, Any]:
+    """The inverse kernel's shared memory: k, three [C, C] tiles, the vectors."""
+    cc = lambda: tiled_smem((CHUNK, CHUNK), dtype)
+    return dict(k=tiled_smem((CHUNK, K), dtype), t=cc(), c1=cc(), c2=cc(),
+                **{name: _vector() for name in _vector_names(gated)})
+
+
+def _vector() -> Any:
+    return plgpu.SMEM((CHUNK,), F32)
 
 
 def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
@@ -285,28 +340,14 @@ def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
     return buf
 
 
-def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
-                b: jax.Array | None, states: jax.Array, do: jax.Array, d_states: jax.Array, *,
-                scale: float, interpret: Any = None) -> tuple[jax.Array, ...]:
-    """The kernel call. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple of
-    CHUNK; dO the output's cotangent, unscaled), beta [B, H, Tp] float32, b [B, H, Tp] float32
-    chunk-local cumulative log gates or None, states / d_states [B, N, H, K, V] bf16 (entering
-    / cotangent of leaving each chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
-    dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""
-    B, Tp, H, K = k.shape
-    V = v.shape[-1]
-    cfg = _Config(float(scale), b is not None, interpret is not None)
-    b = b if cfg.gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
-    vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
-    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
-    copies = 9 + (2 if cfg.gated else 0)
-    buffers = _buffers(K, V, cfg.gated, k.dtype)
+def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: int,
+            interpret: Any) -> tuple[jax.Array, ...]:
+    """Run ``kernel(*in_refs, *out_refs, loaded, buf)`` with one CTA per (chunk, head, batch
+    row); ``loaded``: a barrier of ``copies`` TMA arrivals, ``buf``: ``buffers`` allocated."""
+    B, Tp, H = args[0].shape[:3]
 
     def body(*refs):
-        def scoped(**buf):
-            _kernel(cfg, *refs, _alias(buf, K, V))
-        pl.run_scoped(scoped, **buffers)
+        pl.run_scoped(lambda **buf: kernel(*refs, buf), **buffers)
 
     return tuple(plgpu.kernel(
         body,
@@ -315,4 +356,41 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: ja
         grid=(Tp // CHUNK, H, B),
         grid_names=("chunks", "heads", "rows"),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, v, w, beta, b, states, do, d_states))
+    )(*args))
+
+
+def inverse_factors(k: jax.Array, beta: jax.Array, b: jax.Array | None, *,
+                    interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The first kernel: T = (I + A)^-1 and T_β = T diag(β) of every chunk, both [B, Tp, H, C]
+    in k's dtype (chunk n's [C, C] matrices in rows n C .. n C + C - 1). k [B, Tp, H, K] bf16,
+    beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log gates or None."""
+    B, Tp, H, K = k.shape
+    gated = b is not None
+    cfg = _Config(0.0, gated, interpret is not None)
+    b = b if gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
+    tile = jax.ShapeDtypeStruct((B, Tp, H, CHUNK), k.dtype)
+    return _launch(lambda *refs: _inverse_kernel(cfg, *refs), (k, beta, b), (tile, tile),
+                   _inverse_buffers(K, gated, k.dtype), 1 + len(_vector_names(gated)),
+                   interpret)
+
+
+def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
+                b: jax.Array | None, states: jax.Array, do: jax.Array, d_states: jax.Array, *,
+                scale: float, interpret: Any = None) -> tuple[jax.Array, ...]:
+    """Both kernels. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple of CHUNK;
+    dO the output's cotangent, unscaled), beta [B, H, Tp] float32, b [B, H, Tp] float32
+    chunk-local cumulative log gates or None, states / d_states [B, N, H, K, V] bf16 (entering
+    / cotangent of leaving each chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
+    dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    cfg = _Config(float(scale), b is not None, interpret is not None)
+    t, t_beta = inverse_factors(k, beta, b, interpret=interpret)
+    b = b if cfg.gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
+    vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
+    copies = 9 + len(_vector_names(cfg.gated))
+    return _launch(lambda *refs: _kernel(cfg, *refs[:-1], _alias(refs[-1], K, V)),
+                   (q, k, v, w, t, t_beta, beta, b, states, do, d_states), out_type,
+                   _buffers(K, V, cfg.gated, k.dtype), copies, interpret)
