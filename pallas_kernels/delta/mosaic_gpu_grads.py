@@ -19,9 +19,8 @@ The second (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved),
 dO [C, *] and S, dS1 [K, V], in the order it runs them (a line's products issued together):
 
     Δ    = T_β v - W S,  P = s (q k^T) ⊙ D                    wgmma T_β v, W S, q k^T
-    dPD  = s (dO Δ^T) ⊙ D,  dΔ = P^T dO + (λ k) dS1            wgmma dO Δ^T, and two summed
-    dWn  = dΔ S^T            (= -dW)                          wgmma
-    dO S^T,  Δ dS1^T                                          wgmma (two)
+    dPD  = s (dO Δ^T) ⊙ D,  dΔ = P^T dO + (λ k) dS1,  Δ dS1^T  wgmma dO Δ^T, two summed, one
+    dWn  = dΔ S^T  (= -dW),  dO S^T                           wgmma (two)
     dRu  = T^T dΔ,  dRwn = T^T dWn  (= -dRw),  Y = dΔ v^T      wgmma (three)
     X    = T^T Y             (= dRu v^T)                      wgmma, and k k^T again
     dA   = strictly-lower(-X diag(β) T^T + dRwn W^T)          wgmma (two, summed; U = T_β v
@@ -240,8 +239,9 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     c1[...] = (qk * f.decay * s).astype(bf16)                          # P (over T_β)
     xk[...] = _scale_rows(_load(k), f.lam).astype(bf16)
     commit()
-    dp, d_delta = summed_products((zcc, _zeros(c1, do)),
-                                  (((do, _t(xd)),), ((_t(c1), do), (xk, ds))), interp)
+    dp, d_delta, delta_ds = summed_products(
+        (zcc, _zeros(c1, do), _zeros(xd, k)),
+        (((do, _t(xd)),), ((_t(c1), do), (xk, ds)), ((xd, _t(ds)),)), interp)
     dpd = dp * f.decay * s
     c2[...] = dpd.astype(bf16)
     xa[...] = d_delta.astype(bf16)
@@ -249,18 +249,16 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     if cfg.gated:
         e = dpd * qk
         e_row, e_col = _row_sum(e), jnp.sum(e, axis=0)
+        d_lam = f.lam * _row_sum(_load(k) * delta_ds)
+    buf["dk"][...] = _scale_rows(delta_ds, f.lam).astype(bf16)        # overwrites Δ (K == V)
     commit()
 
-    # dWn = dΔ S^T; dO S^T and Δ dS1^T start dq and dk.
-    (dwn,) = products((_zeros(xa, k),), ((xa, _t(st)),), interp)
-    xk[...] = dwn.astype(bf16)
-    do_s, delta_ds = products((_zeros(do, k), _zeros(xd, k)), ((do, _t(st)), (xd, _t(ds))),
-                              interp)
+    # dWn = dΔ S^T; dO S^T starts dq.
+    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)), ((xa, _t(st)), (do, _t(st))), interp)
     if cfg.gated:
         d_gamma = s * _row_sum(_load(q) * do_s)
-        d_lam = f.lam * _row_sum(_load(k) * delta_ds)
+    xk[...] = dwn.astype(bf16)
     buf["dq"][...] = _scale_rows(do_s * s, f.gamma).astype(bf16)      # overwrites dO (K == V)
-    buf["dk"][...] = _scale_rows(delta_ds, f.lam).astype(bf16)        # overwrites Δ (K == V)
     commit()
 
     # dRu, dRwn, dv, dβ's first two terms.
