@@ -11,7 +11,8 @@
   chunk, K != V, one and two warpgroups, with and without g, initial state, segments, T = 1),
   and its gradients of q, k, v, beta, g and the initial state (output and final-state
   cotangents) match autodiff of the oracle;
-* the chunk-gradient kernel of the backward lowers for cuda, and in interpret mode matches
+* the chunk-gradient kernels of the backward lower for cuda, and in interpret mode the first
+  one's T = (I + A)^-1 and T diag(β) match a float64 inverse, and both together match
   ``chunk_math.backward`` in float64 (segment resets, strongly correlated keys, K != V);
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper.
 """
@@ -27,7 +28,7 @@ from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.delta import chunk_math
 from pallas_kernels.delta import mosaic_gpu as mg
 from pallas_kernels.delta import mosaic_gpu_kernel as mk
-from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads
+from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads, inverse_factors
 from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.delta.reference import delta_rule_reference
 
@@ -95,20 +96,37 @@ def test_prepass_lowers_for_cuda(K, V, gated):
     assert "mosaic_gpu" in text
 
 
+def _chunks(k):
+    """(batch row, head, time slice) of every chunk of k [B, Tp, H, *]."""
+    C = mk.CHUNK
+    return [(bi, h, slice(n * C, (n + 1) * C))
+            for bi, h, n in np.ndindex(k.shape[0], k.shape[2], k.shape[1] // C)]
+
+
+def _inverse_float64(k, beta, b):
+    """T = (I + A)^-1 of every chunk by a float64 matrix inverse, [B, Tp, H, C] (chunk n's in
+    rows n C ..), from k [B, Tp, H, K], beta, b [B, H, Tp] (b None: no gate)."""
+    k, beta = np.asarray(k, np.float64), np.asarray(beta, np.float64)
+    b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
+    T = np.zeros(k.shape[:3] + (mk.CHUNK,))
+    for bi, h, t in _chunks(k):
+        kc, bc, gc = k[bi, t, h], beta[bi, h, t], b[bi, h, t]
+        A = np.tril(bc[:, None] * (kc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), -1)
+        T[bi, t, h] = np.linalg.inv(np.eye(mk.CHUNK) + A)
+    return T
+
+
 def _wy_float64(k, v, beta, b):
     """W, U of every chunk by a float64 matrix inverse (k, v [B, Tp, H, *], beta, b [B, H, Tp])."""
+    T = _inverse_float64(k, beta, b)
     k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
     beta = np.asarray(beta, np.float64)
     b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
     W, U = np.zeros(k.shape), np.zeros(v.shape)
-    C = mk.CHUNK
-    for bi, h, n in np.ndindex(k.shape[0], k.shape[2], k.shape[1] // C):
-        t = slice(n * C, (n + 1) * C)
-        kc, bc, gc = k[bi, t, h], beta[bi, h, t], b[bi, h, t]
-        A = np.tril(bc[:, None] * (kc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), -1)
-        T = np.linalg.inv(np.eye(C) + A)
-        W[bi, t, h] = T @ ((bc * np.exp(gc))[:, None] * kc)
-        U[bi, t, h] = T @ (bc[:, None] * v[bi, t, h])
+    for bi, h, t in _chunks(k):
+        bc = beta[bi, h, t]
+        W[bi, t, h] = T[bi, t, h] @ ((bc * np.exp(b[bi, h, t]))[:, None] * k[bi, t, h])
+        U[bi, t, h] = T[bi, t, h] @ (bc[:, None] * v[bi, t, h])
     return W, U
 
 
@@ -128,6 +146,26 @@ def test_interpret_prepass_matches_float64_inverse(K, V, gated, shared):
     assert W.dtype == k.dtype and U.dtype == v.dtype
     assert_close(W, want_w, 1e-2, "W")
     assert_close(U, want_u, 1e-2, "U")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,gated,shared", [(128, True, 0.0), (64, False, 3.0)])
+def test_interpret_inverse_factors_match_float64(K, gated, shared):
+    """The first kernel of the chunk gradients: T = (I + A)^-1 and T diag(β) per chunk
+    (race detection on), also for strongly correlated keys (``shared`` = 3: cosines ~0.9)."""
+    B, Tp, H = 1, 128, 2
+    ks = jax.random.split(jax.random.PRNGKey(K + 1), 4)
+    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    beta = jax.random.uniform(ks[2], (B, H, Tp), jnp.float32, 0.1, 0.9)
+    b = mg.gate_cumsum(log_gate(ks[3], (B, Tp, H), -0.5, -0.01)) if gated else None
+    t, t_beta = inverse_factors(k, beta, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    want = _inverse_float64(k, beta, b)
+    beta_cols = np.asarray(beta).reshape(B, H, Tp // mk.CHUNK, mk.CHUNK)
+    want_beta = want * np.moveaxis(np.repeat(beta_cols, mk.CHUNK, axis=2), 1, 2)
+    assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
+    assert_close(t, want, 1e-2, "T")
+    assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
 
 
 def _loss(run, do, dstate):

@@ -17,11 +17,12 @@ materialises for its backward; saving them costs one TMA store per chunk, recomp
 would cost a second forward walk). The reverse walk then carries the state cotangent from the
 final state's cotangent down to chunk 0, writing the cotangent of the state leaving every chunk
 (bf16) and returning the initial state's cotangent. With both per-chunk states known, every
-chunk's gradients are independent: the chunk-gradient kernel (``mosaic_gpu_grads``, one CTA
-per (chunk, head, batch row); it recomputes T = (I + A)^-1 by the prepass's recursive doubling
-and runs ``chunk_math.backward``'s products on the tensor cores) gives dq, dk, dv, dβ and db;
-autodiff carries db back through the chunk cumsum to dg. (Before it, that part ran batched in
-XLA and took 11.4 of the 12.7 ms forward+backward on the H100 at the anchor.)
+chunk's gradients are independent: the chunk-gradient kernels (``mosaic_gpu_grads``, one CTA
+per (chunk, head, batch row) each: the first recomputes T = (I + A)^-1 by the prepass's
+recursive doubling, the second runs ``chunk_math.backward``'s products on the tensor cores)
+give dq, dk, dv, dβ and db; autodiff carries db back through the chunk cumsum to dg. (Before
+them, that part ran batched in XLA and took 11.4 of the 12.7 ms forward+backward on the H100
+at the anchor.)
 Saved for the backward: q, k, v, β, b, W, the initial state and the per-chunk states.
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
@@ -86,7 +87,7 @@ def _delta_fwd(q, k, v, beta, b, s0, scale, interpret):
 
 def chunk_gradients(q, k, v, beta, b, w, states, do, d_states, scale: float,
                     interpret: Any = None):
-    """Every chunk's gradients at once (the ``mosaic_gpu_grads`` kernel) from the states
+    """Every chunk's gradients at once (the ``mosaic_gpu_grads`` kernels) from the states
     entering the chunks and the cotangents of the states leaving them ([B, N, H, K, V] bf16).
     Returns (dq, dk, dv in their dtypes, dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or
     None ungated)."""
