@@ -16,7 +16,8 @@ registers. The first kernel (``inverse_factors``), from TMA-loaded k, β, b:
     T_β  = T diag(β);   T and T_β leave in bf16 ([B, Tp, H, C]: 16 KB a chunk to HBM and back)
 
 The second (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
-dO [C, *] and S, dS1 [K, V], in the order it runs them (a line's products issued together):
+dO [C, *] and S, dS1 [K, V] (two groups of copies: T, dO and dS1 arrive while the first line
+runs), in the order it runs them (a line's products issued together):
 
     Δ    = T_β v - W S,  P = s (q k^T) ⊙ D                    wgmma T_β v, W S, q k^T
     dPD  = s (dO Δ^T) ⊙ D,  dΔ = P^T dO + (λ k) dS1,  Δ dS1^T  wgmma dO Δ^T, two summed, one
@@ -154,10 +155,10 @@ def _vector_copies(beta_ref, b_ref, bi, h, rows, names: tuple[str, ...]):
             for name in names]
 
 
-def _load_all(copies, buf, loaded) -> None:
+def _issue(copies, buf, loaded) -> None:
+    """Start TMA copies (source, name of the destination in ``buf``) arriving on ``loaded``."""
     for src, name in copies:
         plgpu.copy_gmem_to_smem(src, buf[name], loaded)
-    plgpu.barrier_wait(loaded)
 
 
 def _chunk_coordinates():
@@ -168,9 +169,9 @@ def _chunk_coordinates():
 def _inverse_kernel(cfg: _Config, k_ref, beta_ref, b_ref, t_ref, tb_ref, loaded, buf):
     """T = (I + A)^-1 and T_β = T diag(β) of one chunk (the first kernel)."""
     n, h, bi, rows = _chunk_coordinates()
-    _load_all([(k_ref.at[bi, rows, h], "k")]
-              + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)),
-              buf, loaded)
+    _issue([(k_ref.at[bi, rows, h], "k")]
+           + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)), buf, loaded)
+    plgpu.barrier_wait(loaded)
     C = CHUNK
     f = _terms(buf, cfg.gated)
     k, t_s, c1, c2 = buf["k"], buf["t"], buf["c1"], buf["c2"]
@@ -190,16 +191,17 @@ def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, t_ref, tb_ref, beta_ref, b
     """The gradients of one chunk (the second kernel)."""
     dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
     db_refs = refs[4:6] if cfg.gated else None
-    loaded, buf = refs[-2], refs[-1]
+    first_loaded, rest_loaded, buf = refs[-3:]
     n, h, bi, rows = _chunk_coordinates()
-    copies = [(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
-              (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
-              (t_ref.at[bi, rows, h], "t"), (tb_ref.at[bi, rows, h], "c1"),
-              (do_ref.at[bi, rows, h], "do"), (s_ref.at[bi, n, h], "s"),
-              (ds_ref.at[bi, n, h], "ds")]
-    _load_all(copies + _vector_copies(beta_ref, b_ref, bi, h, rows,
-                                      _vector_names(cfg.gated)), buf, loaded)
-    grads = _gradients(cfg, buf)
+    _issue([(q_ref.at[bi, rows, h], "q"), (k_ref.at[bi, rows, h], "k"),
+            (v_ref.at[bi, rows, h], "v"), (w_ref.at[bi, rows, h], "w"),
+            (tb_ref.at[bi, rows, h], "c1"), (s_ref.at[bi, n, h], "s")]
+           + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)),
+           buf, first_loaded)
+    _issue([(t_ref.at[bi, rows, h], "t"), (do_ref.at[bi, rows, h], "do"),
+            (ds_ref.at[bi, n, h], "ds")], buf, rest_loaded)
+    plgpu.barrier_wait(first_loaded)
+    grads = _gradients(cfg, buf, rest_loaded)
     vectors = [("dbeta", dbeta_ref)] + ([("db_col", db_refs[0]), ("db_row", db_refs[1])]
                                         if cfg.gated else [])
     for name, ref in vectors:
@@ -217,9 +219,10 @@ def _vector_names(gated: bool) -> tuple[str, ...]:
     return ("beta_col", "beta_row") + (("b_col", "b_row") if gated else ())
 
 
-def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
-    """The module docstring's sequence on one chunk's loaded tiles (T in ``t``, T_β in ``c1``);
-    leaves dq, dk, dv in their tiles and returns the vectors (dbeta and, gated, db_col,
+def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
+    """The module docstring's sequence on one chunk's tiles (T in ``t``, T_β in ``c1``): the
+    first round's operands are loaded, T, dO and dS1 arrive on ``rest_loaded`` meanwhile.
+    Leaves dq, dk, dv in their tiles and returns the vectors (dbeta and, gated, db_col,
     db_row)."""
     interp, s, C = cfg.interpret, cfg.scale, CHUNK
     f = _terms(buf, cfg.gated)
@@ -229,7 +232,6 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     t_s, c1, c2 = buf["t"], buf["c1"], buf["c2"]
     xd, xa, xk = buf["delta"], buf["d_delta"], buf["kx"]
     commit = plgpu.commit_smem
-    state_dot = _state_dot(buf) if cfg.gated else None
     zcc = wgmma_zeros((C, C))
 
     # Δ and the scores P, then dPD and dΔ.
@@ -239,6 +241,8 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     c1[...] = (qk * f.decay * s).astype(bf16)                          # P (over T_β)
     xk[...] = _scale_rows(_load(k), f.lam).astype(bf16)
     commit()
+    plgpu.barrier_wait(rest_loaded)
+    state_dot = _state_dot(buf) if cfg.gated else None
     dp, d_delta, delta_ds = summed_products(
         (zcc, _zeros(c1, do), _zeros(xd, k)),
         (((do, _t(xd)),), ((_t(c1), do), (xk, ds)), ((xd, _t(ds)),)), interp)
@@ -338,10 +342,11 @@ def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
     return buf
 
 
-def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: int,
+def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: tuple[int, ...],
             interpret: Any) -> tuple[jax.Array, ...]:
-    """Run ``kernel(*in_refs, *out_refs, loaded, buf)`` with one CTA per (chunk, head, batch
-    row); ``loaded``: a barrier of ``copies`` TMA arrivals, ``buf``: ``buffers`` allocated."""
+    """Run ``kernel(*in_refs, *out_refs, *barriers, buf)`` with one CTA per (chunk, head, batch
+    row); ``barriers``: one per group of TMA loads, of ``copies[i]`` arrivals; ``buf``:
+    ``buffers`` allocated."""
     B, Tp, H = args[0].shape[:3]
 
     def body(*refs):
@@ -350,7 +355,7 @@ def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: int,
     return tuple(plgpu.kernel(
         body,
         out_type=tuple(out_type),
-        scratch_types=[plgpu.Barrier(num_arrivals=copies)],
+        scratch_types=[plgpu.Barrier(num_arrivals=n) for n in copies],
         grid=(Tp // CHUNK, H, B),
         grid_names=("chunks", "heads", "rows"),
         **({} if interpret is None else {"interpret": interpret}),
@@ -368,7 +373,7 @@ def inverse_factors(k: jax.Array, beta: jax.Array, b: jax.Array | None, *,
     b = b if gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
     tile = jax.ShapeDtypeStruct((B, Tp, H, CHUNK), k.dtype)
     return _launch(lambda *refs: _inverse_kernel(cfg, *refs), (k, beta, b), (tile, tile),
-                   _inverse_buffers(K, gated, k.dtype), 1 + len(_vector_names(gated)),
+                   _inverse_buffers(K, gated, k.dtype), (1 + len(_vector_names(gated)),),
                    interpret)
 
 
@@ -388,7 +393,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: ja
     vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
-    copies = 9 + len(_vector_names(cfg.gated))
+    copies = (6 + len(_vector_names(cfg.gated)), 3)
     return _launch(lambda *refs: _kernel(cfg, *refs[:-1], _alias(refs[-1], K, V)),
                    (q, k, v, w, t, t_beta, beta, b, states, do, d_states), out_type,
                    _buffers(K, V, cfg.gated, k.dtype), copies, interpret)
