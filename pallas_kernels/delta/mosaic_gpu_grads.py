@@ -168,7 +168,7 @@ def _chunk_coordinates():
 
 def _inverse_kernel(cfg: _Config, k_ref, beta_ref, b_ref, t_ref, tb_ref, loaded, buf):
     """T = (I + A)^-1 and T_β = T diag(β) of one chunk (the first kernel)."""
-    n, h, bi, rows = _chunk_coordinates()
+    _, h, bi, rows = _chunk_coordinates()
     _issue([(k_ref.at[bi, rows, h], "k")]
            + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)), buf, loaded)
     plgpu.barrier_wait(loaded)
