@@ -86,13 +86,15 @@ def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("K,V,gated", [(128, 128, True), (64, 128, False)])
-def test_prepass_lowers_for_cuda(K, V, gated):
+@pytest.mark.parametrize("K,V,gated,save_inverse", [
+    (128, 128, True, False), (128, 128, True, True), (64, 128, False, True)])
+def test_prepass_lowers_for_cuda(K, V, gated, save_inverse):
     B, T, H = 2, 256, 3
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
             sd((B, H, T), jnp.float32), sd((B, H, T), jnp.float32) if gated else None)
-    text = jax.jit(prepass).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    run = jax.jit(lambda *a: prepass(*a, save_inverse=save_inverse))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
@@ -166,6 +168,29 @@ def test_interpret_inverse_factors_match_float64(K, gated, shared):
     assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
     assert_close(t, want, 1e-2, "T")
     assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
+def test_interpret_prepass_inverse_bit_identical_to_inverse_factors(K, V, gated, shared):
+    """The prepass's saved T, T diag(β) are bit for bit those of ``inverse_factors``; its W, U
+    are those of the plain prepass."""
+    B, Tp, H = 1, 128, 2
+    ks = jax.random.split(jax.random.PRNGKey(K + 2), 5)
+    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, H, Tp), jnp.float32, 0.1, 0.9)
+    b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
+    interpret = plgpu.InterpretGPUParams(detect_races=True)
+    w, u, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
+    want_t, want_t_beta = inverse_factors(k, beta, b, interpret=interpret)
+    want_w, want_u = prepass(k, v, beta, b, interpret=interpret)
+    for got, want in ((t, want_t), (t_beta, want_t_beta), (w, want_w), (u, want_u)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                      np.asarray(want.astype(jnp.float32)))
+    assert np.abs(np.asarray(t.astype(jnp.float32))).max() > 0.5  # not all zeros
 
 
 def _loss(run, do, dstate):
