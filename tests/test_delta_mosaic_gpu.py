@@ -1,8 +1,10 @@
 """The Hopper (Mosaic GPU) kernels of the (gated) delta rule, checked on CPU:
 
-* the WY prepass kernel lowers for cuda, and in interpret mode its W, U match a float64
-  per-chunk inverse, also for strongly correlated keys without decay (where a power series
-  for (I + A)^-1 loses all precision);
+* the WY prepass kernel lowers for cuda (also with ``save_inverse``, as the forward under the
+  vjp runs it), and in interpret mode its W, U match a float64 per-chunk inverse, also for
+  strongly correlated keys without decay (where a power series for (I + A)^-1 loses all
+  precision); with ``save_inverse`` its T = (I + A)^-1 and T diag(β) match a float64 inverse
+  and its W, U are bit for bit the plain prepass's;
 * both walks (forward; reverse, the state cotangent) lower through Mosaic GPU for the cuda
   platform (layouts, shared-memory budget) on every supported jax, no GPU needed, and so does
   the op's forward + backward;
@@ -11,9 +13,9 @@
   chunk, K != V, one and two warpgroups, with and without g, initial state, segments, T = 1),
   and its gradients of q, k, v, beta, g and the initial state (output and final-state
   cotangents) match autodiff of the oracle;
-* the chunk-gradient kernels of the backward lower for cuda, and in interpret mode the first
-  one's T = (I + A)^-1 and T diag(β) match a float64 inverse, and both together match
-  ``chunk_math.backward`` in float64 (segment resets, strongly correlated keys, K != V);
+* the chunk-gradient kernel of the backward lowers for cuda, and in interpret mode (with the
+  prepass's T, T diag(β)) matches ``chunk_math.backward`` in float64 (segment resets, strongly
+  correlated keys, K != V);
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.delta import chunk_math
 from pallas_kernels.delta import mosaic_gpu as mg
 from pallas_kernels.delta import mosaic_gpu_kernel as mk
-from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads, inverse_factors
+from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads
 from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.delta.reference import delta_rule_reference
 
@@ -151,32 +153,14 @@ def test_interpret_prepass_matches_float64_inverse(K, V, gated, shared):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,gated,shared", [(128, True, 0.0), (64, False, 3.0)])
-def test_interpret_inverse_factors_match_float64(K, gated, shared):
-    """The first kernel of the chunk gradients: T = (I + A)^-1 and T diag(β) per chunk
-    (race detection on), also for strongly correlated keys (``shared`` = 3: cosines ~0.9)."""
-    B, Tp, H = 1, 128, 2
-    ks = jax.random.split(jax.random.PRNGKey(K + 1), 4)
-    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    beta = jax.random.uniform(ks[2], (B, H, Tp), jnp.float32, 0.1, 0.9)
-    b = mg.gate_cumsum(log_gate(ks[3], (B, Tp, H), -0.5, -0.01)) if gated else None
-    t, t_beta = inverse_factors(k, beta, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
-    want = _inverse_float64(k, beta, b)
-    beta_cols = np.asarray(beta).reshape(B, H, Tp // mk.CHUNK, mk.CHUNK)
-    want_beta = want * np.moveaxis(np.repeat(beta_cols, mk.CHUNK, axis=2), 1, 2)
-    assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
-    assert_close(t, want, 1e-2, "T")
-    assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
-
-
-@needs_interpreter
 @pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
-def test_interpret_prepass_inverse_bit_identical_to_inverse_factors(K, V, gated, shared):
-    """The prepass's saved T, T diag(β) are bit for bit those of ``inverse_factors``; its W, U
-    are those of the plain prepass."""
+def test_interpret_prepass_saved_inverse(K, V, gated, shared):
+    """The prepass under the vjp (``save_inverse``, race detection on): its T = (I + A)^-1 and
+    T diag(β) per chunk, which the chunk-gradient kernel reads, match a float64 inverse, also for
+    strongly correlated keys (``shared`` = 3: cosines ~0.9); its W, U are bit for bit those of
+    the plain prepass."""
     B, Tp, H = 1, 128, 2
-    ks = jax.random.split(jax.random.PRNGKey(K + 2), 5)
+    ks = jax.random.split(jax.random.PRNGKey(K + 1), 5)
     k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
     k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
     v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
@@ -184,13 +168,16 @@ def test_interpret_prepass_inverse_bit_identical_to_inverse_factors(K, V, gated,
     b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
     interpret = plgpu.InterpretGPUParams(detect_races=True)
     w, u, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
-    want_t, want_t_beta = inverse_factors(k, beta, b, interpret=interpret)
-    want_w, want_u = prepass(k, v, beta, b, interpret=interpret)
-    for got, want in ((t, want_t), (t_beta, want_t_beta), (w, want_w), (u, want_u)):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                      np.asarray(want.astype(jnp.float32)))
-    assert np.abs(np.asarray(t.astype(jnp.float32))).max() > 0.5  # not all zeros
+    for name, got, plain in zip("WU", (w, u), prepass(k, v, beta, b, interpret=interpret)):
+        assert got.dtype == plain.dtype and got.shape == plain.shape, name
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32),
+                                      err_msg=name)
+    want = _inverse_float64(k, beta, b)
+    beta_cols = np.asarray(beta).reshape(B, H, Tp // mk.CHUNK, mk.CHUNK)
+    want_beta = want * np.moveaxis(np.repeat(beta_cols, mk.CHUNK, axis=2), 1, 2)
+    assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
+    assert_close(t, want, 1e-2, "T")
+    assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
 
 
 def _loss(run, do, dstate):
@@ -329,7 +316,8 @@ def test_grads_kernel_lowers_for_cuda(K, V, gated):
     sd = jax.ShapeDtypeStruct
     ck, cv = sd((B, Tp, H, K), jnp.bfloat16), sd((B, Tp, H, V), jnp.bfloat16)
     vec, states = sd((B, H, Tp), jnp.float32), sd((B, Tp // mk.CHUNK, H, K, V), jnp.bfloat16)
-    args = (ck, ck, cv, ck, vec, vec if gated else None, states, cv, states)
+    inverse = sd((B, Tp, H, mk.CHUNK), jnp.bfloat16)
+    args = (ck, ck, cv, ck, inverse, inverse, vec, vec if gated else None, states, cv, states)
     run = jax.jit(lambda *a: chunk_grads(*a, scale=0.1))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -351,8 +339,10 @@ def test_interpret_grads_kernel_matches_float64(K, V, gated, shared, resets, tol
                                                 shared, resets)
     scale = K ** -0.5
     w, *want = _chunk_backward_float64(q, k, v, beta, b, s, do, ds, scale)
-    got = chunk_grads(q, k, v, w, beta, b, s, do, ds, scale=scale,
-                      interpret=plgpu.InterpretGPUParams(detect_races=True))
+    interpret = plgpu.InterpretGPUParams(detect_races=True)
+    _, _, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
+    got = chunk_grads(q, k, v, w, t, t_beta, beta, b, s, do, ds, scale=scale,
+                      interpret=interpret)
     names = ("dq", "dk", "dv", "dbeta") + (("db_col", "db_row") if gated else ())
     assert len(got) == len(names)
     for name, a, ref, like in zip(names, got, want, (q, k, v, beta, b, b)):

@@ -2,20 +2,18 @@
 
 Once the forward walk has saved S, the state entering every chunk, and the reverse walk dS1,
 the cotangent of the state leaving it (both bf16 [B, N, H, K, V]), every chunk's gradients
-are independent. Two kernels, each one CTA (one warpgroup) per (chunk, head, batch row),
-compute what ``chunk_math.backward`` does (its docstring has the derivation). C = 64 steps,
+are independent. One kernel, one CTA (one warpgroup) per (chunk, head, batch row), computes
+what ``chunk_math.backward`` does (its docstring has the derivation). C = 64 steps,
 b the chunk-local cumulative log gate (none: b = 0), s the output scale,
 
     D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}},
 
 each "wgmma" below a tensor-core product of bf16 operands from shared memory into float32
-registers. The first kernel (``inverse_factors``), from TMA-loaded k, β, b:
-
-    T    = (I + A)^-1,  A = strictly-lower(β (k k^T) ⊙ D)     wgmma k k^T; recursive doubling
-                                                              (``mosaic_gpu_prepass``)
-    T_β  = T diag(β);   T and T_β leave in bf16 ([B, Tp, H, C]: 16 KB a chunk to HBM and back)
-
-The second (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
+registers. T = (I + A)^-1 and T_β = T diag(β) of every chunk come from the forward's prepass
+(``mosaic_gpu_prepass.prepass(..., save_inverse=True)``, bf16 [B, Tp, H, C], saved as residuals:
+16 KB a chunk written in the forward under the vjp, read here), so the backward neither
+recomputes them (the recursive doubling: ten dependent products) nor launches a kernel for them.
+The kernel (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
 dO [C, *] and S, dS1 [K, V] (two groups of copies: T, dO and dS1 arrive while the first line
 runs), in the order it runs them (a line's products issued together):
 
@@ -39,21 +37,19 @@ adds them, then carries db back through the chunk cumsum to dg):
              + [i = C-1] (sum(d_λ) + γ sum(S ⊙ dS1)),      d_λ = λ rowsum(k ⊙ Δ dS1^T)
     db_row = -colsum(E)
 
-The split takes the doubling's chain of ten dependent products (five levels) off the second
-kernel, which has one CTA per SM, into a kernel with several per SM, where other CTAs hide it;
-the numbers are those of one kernel (T and T_β were rounded to bf16 in shared memory there
-too). Speed on the H100 not measured yet.
+T and T_β are bit for bit what a separate inverse kernel of the backward computed before
+(same doubling, same bf16 rounding; checked in ``tests/test_delta_mosaic_gpu.py`` at the commit
+that moved them). Saved: that kernel's launch and its k, β, b loads (estimated ~0.2 ms at the
+anchor shape), for 2 x 8 KB more HBM writes per chunk in the forward under the vjp; the speed
+on the H100 is not measured yet.
 
 Shared memory (bf16 unless noted; vectors float32, 1 KB each as allocations are aligned; Mosaic
-GPU keeps 2 KB more; an SM has 228 KB, 227 KB at most per CTA, 1 KB reserved per CTA):
-* first kernel: k, three [C, C] tiles (the doubling's scratch, then T and T_β), β and b twice
-  (once per register layout they are read in). K = 128: 16 + 24 + 4 + 2 = 46 KB, so up to
-  four CTAs per SM (228 // 47) by shared memory;
-* second kernel: the inputs q, k, W, v, dO, S, dS1, β, b (β and b twice), three [C, C] tiles
-  (T; T_β, P, Y, -X diag(β), M; dPD) and three more tiles of the inputs' shapes reused across
-  disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes to dO's tile. At
-  K = V = 128 that is 216 KB + 7 KB of vectors + 2 KB: 225 KB, one CTA per SM. (K != V: dq
-  and dk get tiles of their own; K or V is 64 there, so it fits easily.)
+GPU keeps 2 KB more; an SM has 228 KB, 227 KB at most per CTA, 1 KB reserved per CTA): the
+inputs q, k, W, v, dO, S, dS1, β, b (β and b twice, once per register layout they are read
+in), three [C, C] tiles (T; T_β, P, Y, -X diag(β), M; dPD) and three more tiles of the inputs'
+shapes reused across disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes
+to dO's tile. At K = V = 128 that is 216 KB + 7 KB of vectors + 2 KB: 225 KB, one CTA per SM.
+(K != V: dq and dk get tiles of their own; K or V is 64 there, so it fits easily.)
 """
 from __future__ import annotations
 
@@ -63,7 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK, invert_unit_lower
+from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK
 from pallas_kernels.mosaic_gpu_common import (pl, plgpu, products, summed_products, tiled_smem,
                                               wgmma_zeros)
 
@@ -166,29 +162,9 @@ def _chunk_coordinates():
     return n, h, bi, pl.ds(n * CHUNK, CHUNK)
 
 
-def _inverse_kernel(cfg: _Config, k_ref, beta_ref, b_ref, t_ref, tb_ref, loaded, buf):
-    """T = (I + A)^-1 and T_β = T diag(β) of one chunk (the first kernel)."""
-    _, h, bi, rows = _chunk_coordinates()
-    _issue([(k_ref.at[bi, rows, h], "k")]
-           + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)), buf, loaded)
-    plgpu.barrier_wait(loaded)
-    C = CHUNK
-    f = _terms(buf, cfg.gated)
-    k, t_s, c1, c2 = buf["k"], buf["t"], buf["c1"], buf["c2"]
-    (kk,) = products((wgmma_zeros((C, C)),), ((k, _t(k)),), cfg.interpret)
-    a = jnp.where(f.row > f.col, _rows(f.beta, (C, C)) * kk * f.decay, 0.0)
-    t = invert_unit_lower(a, f.row, f.col, (t_s, c1, c2), cfg.interpret)
-    t_s[...] = t.astype(t_s.dtype)
-    c1[...] = _times_beta_cols(t, buf).astype(c1.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(t_s, t_ref.at[bi, rows, h])
-    plgpu.copy_smem_to_gmem(c1, tb_ref.at[bi, rows, h])
-    plgpu.wait_smem_to_gmem(0)
-
-
 def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, t_ref, tb_ref, beta_ref, b_ref, s_ref,
             do_ref, ds_ref, *refs):
-    """The gradients of one chunk (the second kernel)."""
+    """The gradients of one chunk."""
     dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
     db_refs = refs[4:6] if cfg.gated else None
     first_loaded, rest_loaded, buf = refs[-3:]
@@ -215,7 +191,7 @@ def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, t_ref, tb_ref, beta_ref, b
 
 
 def _vector_names(gated: bool) -> tuple[str, ...]:
-    """The per-step vectors both kernels load (each in the two register layouts it is read in)."""
+    """The per-step vectors the kernel loads (each in the two register layouts it is read in)."""
     return ("beta_col", "beta_row") + (("b_col", "b_row") if gated else ())
 
 
@@ -313,21 +289,16 @@ def _buffers(K: int, V: int, gated: bool, dtype) -> dict[str, Any]:
     """The gradient kernel's shared memory by name (module docstring)."""
     C = CHUNK
     ck, cv = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype))
-    buf = dict(_inverse_buffers(K, gated, dtype), q=ck(), w=ck(), kx=ck(), v=cv(), do=cv(),
-               delta=cv(), d_delta=cv(), s=tiled_smem((K, V), dtype),
-               ds=tiled_smem((K, V), dtype), dbeta=_vector())
+    cc = lambda: tiled_smem((C, C), dtype)
+    buf = dict(k=ck(), t=cc(), c1=cc(), c2=cc(),
+               **{name: _vector() for name in _vector_names(gated)},
+               q=ck(), w=ck(), kx=ck(), v=cv(), do=cv(), delta=cv(), d_delta=cv(),
+               s=tiled_smem((K, V), dtype), ds=tiled_smem((K, V), dtype), dbeta=_vector())
     if K != V:
         buf.update(dq=ck(), dk=ck())
     if gated:
         buf.update(db_col=_vector(), db_row=_vector())
     return buf
-
-
-def _inverse_buffers(K: int, gated: bool, dtype) -> dict[str, Any]:
-    """The inverse kernel's shared memory: k, three [C, C] tiles, the vectors."""
-    cc = lambda: tiled_smem((CHUNK, CHUNK), dtype)
-    return dict(k=tiled_smem((CHUNK, K), dtype), t=cc(), c1=cc(), c2=cc(),
-                **{name: _vector() for name in _vector_names(gated)})
 
 
 def _vector() -> Any:
@@ -362,33 +333,19 @@ def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: tuple[int, 
     )(*args))
 
 
-def inverse_factors(k: jax.Array, beta: jax.Array, b: jax.Array | None, *,
-                    interpret: Any = None) -> tuple[jax.Array, jax.Array]:
-    """The first kernel: T = (I + A)^-1 and T_β = T diag(β) of every chunk, both [B, Tp, H, C]
-    in k's dtype (chunk n's [C, C] matrices in rows n C .. n C + C - 1). k [B, Tp, H, K] bf16,
-    beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log gates or None."""
-    B, Tp, H, K = k.shape
-    gated = b is not None
-    cfg = _Config(0.0, gated, interpret is not None)
-    b = b if gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
-    tile = jax.ShapeDtypeStruct((B, Tp, H, CHUNK), k.dtype)
-    return _launch(lambda *refs: _inverse_kernel(cfg, *refs), (k, beta, b), (tile, tile),
-                   _inverse_buffers(K, gated, k.dtype), (1 + len(_vector_names(gated)),),
-                   interpret)
-
-
-def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
-                b: jax.Array | None, states: jax.Array, do: jax.Array, d_states: jax.Array, *,
-                scale: float, interpret: Any = None) -> tuple[jax.Array, ...]:
-    """Both kernels. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple of CHUNK;
-    dO the output's cotangent, unscaled), beta [B, H, Tp] float32, b [B, H, Tp] float32
-    chunk-local cumulative log gates or None, states / d_states [B, N, H, K, V] bf16 (entering
-    / cotangent of leaving each chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
+def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, t: jax.Array,
+                t_beta: jax.Array, beta: jax.Array, b: jax.Array | None, states: jax.Array,
+                do: jax.Array, d_states: jax.Array, *, scale: float,
+                interpret: Any = None) -> tuple[jax.Array, ...]:
+    """The kernel on every chunk. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple
+    of CHUNK; dO the output's cotangent, unscaled), T, T_β [B, Tp, H, C] bf16 (the prepass's,
+    ``save_inverse``), beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log
+    gates or None, states / d_states [B, N, H, K, V] bf16 (entering / cotangent of leaving each
+    chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
     dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""
     B, Tp, H, K = k.shape
     V = v.shape[-1]
     cfg = _Config(float(scale), b is not None, interpret is not None)
-    t, t_beta = inverse_factors(k, beta, b, interpret=interpret)
     b = b if cfg.gated else jnp.zeros((1, 1, CHUNK), F32)  # never read
     vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),

@@ -8,7 +8,10 @@ D_ij = e^{b_i - b_j} on j <= i:
     T = (I + A)^-1                                    by recursive doubling, below
     W = T diag(β Γ) k   [C, K],   U = T diag(β) v   [C, V]          wgmma: T (β Γ k), T (β v)
 
-W and U leave in bf16 for the walks (``mosaic_gpu_kernel``).
+W and U leave in bf16 for the walks (``mosaic_gpu_kernel``). Under the vjp (``save_inverse``)
+T and T_β = T diag(β) leave too, in bf16 [B, Tp, H, C] (2 x 8 KB a chunk more written), for the
+backward's chunk-gradient kernel (``mosaic_gpu_grads``), which then needs no kernel of its own
+to recompute them.
 
 Recursive doubling (stable; no powers of A). T_s, the inverse of the diagonal blocks of I + A
 of size s, is block diagonal; with L_s the part of A in the lower off-diagonal blocks of the
@@ -17,11 +20,10 @@ diagonal blocks of size 2s (entries i > j in one 2s block but not one s block),
     T_2s = T_s - (T_s L_s) T_s       (exact: (T_s L_s)^2 = 0),   T_1 = I,  T_2 = I - L_1,
 
 five levels of two products each up to s = 64 (the wgmma operands in bf16, T accumulated in
-float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower`` (also
-used by the backward's chunk-gradient kernel, ``mosaic_gpu_grads``). Every operand is a true
-inverse of a sub-block or a block of A, so nothing grows (a power series sum (-A)^p forms
-entries up to C(63, p)·β^p for strongly correlated keys and cancels away all precision even in
-float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
+float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower``.
+Every operand is a true inverse of a sub-block or a block of A, so nothing grows (a power
+series sum (-A)^p forms entries up to C(63, p)·β^p for strongly correlated keys and cancels
+away all precision even in float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
 """
 from __future__ import annotations
 
