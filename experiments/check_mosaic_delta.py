@@ -11,7 +11,8 @@ dq, dk, dv, dβ, dg (and d initial state) of sum(o * dO) against the same on flo
 the inputs: autodiff of the oracle where its per-step states fit in 4 GiB, else of the chunked
 XLA path (``grad_ref`` says which). Times (``bench_common.time_jax``, the method of DESIGN.md's
 anchor figures): the forward of the kernel and of ``impl="xla"``; at the anchor shapes also
-forward+backward, and the parts alone (prepass kernel, forward walk with the states saved,
+forward+backward, and the parts alone (prepass kernel, also as the forward under the vjp runs
+it (``prepass_vjp_ms``: T and T diag(β) written too), forward walk with the states saved,
 reverse walk, the chunk-gradient kernel alone (``grads_kernel_ms``) and with its XLA glue
 (``chunk_grads_ms``: beta's transpose in, dβ's out, db's two parts summed)).
 Each case runs on its own: a failure is printed and the next case goes on. Prints a table;
@@ -145,6 +146,9 @@ def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
     prepare = jax.jit(mosaic_gpu._prepare)
     W, U = prepare(k, v, beta, b)
     row["prepass_ms"] = bc.time_jax(prepare, [(k, v, beta, b)])
+    prepare_vjp = jax.jit(lambda *a: mosaic_gpu._prepare(*a, save_inverse=True))
+    _, _, T, T_beta = prepare_vjp(k, v, beta, b)
+    row["prepass_vjp_ms"] = bc.time_jax(prepare_vjp, [(k, v, beta, b)])
     walk = mosaic_gpu_kernel.walk
     fwd = jax.jit(lambda q, k, W, U, b: walk(q, k, W, U, b, None, scale=scale, save_states=True))
     row["walk_ms"] = bc.time_jax(fwd, [(q, k, W, U, b)])
@@ -154,10 +158,12 @@ def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
     row["reverse_walk_ms"] = bc.time_jax(rev, [(q, k, W, do, b)])
     _, d_states = rev(q, k, W, do, b)
     grads = jax.jit(lambda *a: mosaic_gpu.chunk_gradients(*a, scale=scale))
-    row["chunk_grads_ms"] = bc.time_jax(grads, [(q, k, v, beta, b, W, states, do, d_states)])
+    row["chunk_grads_ms"] = bc.time_jax(
+        grads, [(q, k, v, beta, b, (W, T, T_beta), states, do, d_states)])
     beta_t = jnp.swapaxes(beta, 1, 2)
     kernel = jax.jit(lambda *a: mosaic_gpu_grads.chunk_grads(*a, scale=scale))
-    row["grads_kernel_ms"] = bc.time_jax(kernel, [(q, k, v, W, beta_t, b, states, do, d_states)])
+    row["grads_kernel_ms"] = bc.time_jax(
+        kernel, [(q, k, v, W, T, T_beta, beta_t, b, states, do, d_states)])
 
 
 def check_gradients(row: dict, q, k, v, beta, g, s0, seg, do, scale: float) -> list[float]:
@@ -207,8 +213,8 @@ def main() -> None:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dbeta", "err_dg", "err_ds0",
-            "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "walk_ms", "mosaic_fwdbwd_ms",
-            "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "grads_kernel_ms", "auto_impl"]
+            "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "prepass_vjp_ms", "walk_ms",
+            "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "grads_kernel_ms", "auto_impl"]
     bc.print_table(rows, cols)
 
 

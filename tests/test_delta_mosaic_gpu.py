@@ -1,8 +1,10 @@
 """The Hopper (Mosaic GPU) kernels of the (gated) delta rule, checked on CPU:
 
-* the WY prepass kernel lowers for cuda, and in interpret mode its W, U match a float64
-  per-chunk inverse, also for strongly correlated keys without decay (where a power series
-  for (I + A)^-1 loses all precision);
+* the WY prepass kernel lowers for cuda (also with ``save_inverse``, as the forward under the
+  vjp runs it), and in interpret mode its W, U match a float64 per-chunk inverse, also for
+  strongly correlated keys without decay (where a power series for (I + A)^-1 loses all
+  precision); with ``save_inverse`` its T = (I + A)^-1 and T diag(β) match a float64 inverse
+  and its W, U are bit for bit the plain prepass's;
 * both walks (forward; reverse, the state cotangent) lower through Mosaic GPU for the cuda
   platform (layouts, shared-memory budget) on every supported jax, no GPU needed, and so does
   the op's forward + backward;
@@ -11,8 +13,9 @@
   chunk, K != V, one and two warpgroups, with and without g, initial state, segments, T = 1),
   and its gradients of q, k, v, beta, g and the initial state (output and final-state
   cotangents) match autodiff of the oracle;
-* the chunk-gradient kernel of the backward lowers for cuda, and in interpret mode matches
-  ``chunk_math.backward`` in float64 (segment resets, strongly correlated keys, K != V);
+* the chunk-gradient kernel of the backward lowers for cuda, and in interpret mode (with the
+  prepass's T, T diag(β)) matches ``chunk_math.backward`` in float64 (segment resets, strongly
+  correlated keys, K != V);
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper.
 """
 from __future__ import annotations
@@ -85,30 +88,49 @@ def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("K,V,gated", [(128, 128, True), (64, 128, False)])
-def test_prepass_lowers_for_cuda(K, V, gated):
+@pytest.mark.parametrize("K,V,gated,save_inverse", [
+    (128, 128, True, False), (128, 128, True, True), (64, 128, False, True)])
+def test_prepass_lowers_for_cuda(K, V, gated, save_inverse):
     B, T, H = 2, 256, 3
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
             sd((B, H, T), jnp.float32), sd((B, H, T), jnp.float32) if gated else None)
-    text = jax.jit(prepass).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    run = jax.jit(lambda *a: prepass(*a, save_inverse=save_inverse))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def _chunks(k):
+    """(batch row, head, time slice) of every chunk of k [B, Tp, H, *]."""
+    C = mk.CHUNK
+    return [(bi, h, slice(n * C, (n + 1) * C))
+            for bi, h, n in np.ndindex(k.shape[0], k.shape[2], k.shape[1] // C)]
+
+
+def _inverse_float64(k, beta, b):
+    """T = (I + A)^-1 of every chunk by a float64 matrix inverse, [B, Tp, H, C] (chunk n's in
+    rows n C ..), from k [B, Tp, H, K], beta, b [B, H, Tp] (b None: no gate)."""
+    k, beta = np.asarray(k, np.float64), np.asarray(beta, np.float64)
+    b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
+    T = np.zeros(k.shape[:3] + (mk.CHUNK,))
+    for bi, h, t in _chunks(k):
+        kc, bc, gc = k[bi, t, h], beta[bi, h, t], b[bi, h, t]
+        A = np.tril(bc[:, None] * (kc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), -1)
+        T[bi, t, h] = np.linalg.inv(np.eye(mk.CHUNK) + A)
+    return T
 
 
 def _wy_float64(k, v, beta, b):
     """W, U of every chunk by a float64 matrix inverse (k, v [B, Tp, H, *], beta, b [B, H, Tp])."""
+    T = _inverse_float64(k, beta, b)
     k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
     beta = np.asarray(beta, np.float64)
     b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
     W, U = np.zeros(k.shape), np.zeros(v.shape)
-    C = mk.CHUNK
-    for bi, h, n in np.ndindex(k.shape[0], k.shape[2], k.shape[1] // C):
-        t = slice(n * C, (n + 1) * C)
-        kc, bc, gc = k[bi, t, h], beta[bi, h, t], b[bi, h, t]
-        A = np.tril(bc[:, None] * (kc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), -1)
-        T = np.linalg.inv(np.eye(C) + A)
-        W[bi, t, h] = T @ ((bc * np.exp(gc))[:, None] * kc)
-        U[bi, t, h] = T @ (bc[:, None] * v[bi, t, h])
+    for bi, h, t in _chunks(k):
+        bc = beta[bi, h, t]
+        W[bi, t, h] = T[bi, t, h] @ ((bc * np.exp(b[bi, h, t]))[:, None] * k[bi, t, h])
+        U[bi, t, h] = T[bi, t, h] @ (bc[:, None] * v[bi, t, h])
     return W, U
 
 
@@ -128,6 +150,34 @@ def test_interpret_prepass_matches_float64_inverse(K, V, gated, shared):
     assert W.dtype == k.dtype and U.dtype == v.dtype
     assert_close(W, want_w, 1e-2, "W")
     assert_close(U, want_u, 1e-2, "U")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
+def test_interpret_prepass_saved_inverse(K, V, gated, shared):
+    """The prepass under the vjp (``save_inverse``, race detection on): its T = (I + A)^-1 and
+    T diag(β) per chunk, which the chunk-gradient kernel reads, match a float64 inverse, also for
+    strongly correlated keys (``shared`` = 3: cosines ~0.9); its W, U are bit for bit those of
+    the plain prepass."""
+    B, Tp, H = 1, 128, 2
+    ks = jax.random.split(jax.random.PRNGKey(K + 1), 5)
+    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, H, Tp), jnp.float32, 0.1, 0.9)
+    b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
+    interpret = plgpu.InterpretGPUParams(detect_races=True)
+    w, u, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
+    for name, got, plain in zip("WU", (w, u), prepass(k, v, beta, b, interpret=interpret)):
+        assert got.dtype == plain.dtype and got.shape == plain.shape, name
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32),
+                                      err_msg=name)
+    want = _inverse_float64(k, beta, b)
+    beta_cols = np.asarray(beta).reshape(B, H, Tp // mk.CHUNK, mk.CHUNK)
+    want_beta = want * np.moveaxis(np.repeat(beta_cols, mk.CHUNK, axis=2), 1, 2)
+    assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
+    assert_close(t, want, 1e-2, "T")
+    assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
 
 
 def _loss(run, do, dstate):
@@ -266,7 +316,8 @@ def test_grads_kernel_lowers_for_cuda(K, V, gated):
     sd = jax.ShapeDtypeStruct
     ck, cv = sd((B, Tp, H, K), jnp.bfloat16), sd((B, Tp, H, V), jnp.bfloat16)
     vec, states = sd((B, H, Tp), jnp.float32), sd((B, Tp // mk.CHUNK, H, K, V), jnp.bfloat16)
-    args = (ck, ck, cv, ck, vec, vec if gated else None, states, cv, states)
+    inverse = sd((B, Tp, H, mk.CHUNK), jnp.bfloat16)
+    args = (ck, ck, cv, ck, inverse, inverse, vec, vec if gated else None, states, cv, states)
     run = jax.jit(lambda *a: chunk_grads(*a, scale=0.1))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -288,8 +339,10 @@ def test_interpret_grads_kernel_matches_float64(K, V, gated, shared, resets, tol
                                                 shared, resets)
     scale = K ** -0.5
     w, *want = _chunk_backward_float64(q, k, v, beta, b, s, do, ds, scale)
-    got = chunk_grads(q, k, v, w, beta, b, s, do, ds, scale=scale,
-                      interpret=plgpu.InterpretGPUParams(detect_races=True))
+    interpret = plgpu.InterpretGPUParams(detect_races=True)
+    _, _, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
+    got = chunk_grads(q, k, v, w, t, t_beta, beta, b, s, do, ds, scale=scale,
+                      interpret=interpret)
     names = ("dq", "dk", "dv", "dbeta") + (("db_col", "db_row") if gated else ())
     assert len(got) == len(names)
     for name, a, ref, like in zip(names, got, want, (q, k, v, beta, b, b)):

@@ -6,7 +6,8 @@ per-chunk math of both walks).
 
 Forward = (a) the prepass kernel (``mosaic_gpu_prepass``: per chunk, independent of the state,
 so one CTA per (chunk, head, batch row)), W = T diag(β Γ) K and U = T diag(β) V in bf16 with
-T = (I + A)^-1 by stable recursive doubling, then (b) the forward walk (Δ = U - W S, o, S_next;
+T = (I + A)^-1 by stable recursive doubling (under the vjp it also writes T and T diag(β) in
+bf16 for the backward), then (b) the forward walk (Δ = U - W S, o, S_next;
 two rounds of tensor-core products per chunk on the sequential path, the linear-attention walk
 plus one [C, K] x [K, 64] product).
 
@@ -18,11 +19,14 @@ would cost a second forward walk). The reverse walk then carries the state cotan
 final state's cotangent down to chunk 0, writing the cotangent of the state leaving every chunk
 (bf16) and returning the initial state's cotangent. With both per-chunk states known, every
 chunk's gradients are independent: the chunk-gradient kernel (``mosaic_gpu_grads``, one CTA
-per (chunk, head, batch row); it recomputes T = (I + A)^-1 by the prepass's recursive doubling
-and runs ``chunk_math.backward``'s products on the tensor cores) gives dq, dk, dv, dβ and db;
-autodiff carries db back through the chunk cumsum to dg. (Before it, that part ran batched in
+per (chunk, head, batch row), ``chunk_math.backward``'s products on the tensor cores, reading
+the prepass's T and T diag(β)) gives dq, dk, dv, dβ and db; autodiff carries db back
+through the chunk cumsum to dg. (Before the chunk-gradient kernels, that part ran batched in
 XLA and took 11.4 of the 12.7 ms forward+backward on the H100 at the anchor.)
-Saved for the backward: q, k, v, β, b, W, the initial state and the per-chunk states.
+Saved for the backward: q, k, v, β, b, W, T, T diag(β), the initial state and the per-chunk
+states. Saving T and T diag(β) (2 x 8 KB a chunk more written in the forward under the vjp,
+none in the plain forward) spares the backward a kernel that recomputed them bit for bit
+(estimated ~0.2 ms at the anchor shape; not measured on the H100 yet).
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
 state entering a segment is scaled by e^-80 (below float32 resolution of any sum it joins);
@@ -61,16 +65,20 @@ def gate_cumsum(g: jax.Array) -> jax.Array:
 
 
 def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None,
-             interpret: Any = None) -> tuple[jax.Array, jax.Array]:
-    """The prepass kernel: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype."""
-    return prepass(k, v, jnp.swapaxes(beta, 1, 2).astype(F32), b, interpret=interpret)
+             interpret: Any = None, save_inverse: bool = False) -> tuple[jax.Array, ...]:
+    """The prepass kernel: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype; with
+    ``save_inverse`` also T, T diag(β) [B, Tp, H, CHUNK] for the backward."""
+    return prepass(k, v, jnp.swapaxes(beta, 1, 2).astype(F32), b, save_inverse=save_inverse,
+                   interpret=interpret)
 
 
-def _forward(q, k, v, beta, b, s0, scale: float, interpret: Any, save_states: bool = False):
-    W, U = _prepare(k, v, beta, b, interpret)
+def _forward(q, k, v, beta, b, s0, scale: float, interpret: Any, for_backward: bool = False):
+    """The walk's outputs (and, ``for_backward``, its per-chunk states) and the prepass's W (and
+    T, T diag(β))."""
+    W, U, *inverse = _prepare(k, v, beta, b, interpret, save_inverse=for_backward)
     s0 = None if s0 is None else s0.astype(F32)
-    outs = walk(q, k, W, U, b, s0, scale=scale, save_states=save_states, interpret=interpret)
-    return outs, W
+    outs = walk(q, k, W, U, b, s0, scale=scale, save_states=for_backward, interpret=interpret)
+    return outs, (W, *inverse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -80,30 +88,32 @@ def _delta(q, k, v, beta, b, s0, scale, interpret):
 
 
 def _delta_fwd(q, k, v, beta, b, s0, scale, interpret):
-    (o, final, states), W = _forward(q, k, v, beta, b, s0, scale, interpret, save_states=True)
-    return (o, final), (q, k, v, beta, b, s0, W, states)
+    (o, final, states), factors = _forward(q, k, v, beta, b, s0, scale, interpret,
+                                           for_backward=True)
+    return (o, final), (q, k, v, beta, b, s0, factors, states)
 
 
-def chunk_gradients(q, k, v, beta, b, w, states, do, d_states, scale: float,
+def chunk_gradients(q, k, v, beta, b, factors, states, do, d_states, scale: float,
                     interpret: Any = None):
-    """Every chunk's gradients at once (the ``mosaic_gpu_grads`` kernel) from the states
-    entering the chunks and the cotangents of the states leaving them ([B, N, H, K, V] bf16).
-    Returns (dq, dk, dv in their dtypes, dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or
-    None ungated)."""
+    """Every chunk's gradients at once (the ``mosaic_gpu_grads`` kernel) from the prepass's
+    ``factors`` (W, T, T diag(β)), the states entering the chunks and the cotangents of the
+    states leaving them ([B, N, H, K, V] bf16). Returns (dq, dk, dv in their dtypes,
+    dβ [B, Tp, H] in beta's, db [B, H, Tp] float32 or None ungated)."""
+    w, t, t_beta = factors
     dq, dk, dv, dbeta, *db_parts = chunk_grads(
-        q, k, v, w, jnp.swapaxes(beta, 1, 2).astype(F32), b, states, do, d_states, scale=scale,
-        interpret=interpret)
+        q, k, v, w, t, t_beta, jnp.swapaxes(beta, 1, 2).astype(F32), b, states, do, d_states,
+        scale=scale, interpret=interpret)
     db = db_parts[0] + db_parts[1] if db_parts else None
     return dq, dk, dv, jnp.swapaxes(dbeta, 1, 2).astype(beta.dtype), db
 
 
 def _delta_bwd(scale, interpret, residuals, cotangents):
-    q, k, v, beta, b, s0, W, states = residuals
+    q, k, v, beta, b, s0, factors, states = residuals
     do, d_final = cotangents
     do = do.astype(q.dtype)
-    ds0, d_states = walk(q, k, W, do, b, d_final.astype(F32), scale=scale, reverse=True,
+    ds0, d_states = walk(q, k, factors[0], do, b, d_final.astype(F32), scale=scale, reverse=True,
                          save_states=True, interpret=interpret)
-    grads = chunk_gradients(q, k, v, beta, b, W, states, do, d_states, scale, interpret)
+    grads = chunk_gradients(q, k, v, beta, b, factors, states, do, d_states, scale, interpret)
     return grads + (None if s0 is None else ds0.astype(s0.dtype),)
 
 

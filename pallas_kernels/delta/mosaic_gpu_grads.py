@@ -2,23 +2,24 @@
 
 Once the forward walk has saved S, the state entering every chunk, and the reverse walk dS1,
 the cotangent of the state leaving it (both bf16 [B, N, H, K, V]), every chunk's gradients
-are independent: one CTA (one warpgroup) per (chunk, head, batch row) computes what
-``chunk_math.backward`` does (its docstring has the derivation), from TMA-loaded q, k, v, W
-(the forward's, saved), dO [C, *] and S, dS1 [K, V]. C = 64 steps, b the chunk-local
-cumulative log gate (none: b = 0), s the output scale,
+are independent. One kernel, one CTA (one warpgroup) per (chunk, head, batch row), computes
+what ``chunk_math.backward`` does (its docstring has the derivation). C = 64 steps,
+b the chunk-local cumulative log gate (none: b = 0), s the output scale,
 
     D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}},
 
-and, in the order the kernel runs them (each "wgmma" a tensor-core product of bf16 operands
-from shared memory into float32 registers):
+each "wgmma" below a tensor-core product of bf16 operands from shared memory into float32
+registers. T = (I + A)^-1 and T_β = T diag(β) of every chunk come from the forward's prepass
+(``mosaic_gpu_prepass.prepass(..., save_inverse=True)``, bf16 [B, Tp, H, C], saved as residuals:
+16 KB a chunk written in the forward under the vjp, read here), so the backward neither
+recomputes them (the recursive doubling: ten dependent products) nor launches a kernel for them.
+The kernel (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
+dO [C, *] and S, dS1 [K, V] (two groups of copies: T, dO and dS1 arrive while the first line
+runs), in the order it runs them (a line's products issued together):
 
-    T    = (I + A)^-1,  A = strictly-lower(β (k k^T) ⊙ D)     wgmma k k^T; recursive doubling
-                                                              (``mosaic_gpu_prepass``)
-    Δ    = T_β v - W S,  T_β = T diag(β)                      wgmma T_β v, W S
-    P    = s (q k^T) ⊙ D,  dPD = s (dO Δ^T) ⊙ D                wgmma q k^T, dO Δ^T
-    dΔ   = P^T dO + (λ k) dS1                                 wgmma (two, summed)
-    dWn  = dΔ S^T            (= -dW)                          wgmma
-    dO S^T,  Δ dS1^T                                          wgmma (two)
+    Δ    = T_β v - W S,  P = s (q k^T) ⊙ D                    wgmma T_β v, W S, q k^T
+    dPD  = s (dO Δ^T) ⊙ D,  dΔ = P^T dO + (λ k) dS1,  Δ dS1^T  wgmma dO Δ^T, two summed, one
+    dWn  = dΔ S^T  (= -dW),  dO S^T                           wgmma (two)
     dRu  = T^T dΔ,  dRwn = T^T dWn  (= -dRw),  Y = dΔ v^T      wgmma (three)
     X    = T^T Y             (= dRu v^T)                      wgmma, and k k^T again
     dA   = strictly-lower(-X diag(β) T^T + dRwn W^T)          wgmma (two, summed; U = T_β v
@@ -36,12 +37,18 @@ adds them, then carries db back through the chunk cumsum to dg):
              + [i = C-1] (sum(d_λ) + γ sum(S ⊙ dS1)),      d_λ = λ rowsum(k ⊙ Δ dS1^T)
     db_row = -colsum(E)
 
-Shared memory (bf16 unless noted): the inputs q, k, W, v, dO, S, dS1, β, b (β and b twice,
-once per register layout they are read in), three [C, C] tiles (T; T_β, P, Y, -X diag(β), M;
-dPD; all three the doubling's scratch first), and three more tiles of the inputs' shapes
-reused across disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes to dO's
-tile. At K = V = 128 that is 216 KB + 7 KB of vectors (1 KB each: allocations are aligned)
-+ 2 KB that Mosaic GPU keeps: 225 KB of the 227 KB one CTA may have (so one CTA per SM).
+T and T_β are bit for bit what a separate inverse kernel of the backward computed before
+(same doubling, same bf16 rounding; checked in ``tests/test_delta_mosaic_gpu.py`` at the commit
+that moved them). Saved: that kernel's launch and its k, β, b loads (estimated ~0.2 ms at the
+anchor shape), for 2 x 8 KB more HBM writes per chunk in the forward under the vjp; the speed
+on the H100 is not measured yet.
+
+Shared memory (bf16 unless noted; vectors float32, 1 KB each as allocations are aligned; Mosaic
+GPU keeps 2 KB more; an SM has 228 KB, 227 KB at most per CTA, 1 KB reserved per CTA): the
+inputs q, k, W, v, dO, S, dS1, β, b (β and b twice, once per register layout they are read
+in), three [C, C] tiles (T; T_β, P, Y, -X diag(β), M; dPD) and three more tiles of the inputs'
+shapes reused across disjoint lifetimes (Δ then dk; dΔ then dv; λ k, dWn then dRwn); dq goes
+to dO's tile. At K = V = 128 that is 216 KB + 7 KB of vectors + 2 KB: 225 KB, one CTA per SM.
 (K != V: dq and dk get tiles of their own; K or V is 64 there, so it fits easily.)
 """
 from __future__ import annotations
@@ -52,11 +59,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK, invert_unit_lower
+from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK
 from pallas_kernels.mosaic_gpu_common import (pl, plgpu, products, summed_products, tiled_smem,
                                               wgmma_zeros)
 
 F32 = jnp.float32
+FIRST_TILES = ("q", "k", "v", "w", "c1", "s")  # TMA group the first round waits for (T_β in c1)
+REST_TILES = ("t", "do", "ds")                 # the second group, awaited inside _gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +131,12 @@ def _terms(buf, gated: bool) -> _Terms:
     return _Terms(beta, jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), decay, row, col)
 
 
+def _times_beta_cols(x: jax.Array, buf) -> jax.Array:
+    """x diag(β) for a [C, C] x."""
+    beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
+    return x * jax.lax.broadcast_in_dim(beta_row, x.shape, [1])
+
+
 def _state_dot(buf) -> jax.Array:
     """sum(S ⊙ dS1) over [K, V], by [C, V] row blocks (bounded registers)."""
     K = buf["s"].shape[0]
@@ -132,29 +147,39 @@ def _state_dot(buf) -> jax.Array:
     return total
 
 
-def _loaded_tiles(gated: bool) -> tuple[str, ...]:
-    """The buffers the kernel fills by TMA before it starts (one barrier arrival each)."""
-    inputs = ("q", "k", "v", "w", "do", "s", "ds", "beta_col", "beta_row")
-    return inputs + (("b_col", "b_row") if gated else ())
+def _vector_copies(beta_ref, b_ref, bi, h, rows, names: tuple[str, ...]):
+    """TMA sources of a chunk's per-step vectors: "beta_*" from beta, "b_*" from b."""
+    return [((beta_ref if name.startswith("beta") else b_ref).at[bi, h, rows], name)
+            for name in names]
 
 
-def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do_ref, ds_ref,
-            *refs):
+def _issue(copies, buf, loaded) -> None:
+    """Start TMA copies (source, name of the destination in ``buf``) arriving on ``loaded``."""
+    for src, name in copies:
+        plgpu.copy_gmem_to_smem(src, buf[name], loaded)
+
+
+def _chunk_coordinates():
+    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
+    return n, h, bi, pl.ds(n * CHUNK, CHUNK)
+
+
+def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, t_ref, tb_ref, beta_ref, b_ref, s_ref,
+            do_ref, ds_ref, *refs):
+    """The gradients of one chunk."""
     dq_ref, dk_ref, dv_ref, dbeta_ref = refs[:4]
     db_refs = refs[4:6] if cfg.gated else None
-    loaded, buf = refs[-2], refs[-1]
-    n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
-    rows = pl.ds(n * CHUNK, CHUNK)
+    first_loaded, rest_loaded, buf = refs[-3:]
+    n, h, bi, rows = _chunk_coordinates()
     sources = dict(q=q_ref.at[bi, rows, h], k=k_ref.at[bi, rows, h], v=v_ref.at[bi, rows, h],
-                   w=w_ref.at[bi, rows, h], do=do_ref.at[bi, rows, h], s=s_ref.at[bi, n, h],
-                   ds=ds_ref.at[bi, n, h], beta_col=beta_ref.at[bi, h, rows],
-                   beta_row=beta_ref.at[bi, h, rows])
-    if cfg.gated:
-        sources.update(b_col=b_ref.at[bi, h, rows], b_row=b_ref.at[bi, h, rows])
-    for name in _loaded_tiles(cfg.gated):
-        plgpu.copy_gmem_to_smem(sources[name], buf[name], loaded)
-    plgpu.barrier_wait(loaded)
-    grads = _gradients(cfg, buf)
+                   w=w_ref.at[bi, rows, h], c1=tb_ref.at[bi, rows, h], s=s_ref.at[bi, n, h],
+                   t=t_ref.at[bi, rows, h], do=do_ref.at[bi, rows, h], ds=ds_ref.at[bi, n, h])
+    _issue([(sources[name], name) for name in FIRST_TILES]
+           + _vector_copies(beta_ref, b_ref, bi, h, rows, _vector_names(cfg.gated)),
+           buf, first_loaded)
+    _issue([(sources[name], name) for name in REST_TILES], buf, rest_loaded)
+    plgpu.barrier_wait(first_loaded)
+    grads = _gradients(cfg, buf, rest_loaded)
     vectors = [("dbeta", dbeta_ref)] + ([("db_col", db_refs[0]), ("db_row", db_refs[1])]
                                         if cfg.gated else [])
     for name, ref in vectors:
@@ -167,9 +192,16 @@ def _kernel(cfg: _Config, q_ref, k_ref, v_ref, w_ref, beta_ref, b_ref, s_ref, do
     plgpu.wait_smem_to_gmem(0)
 
 
-def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
-    """The module docstring's sequence on one chunk's loaded tiles; leaves dq, dk, dv in their
-    tiles and returns the vectors (dbeta and, gated, db_col, db_row)."""
+def _vector_names(gated: bool) -> tuple[str, ...]:
+    """The per-step vectors the kernel loads (each in the two register layouts it is read in)."""
+    return ("beta_col", "beta_row") + (("b_col", "b_row") if gated else ())
+
+
+def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
+    """The module docstring's sequence on one chunk's tiles (T in ``t``, T_β in ``c1``): the
+    first round's operands are loaded, T, dO and dS1 arrive on ``rest_loaded`` meanwhile.
+    Leaves dq, dk, dv in their tiles and returns the vectors (dbeta and, gated, db_col,
+    db_row)."""
     interp, s, C = cfg.interpret, cfg.scale, CHUNK
     f = _terms(buf, cfg.gated)
     bf16 = buf["q"].dtype
@@ -178,47 +210,37 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
     t_s, c1, c2 = buf["t"], buf["c1"], buf["c2"]
     xd, xa, xk = buf["delta"], buf["d_delta"], buf["kx"]
     commit = plgpu.commit_smem
-    state_dot = _state_dot(buf) if cfg.gated else None
     zcc = wgmma_zeros((C, C))
 
-    # T, then T_β and Δ.
-    (kk,) = products((zcc,), ((k, _t(k)),), interp)
-    a = jnp.where(f.row > f.col, _rows(f.beta, (C, C)) * kk * f.decay, 0.0)
-    t = invert_unit_lower(a, f.row, f.col, (t_s, c1, c2), interp)
-    beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
-    times_beta_cols = lambda x: x * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])
-    t_s[...] = t.astype(bf16)
-    c1[...] = times_beta_cols(t).astype(bf16)                          # T_β
-    commit()
-    u, ws = products((_zeros(c1, v), _zeros(w, st)), ((c1, v), (w, st)), interp)
+    # Δ and the scores P, then dPD and dΔ.
+    u, ws, qk = products((_zeros(c1, v), _zeros(w, st), zcc),
+                         ((c1, v), (w, st), (q, _t(k))), interp)
     xd[...] = (u - ws).astype(bf16)
-    commit()
-
-    # The scores P, dPD and dΔ.
-    qk, dp = products((zcc, zcc), ((q, _t(k)), (do, _t(xd))), interp)
-    c1[...] = (qk * f.decay * s).astype(bf16)
-    dpd = dp * f.decay * s
-    c2[...] = dpd.astype(bf16)
+    c1[...] = (qk * f.decay * s).astype(bf16)                          # P (over T_β)
     xk[...] = _scale_rows(_load(k), f.lam).astype(bf16)
     commit()
+    plgpu.barrier_wait(rest_loaded)
+    state_dot = _state_dot(buf) if cfg.gated else None
+    dp, d_delta, delta_ds = summed_products(
+        (zcc, _zeros(c1, do), _zeros(xd, k)),
+        (((do, _t(xd)),), ((_t(c1), do), (xk, ds)), ((xd, _t(ds)),)), interp)
+    dpd = dp * f.decay * s
+    c2[...] = dpd.astype(bf16)
+    xa[...] = d_delta.astype(bf16)
     out = {}
     if cfg.gated:
         e = dpd * qk
         e_row, e_col = _row_sum(e), jnp.sum(e, axis=0)
-    (d_delta,) = summed_products((_zeros(c1, do),), (((_t(c1), do), (xk, ds)),), interp)
-    xa[...] = d_delta.astype(bf16)
+        d_lam = f.lam * _row_sum(_load(k) * delta_ds)
+    buf["dk"][...] = _scale_rows(delta_ds, f.lam).astype(bf16)        # overwrites Δ (K == V)
     commit()
 
-    # dWn = dΔ S^T; dO S^T and Δ dS1^T start dq and dk.
-    (dwn,) = products((_zeros(xa, k),), ((xa, _t(st)),), interp)
-    xk[...] = dwn.astype(bf16)
-    do_s, delta_ds = products((_zeros(do, k), _zeros(xd, k)), ((do, _t(st)), (xd, _t(ds))),
-                              interp)
+    # dWn = dΔ S^T; dO S^T starts dq.
+    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)), ((xa, _t(st)), (do, _t(st))), interp)
     if cfg.gated:
         d_gamma = s * _row_sum(_load(q) * do_s)
-        d_lam = f.lam * _row_sum(_load(k) * delta_ds)
+    xk[...] = dwn.astype(bf16)
     buf["dq"][...] = _scale_rows(do_s * s, f.gamma).astype(bf16)      # overwrites dO (K == V)
-    buf["dk"][...] = _scale_rows(delta_ds, f.lam).astype(bf16)        # overwrites Δ (K == V)
     commit()
 
     # dRu, dRwn, dv, dβ's first two terms.
@@ -235,7 +257,7 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
 
     # dA and M.
     x, kk = products((zcc, zcc), ((_t(t_s), c1), (k, _t(k))), interp)
-    c1[...] = times_beta_cols(-x).astype(bf16)
+    c1[...] = _times_beta_cols(-x, buf).astype(bf16)
     commit()
     (da,) = summed_products((zcc,), (((c1, _t(t_s)), (xk, _t(w))),), interp)
     da = jnp.where(f.row > f.col, da, 0.0)
@@ -266,20 +288,23 @@ def _gradients(cfg: _Config, buf) -> dict[str, jax.Array]:
 
 
 def _buffers(K: int, V: int, gated: bool, dtype) -> dict[str, Any]:
-    """The kernel's shared memory by name (module docstring)."""
+    """The gradient kernel's shared memory by name (module docstring)."""
     C = CHUNK
-    ck, cv, cc = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype)), \
-        (lambda: tiled_smem((C, C), dtype))
-    vec = lambda: plgpu.SMEM((C,), F32)
-    buf = dict(q=ck(), k=ck(), w=ck(), kx=ck(), v=cv(), do=cv(), delta=cv(), d_delta=cv(),
-               s=tiled_smem((K, V), dtype), ds=tiled_smem((K, V), dtype),
-               t=cc(), c1=cc(), c2=cc(),
-               beta_col=vec(), beta_row=vec(), dbeta=vec())
+    ck, cv = (lambda: tiled_smem((C, K), dtype)), (lambda: tiled_smem((C, V), dtype))
+    cc = lambda: tiled_smem((C, C), dtype)
+    buf = dict(k=ck(), t=cc(), c1=cc(), c2=cc(),
+               **{name: _vector() for name in _vector_names(gated)},
+               q=ck(), w=ck(), kx=ck(), v=cv(), do=cv(), delta=cv(), d_delta=cv(),
+               s=tiled_smem((K, V), dtype), ds=tiled_smem((K, V), dtype), dbeta=_vector())
     if K != V:
         buf.update(dq=ck(), dk=ck())
     if gated:
-        buf.update(b_col=vec(), b_row=vec(), db_col=vec(), db_row=vec())
+        buf.update(db_col=_vector(), db_row=_vector())
     return buf
+
+
+def _vector() -> Any:
+    return plgpu.SMEM((CHUNK,), F32)
 
 
 def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
@@ -290,13 +315,35 @@ def _alias(buf: dict[str, Any], K: int, V: int) -> dict[str, Any]:
     return buf
 
 
-def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
-                b: jax.Array | None, states: jax.Array, do: jax.Array, d_states: jax.Array, *,
-                scale: float, interpret: Any = None) -> tuple[jax.Array, ...]:
-    """The kernel call. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple of
-    CHUNK; dO the output's cotangent, unscaled), beta [B, H, Tp] float32, b [B, H, Tp] float32
-    chunk-local cumulative log gates or None, states / d_states [B, N, H, K, V] bf16 (entering
-    / cotangent of leaving each chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
+def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: tuple[int, ...],
+            interpret: Any) -> tuple[jax.Array, ...]:
+    """Run ``kernel(*in_refs, *out_refs, *barriers, buf)`` with one CTA per (chunk, head, batch
+    row); ``barriers``: one per group of TMA loads, of ``copies[i]`` arrivals; ``buf``:
+    ``buffers`` allocated."""
+    B, Tp, H = args[0].shape[:3]
+
+    def body(*refs):
+        pl.run_scoped(lambda **buf: kernel(*refs, buf), **buffers)
+
+    return tuple(plgpu.kernel(
+        body,
+        out_type=tuple(out_type),
+        scratch_types=[plgpu.Barrier(num_arrivals=n) for n in copies],
+        grid=(Tp // CHUNK, H, B),
+        grid_names=("chunks", "heads", "rows"),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(*args))
+
+
+def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, t: jax.Array,
+                t_beta: jax.Array, beta: jax.Array, b: jax.Array | None, states: jax.Array,
+                do: jax.Array, d_states: jax.Array, *, scale: float,
+                interpret: Any = None) -> tuple[jax.Array, ...]:
+    """The kernel on every chunk. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple
+    of CHUNK; dO the output's cotangent, unscaled), T, T_β [B, Tp, H, C] bf16 (the prepass's,
+    ``save_inverse``), beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log
+    gates or None, states / d_states [B, N, H, K, V] bf16 (entering / cotangent of leaving each
+    chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
     dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""
     B, Tp, H, K = k.shape
     V = v.shape[-1]
@@ -305,18 +352,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: ja
     vec = jax.ShapeDtypeStruct((B, H, Tp), F32)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                 jax.ShapeDtypeStruct(v.shape, v.dtype), vec] + ([vec, vec] if cfg.gated else [])
-    buffers = _buffers(K, V, cfg.gated, k.dtype)
-
-    def body(*refs):
-        def scoped(**buf):
-            _kernel(cfg, *refs, _alias(buf, K, V))
-        pl.run_scoped(scoped, **buffers)
-
-    return tuple(plgpu.kernel(
-        body,
-        out_type=tuple(out_type),
-        scratch_types=[plgpu.Barrier(num_arrivals=len(_loaded_tiles(cfg.gated)))],
-        grid=(Tp // CHUNK, H, B),
-        grid_names=("chunks", "heads", "rows"),
-        **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, v, w, beta, b, states, do, d_states))
+    copies = (len(FIRST_TILES) + len(_vector_names(cfg.gated)), len(REST_TILES))
+    return _launch(lambda *refs: _kernel(cfg, *refs[:-1], _alias(refs[-1], K, V)),
+                   (q, k, v, w, t, t_beta, beta, b, states, do, d_states), out_type,
+                   _buffers(K, V, cfg.gated, k.dtype), copies, interpret)

@@ -8,7 +8,10 @@ D_ij = e^{b_i - b_j} on j <= i:
     T = (I + A)^-1                                    by recursive doubling, below
     W = T diag(β Γ) k   [C, K],   U = T diag(β) v   [C, V]          wgmma: T (β Γ k), T (β v)
 
-W and U leave in bf16 for the walks (``mosaic_gpu_kernel``).
+W and U leave in bf16 for the walks (``mosaic_gpu_kernel``). Under the vjp (``save_inverse``)
+T and T_β = T diag(β) leave too, in bf16 [B, Tp, H, C] (2 x 8 KB a chunk more written), for the
+backward's chunk-gradient kernel (``mosaic_gpu_grads``), which then needs no kernel of its own
+to recompute them.
 
 Recursive doubling (stable; no powers of A). T_s, the inverse of the diagonal blocks of I + A
 of size s, is block diagonal; with L_s the part of A in the lower off-diagonal blocks of the
@@ -17,11 +20,10 @@ diagonal blocks of size 2s (entries i > j in one 2s block but not one s block),
     T_2s = T_s - (T_s L_s) T_s       (exact: (T_s L_s)^2 = 0),   T_1 = I,  T_2 = I - L_1,
 
 five levels of two products each up to s = 64 (the wgmma operands in bf16, T accumulated in
-float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower`` (also
-used by the backward's chunk-gradient kernel, ``mosaic_gpu_grads``). Every operand is a true
-inverse of a sub-block or a block of A, so nothing grows (a power series sum (-A)^p forms
-entries up to C(63, p)·β^p for strongly correlated keys and cancels away all precision even in
-float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
+float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower``.
+Every operand is a true inverse of a sub-block or a block of A, so nothing grows (a power
+series sum (-A)^p forms entries up to C(63, p)·β^p for strongly correlated keys and cancels
+away all precision even in float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
 """
 from __future__ import annotations
 
@@ -61,8 +63,14 @@ def invert_unit_lower(a: jax.Array, row: jax.Array, col: jax.Array, scratch: tup
     return t
 
 
-def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, u_out,
-            k_smem, v_smem, beta_smem, bc_smem, br_smem, t_smem, l_smem, p_smem, loaded):
+def _kernel(gated: bool, save_inverse: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref,
+            *refs):
+    """One chunk: W, U (and, ``save_inverse``, T and T diag(β)) to HBM. ``refs``: the outputs,
+    then the scratch of ``prepass`` (β's row-layout copy only with ``save_inverse``)."""
+    n_out = 4 if save_inverse else 2
+    outs, (k_smem, v_smem, beta_smem, bc_smem, br_smem, t_smem, l_smem, p_smem, *rest) = (
+        refs[:n_out], refs[n_out:])
+    beta_row_smem, loaded = rest if save_inverse else (None, rest[0])
     n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C = CHUNK
     rows = pl.ds(n * C, C)
@@ -70,6 +78,8 @@ def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, 
     plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem, loaded)
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h], v_smem, loaded)
     plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], beta_smem, loaded)
+    if save_inverse:
+        plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], beta_row_smem, loaded)
     if gated:
         for buf in (bc_smem, br_smem):
             plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf, loaded)
@@ -98,37 +108,47 @@ def _kernel(gated: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref, w_out, 
     t_smem[...] = t.astype(t_smem.dtype)
     k_smem[...] = k_scaled.astype(k_smem.dtype)
     v_smem[...] = v_scaled.astype(v_smem.dtype)
+    if save_inverse:
+        beta_row = plgpu.layout_cast(beta_row_smem[...], layout.reduce(0))
+        l_smem[...] = (t * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])).astype(l_smem.dtype)
     plgpu.commit_smem()
+    if save_inverse:  # T and T diag(β) leave while the products run
+        plgpu.copy_smem_to_gmem(t_smem, outs[2].at[bi, rows, h])
+        plgpu.copy_smem_to_gmem(l_smem, outs[3].at[bi, rows, h])
     w, u = products((wgmma_zeros((C, K)), wgmma_zeros((C, V))),
                     ((t_smem, k_smem), (t_smem, v_smem)), interpret)
     k_smem[...] = w.astype(k_smem.dtype)
     v_smem[...] = u.astype(v_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, w_out.at[bi, rows, h])
-    plgpu.copy_smem_to_gmem(v_smem, u_out.at[bi, rows, h])
+    plgpu.copy_smem_to_gmem(k_smem, outs[0].at[bi, rows, h])
+    plgpu.copy_smem_to_gmem(v_smem, outs[1].at[bi, rows, h])
     plgpu.wait_smem_to_gmem(0)
 
 
 def prepass(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None, *,
-            interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+            save_inverse: bool = False, interpret: Any = None) -> tuple[jax.Array, ...]:
     """k [B, Tp, H, K], v [B, Tp, H, V] bf16 (Tp a multiple of CHUNK), beta [B, H, Tp] float32,
     b [B, H, Tp] float32 chunk-local cumulative log gates or None. Returns (W [B, Tp, H, K],
-    U [B, Tp, H, V]) in k's and v's dtype."""
+    U [B, Tp, H, V]) in k's and v's dtype; with ``save_inverse`` also (T, T diag(β)), both
+    [B, Tp, H, C] in k's dtype (chunk n's [C, C] matrices in rows n C .. n C + C - 1), for the
+    backward's chunk-gradient kernel."""
     B, Tp, H, K = k.shape
     V = v.shape[-1]
     C = CHUNK
     gated = b is not None
     b = b if gated else jnp.zeros((1, 1, C), jnp.float32)  # never read
     dtype = k.dtype
+    tile = jax.ShapeDtypeStruct((B, Tp, H, C), dtype)
+    vector = lambda: plgpu.SMEM((C,), jnp.float32)
     return plgpu.kernel(
-        functools.partial(_kernel, gated, interpret is not None),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        functools.partial(_kernel, gated, save_inverse, interpret is not None),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+        + ((tile, tile) if save_inverse else ()),
         scratch_types=[
-            tiled_smem((C, K), dtype), tiled_smem((C, V), dtype),
-            plgpu.SMEM((C,), jnp.float32), plgpu.SMEM((C,), jnp.float32),
-            plgpu.SMEM((C,), jnp.float32),
+            tiled_smem((C, K), dtype), tiled_smem((C, V), dtype), vector(), vector(), vector(),
             tiled_smem((C, C), dtype), tiled_smem((C, C), dtype), tiled_smem((C, C), dtype),
-            plgpu.Barrier(num_arrivals=3 + (2 if gated else 0)),
+        ] + ([vector()] if save_inverse else []) + [
+            plgpu.Barrier(num_arrivals=3 + (2 if gated else 0) + (1 if save_inverse else 0)),
         ],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
