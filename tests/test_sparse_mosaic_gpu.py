@@ -128,6 +128,47 @@ def test_interpret_padded_query_rows_add_nothing():
         assert_close(real(got), ref, TOL_BF16, what)
 
 
+def _lse2_oracle(q, k, allowed: np.ndarray, T: int) -> np.ndarray:
+    """float64 base-2 log-sum-exp [B, Hq, T] of the real rows' allowed logits; +inf on rows
+    that see nothing (the padded rows >= T are not included)."""
+    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)[:, :T] for x in (q, k))
+    kr = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    s = np.where(allowed, np.einsum("bqhd,bkhd->bhqk", q, kr) * q.shape[-1] ** -0.5, -np.inf)
+    m = s.max(-1)
+    finite = np.isfinite(m)
+    base = np.where(finite, m, 0.0)
+    total = np.exp(s - base[..., None]).sum(-1)
+    return np.where(finite, base + np.log(np.where(finite, total, 1.0)), np.inf) / np.log(2.0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("ctas,D,Dv", [(1, 64, 64), (5, 64, 128), (10**6, 128, 64)])
+def test_interpret_persistent_grid(ctas, D, Dv, monkeypatch):
+    """The forward's persistent launch with 1 CTA (every item in one CTA: the k/v ring and
+    the two q buffers carried across 12 items), 5 (uneven shares) and one CTA per item: o and
+    lse2 match the float64 oracle on a per-(batch, head) block-sparse & causal map (items of
+    0 to 3 visits, an empty query block), segments, GQA, T = 300 (padded rows get lse2 =
+    +inf, as do rows that see nothing)."""
+    monkeypatch.setattr(mosaic_gpu_fwd, "CTAS", ctas)
+    B, T, Tp, Hq, Hkv = 2, 300, 384, 2, 1
+    mask, seg = MASKS["block_sparse_and_causal"](B, Hq, T), segments(T + 3, B, T)
+    q, k, v = qkv(ctas + D, B, Tp, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)[:3]
+    real = lambda x: x[:, :T]
+    cfg, seg_p, maps = mo.walk_setup(real(q), real(k), real(v), mask=mask, segment_ids=seg,
+                                     scale=D ** -0.5, interpret=plgpu.InterpretGPUParams())
+    assert mosaic_gpu_fwd.launch_ctas(cfg, 3 * Hq * B) == min(ctas, 3 * Hq * B)
+    o, lse2 = mosaic_gpu_fwd.forward(cfg, q, k, v, maps[0], seg_p)
+    allowed = allowed_matrix(mask, T, B, Hq, seg)
+    assert_close(real(o), oracle(real(q), real(k), real(v), allowed), TOL_BF16, "o")
+    lse2 = np.asarray(lse2, np.float64)
+    want = _lse2_oracle(q, k, allowed, T)
+    assert np.all(np.isinf(lse2[:, :, T:]) & (lse2[:, :, T:] > 0))
+    assert np.array_equal(np.isinf(lse2[:, :, :T]), np.isinf(want))
+    assert np.isinf(want).any() and np.isfinite(want).any()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(lse2[:, :, :T][finite], want[finite], atol=2e-3)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("pingpong", [True, False])
 def test_interpret_has_no_races(pingpong, monkeypatch):

@@ -1,13 +1,23 @@
 """Forward Hopper (Mosaic GPU) kernel of block-sparse flash attention.
 
-One CTA per (query block of BLOCK_Q = 128 rows, q head, batch row), three warpgroups:
+Work items are (query block of BLOCK_Q = 128 rows, q head, batch row), numbered longest-first:
+item = qi * (Hq B) + b Hq + h runs over query block nq - 1 - qi (the last query blocks, which
+visit the most key blocks under causal masks, come first). The launch is persistent: a grid of
+``ctas`` CTAs (one per SM, ``launch_ctas``), CTA c taking items c, c + ctas, c + 2 ctas, ...
+(a static stride, so in each round every CTA gets an item of about the same length). Each CTA
+has three warpgroups that walk the same items in the same order:
 
-* warpgroups 0 and 1 (consumers) own 64 query rows each; their q tile arrives once by TMA;
-* warpgroup 2 (producer, few registers) walks the block's visit list (``visit_rows``) and
-  brings the visited key / value blocks of BLOCK_K = 128 rows (and their segment ids) by TMA
-  into a STAGES-deep ring: slot ``v % STAGES`` is refilled once both consumers have signalled
-  that they are done with its keys (resp. values). GQA: the k/v head is ``h // groups`` in the
-  TMA source; k and v are never repeated.
+* warpgroups 0 and 1 (consumers) own 64 query rows each. Their q tile comes by TMA into one of
+  two buffers: item i's tile into buffer i % 2, and item i + 1's is requested as soon as item
+  i's visits are done, so it arrives while item i's epilogue runs. When Dv = D, item i's o
+  tile is written over its own q buffer (free once its visits are done);
+* warpgroup 2 (producer, few registers) walks the items' visit lists (``visit_rows``) and brings
+  the visited key / value blocks of BLOCK_K = 128 rows (and their segment ids) by TMA into a
+  STAGES-deep ring: slot ``step % STAGES`` is refilled once both consumers have signalled that
+  they are done with its keys (resp. values). ``step`` counts visits across the CTA's items, so
+  the producer fills the ring with the next item's first key blocks while the consumers finish
+  the current item. GQA: the k/v head is ``h // groups`` in the TMA source; k and v are never
+  repeated.
 
 Per visit v (key block j, kind from the block map), each consumer keeps per row, in registers,
 
@@ -19,18 +29,24 @@ masking only visits that need it (``mosaic_gpu_util.mask_logits``: PARTIAL by th
 formula, PAD_ONLY by k < T, every visit by segment ids when given). A row that saw nothing
 keeps m = -inf and l = 0 (the exponent base is then taken as 0, so no NaN appears) and gets
 o = 0, lse2 = +inf. Padded query rows (>= T) get lse2 = +inf too, so their recomputed weights
-are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l (bf16, by TMA) and lse2 = m + log2 l (float32
-[B, H, Tp]: base-2 log-sum-exp, for the backward). Query blocks are launched longest-first
-(reversed), which evens out causal work across the last wave of CTAs.
+are exactly 0 in both backward kernels whatever their q, dO and delta hold. Outputs o = acc / l
+(bf16, by TMA) and lse2 = m + log2 l (float32 [B, H, Tp]: base-2 log-sum-exp, for the
+backward); an item's stores are awaited (their reads of shared memory) only before the next
+item's epilogue and q request reuse those buffers.
 
 Turn taking (``PINGPONG``, the FA3 schedule): a two-arrival barrier that each consumer passes
 right after issuing its q k^T wgmma and again after its softmax, warpgroup 1 one pass ahead of
-warpgroup 0 (the two walk the same number of visits, so the passes pair up); so one consumer's
-softmax runs while the other's products occupy the tensor cores.
+warpgroup 0 for the whole launch (the two walk the same visits, so the passes pair up, across
+items too); so one consumer's softmax runs while the other's products occupy the tensor cores.
+
+Speed: the persistent launch replaces one CTA per item (one wave after another, each CTA's q
+load, ring prefill and stores exposed) and is meant to hide those; it has not been timed yet.
+``CTAS`` = a number >= the item count gives one item per CTA (the non-persistent launch).
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +55,66 @@ from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
 from pallas_kernels.sparse.mosaic_gpu_util import (LOG2E, Walk, mask_logits, product, refill_wait,
                                                    scores, unpack, walk_visits)
 
-BLOCK_Q = 128       # query rows per CTA (two consumer warpgroups of WG_ROWS)
+BLOCK_Q = 128       # query rows per item (two consumer warpgroups of WG_ROWS)
 WG_ROWS = 64        # rows of one consumer warpgroup (the wgmma M)
 BLOCK_K = 128       # keys per visited block
 STAGES = 2          # depth of the k/v TMA ring
+Q_BUFFERS = 2       # q tiles per consumer: the current item's and the next one's
 CONSUMERS = 2
 CONSUMER_REGISTERS = 232
 PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
 PRODUCER_REGISTERS = 40
+CTAS: int | None = None   # persistent grid size; None: one CTA per SM (``launch_ctas``)
+H100_SMS = 132            # when the device does not say how many SMs it has
+INTERPRET_CTAS = 3        # under the CPU interpreter: few CTAs, several items each
 
 
-def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
-    nq = q_ref.shape[1] // BLOCK_Q
-    qi, h, b = (jax.lax.axis_index(n) for n in ("qblocks", "heads", "batch"))
-    q_block = nq - 1 - qi
-    row = cfg.map_row(b, h, q_block, nq)
+def launch_ctas(cfg: Walk, items: int) -> int:
+    """CTAs of the persistent grid: ``CTAS`` if set, else the GPU's SM count (3 when
+    interpreted), never more than there are items."""
+    if CTAS is not None:
+        return min(items, CTAS)
+    if cfg.interpreted:
+        return min(items, INTERPRET_CTAS)
+    device = jax.devices()[0]
+    sms = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return min(items, sms or H100_SMS)
+
+
+def _item(item: Any, blocks: int, heads: int, batch: int) -> tuple[Any, Any, Any]:
+    """(batch row b, q head h, query block) of work item ``item`` (module docstring)."""
+    per_block = heads * batch
+    rest = jax.lax.rem(item, per_block)
+    return jax.lax.div(rest, heads), jax.lax.rem(rest, heads), blocks - 1 - jax.lax.div(
+        item, per_block)
+
+
+def _for_each_item(cfg: Walk, ctas: int, blocks: int, heads: int, batch: int, rows_ref: Any,
+                   body: Callable[..., None]) -> None:
+    """Run ``body(i, count, item, b, h, q_block, row, start)`` for this CTA's items i = 0 ..
+    count - 1 in turn (``row`` of the visit array, ``start`` = visits walked before it, so a
+    ring step counter continues across items)."""
+    cta = jax.lax.axis_index("cta")
+    count = jax.lax.div(blocks * heads * batch - 1 - cta, ctas) + 1
+
+    def one(i, start):
+        item = cta + i * ctas
+        b, h, q_block = _item(item, blocks, heads, batch)
+        row = cfg.map_row(b, h, q_block, blocks)
+        body(i, count, item, b, h, q_block, row, start)
+        return start + rows_ref[row, 0]
+
+    jax.lax.fori_loop(0, count, one, jnp.int32(0))
+
+
+def _kernel(cfg: Walk, ctas: int, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
     D, Dv = q_ref.shape[-1], v_ref.shape[-1]
     dtype = q_ref.dtype
-    seg_ids = [plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.int32),                # of the q rows
+    q_tiles = Q_BUFFERS * CONSUMERS  # tile of buffer n, consumer wg: n * CONSUMERS + wg
+    seg_ids = [plgpu.SMEM((q_tiles, WG_ROWS), jnp.int32),                  # of the q rows
                plgpu.SMEM((STAGES, BLOCK_K), jnp.int32)                    # of the k ring
                ] if cfg.use_segments else [None, None]
-    scratch = [tiled_smem((CONSUMERS, WG_ROWS, D), dtype),           # q (then o when Dv = D)
+    scratch = [tiled_smem((q_tiles, WG_ROWS, D), dtype),             # q (then o when Dv = D)
                None if Dv == D else tiled_smem((CONSUMERS, WG_ROWS, Dv), dtype),  # o
                tiled_smem((STAGES, BLOCK_K, D), dtype),              # k ring
                tiled_smem((STAGES, BLOCK_K, Dv), dtype),             # v ring
@@ -67,107 +122,143 @@ def _kernel(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
                plgpu.SMEM((CONSUMERS, WG_ROWS), jnp.float32),        # lse2
                *seg_ids]
     copies = 2 if cfg.use_segments else 1
-    barriers = [plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS),   # q loaded
+    barriers = [plgpu.Barrier(num_arrivals=copies, num_barriers=q_tiles),     # q loaded
                 plgpu.Barrier(num_arrivals=copies, num_barriers=STAGES),      # k loaded
                 plgpu.Barrier(num_barriers=STAGES),                           # v loaded
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # v consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS)]                        # turn taking
-    body = functools.partial(_body, cfg, q_ref, k_ref, v_ref, rows_ref, seg_ref,
-                             o_ref, lse_ref, b, h, q_block, row)
+    items = functools.partial(_for_each_item, cfg, ctas, q_ref.shape[1] // BLOCK_Q,
+                              q_ref.shape[2], q_ref.shape[0], rows_ref)
+    body = functools.partial(_body, cfg, ctas, items, q_ref, k_ref, v_ref, rows_ref, seg_ref,
+                             o_ref, lse_ref)
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
 
-def _body(cfg: Walk, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
-          b, h, q_block, row, scratch, barriers):
+def _body(cfg: Walk, ctas: int, for_each_item: Callable[[Callable[..., None]], None],
+          q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref, scratch, barriers):
     q_smem, o_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kseg_smem = scratch
-    o_smem = q_smem if o_smem is None else o_smem
     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turns = barriers
     wg = jax.lax.axis_index("wg")
+    nq, Hq, B = q_ref.shape[1] // BLOCK_Q, q_ref.shape[2], q_ref.shape[0]
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
         if not cfg.interpreted:
             plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        first = q_block * BLOCK_Q + wg * WG_ROWS
-        rows = pl.ds(first, WG_ROWS)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_loaded.at[wg])
-        if cfg.use_segments:
-            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem.at[wg], q_loaded.at[wg])
-        plgpu.barrier_wait(q_loaded.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        q_seg = (plgpu.layout_cast(qseg_smem[wg], row_layout) if cfg.use_segments else None)
         Dv = v_smem.shape[-1]
-        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
-        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
-        acc = wgmma_zeros((WG_ROWS, Dv))
+
+        def request_q(item, buffer):
+            """TMA of this warpgroup's q rows (and their segment ids) of ``item``."""
+            b, h, q_block = _item(item, nq, Hq, B)
+            rows = pl.ds(q_block * BLOCK_Q + wg * WG_ROWS, WG_ROWS)
+            tile = buffer * CONSUMERS + wg
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[tile], q_loaded.at[tile])
+            if cfg.use_segments:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem.at[tile],
+                                        q_loaded.at[tile])
 
         def take_turn():
             plgpu.barrier_arrive(turns)
             plgpu.barrier_wait(turns)
 
+        request_q(jax.lax.axis_index("cta"), 0)
         if PINGPONG:
             pl.when(wg == 1)(take_turn)
 
-        def visit(step, _, code, carry):
-            acc, m, l = carry
-            k_block, kind = unpack(code)
-            slot = jax.lax.rem(step, STAGES)
-            plgpu.barrier_wait(k_loaded.at[slot])
-            (s,) = scores(cfg, (q_smem.at[wg], k_smem.at[slot]),
-                          after_issue=take_turn if PINGPONG else None)
-            k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
-                     if cfg.use_segments else None)
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            s = mask_logits(cfg, s * cfg.log2_scale, kind, first, k_block * BLOCK_K, q_seg, k_seg)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
-            p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
-            alpha = jnp.exp2(m - base)
-            l = l * alpha + jnp.sum(p, axis=1)
-            acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if PINGPONG:
-                plgpu.barrier_arrive(turns)
-            plgpu.barrier_wait(v_loaded.at[slot])
-            if PINGPONG:
-                plgpu.barrier_wait(turns)
-            acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
-                          None if p_smem is None else p_smem.at[wg], cfg.interpreted)
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
+        def consume(i, count, item, b, h, q_block, row, start):
+            buffer = jax.lax.rem(i, Q_BUFFERS)
+            tile = buffer * CONSUMERS + wg
+            first = q_block * BLOCK_Q + wg * WG_ROWS
+            rows = pl.ds(first, WG_ROWS)
+            plgpu.barrier_wait(q_loaded.at[tile])
+            q_seg = (plgpu.layout_cast(qseg_smem[tile], row_layout) if cfg.use_segments else None)
+            m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
+            l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout)
+            acc = wgmma_zeros((WG_ROWS, Dv))
 
-        acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit, (acc, m, l))
+            def visit(step, _, code, carry):
+                acc, m, l = carry
+                k_block, kind = unpack(code)
+                slot = jax.lax.rem(step, STAGES)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                (s,) = scores(cfg, (q_smem.at[tile], k_smem.at[slot]),
+                              after_issue=take_turn if PINGPONG else None)
+                k_seg = (plgpu.layout_cast(kseg_smem[slot], plgpu.Layout.WGMMA.reduce(0))
+                         if cfg.use_segments else None)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                s = mask_logits(cfg, s * cfg.log2_scale, kind, first, k_block * BLOCK_K, q_seg,
+                                k_seg)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
+                p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
+                alpha = jnp.exp2(m - base)
+                l = l * alpha + jnp.sum(p, axis=1)
+                acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+                if PINGPONG:
+                    plgpu.barrier_arrive(turns)
+                plgpu.barrier_wait(v_loaded.at[slot])
+                if PINGPONG:
+                    plgpu.barrier_wait(turns)
+                acc = product(acc, p.astype(v_smem.dtype), v_smem.at[slot],
+                              None if p_smem is None else p_smem.at[wg], cfg.interpreted)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l
+
+            acc, m, l = walk_visits(rows_ref, lambda _: row, 1,
+                                    lambda step, g, code, c: visit(start + step, g, code, c),
+                                    (acc, m, l))
+            # the previous item's o and lse2 stores have read their tiles (the other q
+            # buffer, o_smem, lse_smem): both can be overwritten now
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            @pl.when(i + 1 < count)
+            def _():
+                request_q(item + ctas, Q_BUFFERS - 1 - buffer)
+
+            seen = l > 0.0
+            l_safe = jnp.where(seen, l, 1.0)
+            o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
+            lse_smem[wg] = jnp.where(seen & _real_rows(cfg, first, row_layout),
+                                     m + jnp.log(l_safe) * LOG2E, jnp.inf)
+            o_tile = q_smem.at[tile] if o_smem is None else o_smem.at[wg]
+            o_tile[...] = o.astype(o_tile.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[b, rows, h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+
+        for_each_item(consume)
         if PINGPONG:
             pl.when(wg == 0)(take_turn)
-        seen = l > 0.0
-        l_safe = jnp.where(seen, l, 1.0)
-        o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
-        lse_smem[wg] = jnp.where(seen & _real_rows(cfg, first, row_layout),
-                                 m + jnp.log(l_safe) * LOG2E, jnp.inf)
-        o_smem[wg] = o.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, rows, h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         if not cfg.interpreted:
             plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        kv_head = jax.lax.div(h, cfg.groups)
 
-        def load(step, _, code, carry):
-            keys = pl.ds(unpack(code)[0] * BLOCK_K, BLOCK_K)
-            slot = jax.lax.rem(step, STAGES)
-            refill_wait(step, STAGES, k_consumed)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_loaded.at[slot])
-            if cfg.use_segments:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot], k_loaded.at[slot])
-            refill_wait(step, STAGES, v_consumed)
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_loaded.at[slot])
-            return carry
+        def produce(i, count, item, b, h, q_block, row, start):
+            kv_head = jax.lax.div(h, cfg.groups)
 
-        walk_visits(rows_ref, lambda _: row, 1, load, ())
+            def load(step, _, code, carry):
+                keys = pl.ds(unpack(code)[0] * BLOCK_K, BLOCK_K)
+                slot = jax.lax.rem(step, STAGES)
+                refill_wait(step, STAGES, k_consumed)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot],
+                                        k_loaded.at[slot])
+                if cfg.use_segments:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot],
+                                            k_loaded.at[slot])
+                refill_wait(step, STAGES, v_consumed)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot],
+                                        v_loaded.at[slot])
+                return carry
+
+            walk_visits(rows_ref, lambda _: row, 1,
+                        lambda step, g, code, c: load(start + step, g, code, c), ())
+
+        for_each_item(produce)
 
 
 def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:
@@ -188,12 +279,13 @@ def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array
     Dv = v.shape[-1]
     placeholder = jnp.zeros((1, BLOCK_K), jnp.int32)  # never read without segments
     rows = rows.reshape(-1, rows.shape[-1])
+    ctas = launch_ctas(cfg, (Tp // BLOCK_Q) * Hq * B)
     return plgpu.kernel(
-        functools.partial(_kernel, cfg),
+        functools.partial(_kernel, cfg, ctas),
         out_type=(jax.ShapeDtypeStruct((B, Tp, Hq, Dv), q.dtype),
                   jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)),
-        grid=(Tp // BLOCK_Q, Hq, B),
-        grid_names=("qblocks", "heads", "batch"),
+        grid=(ctas,),
+        grid_names=("cta",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
