@@ -141,22 +141,46 @@ def _lse2_oracle(q, k, allowed: np.ndarray, T: int) -> np.ndarray:
     return np.where(finite, base + np.log(np.where(finite, total, 1.0)), np.inf) / np.log(2.0)
 
 
+@pytest.mark.parametrize("blocks,heads,batch,group,ctas,balance", [
+    (32, 16, 8, 16, 132, 1.04),   # the causal anchor on an H100: 31 or 32 items per CTA
+    (8, 16, 32, 64, 132, 1.04),   # T = 1024
+    (5, 3, 2, 4, 4, 1.2),         # a partial last head group
+    (3, 2, 2, 3, 5, None),
+])
+def test_schedule_covers_every_item_once(blocks, heads, batch, group, ctas, balance):
+    """The persistent forward's item order is a permutation of (b, h, query block); on causal
+    masks (q block n visits n + 1 key blocks) the CTAs' work is even to within ``balance``
+    (max / mean), where one query block per head in turn would give 1.125 at the anchor."""
+    sched = mosaic_gpu_fwd.Schedule(blocks, heads, batch, group, ctas)
+    b, h, q_block = (np.asarray(x) for x in sched.coords(jnp.arange(sched.items)))
+    assert len(set(zip(b.tolist(), h.tolist(), q_block.tolist()))) == sched.items
+    assert b.max() < batch and h.max() < heads and q_block.min() >= 0 and q_block.max() < blocks
+    counts = np.asarray([sched.count(c) for c in range(ctas)])
+    assert counts.sum() == sched.items and counts.max() - counts.min() <= 1
+    if balance is not None:
+        work = np.bincount(np.arange(sched.items) % ctas, weights=q_block + 1)
+        assert work.max() / work.mean() <= balance
+
+
 @needs_interpreter
 @pytest.mark.parametrize("ctas,D,Dv", [(1, 64, 64), (5, 64, 128), (10**6, 128, 64)])
 def test_interpret_persistent_grid(ctas, D, Dv, monkeypatch):
     """The forward's persistent launch with 1 CTA (every item in one CTA: the k/v ring and
-    the two q buffers carried across 12 items), 5 (uneven shares) and one CTA per item: o and
-    lse2 match the float64 oracle on a per-(batch, head) block-sparse & causal map (items of
-    0 to 3 visits, an empty query block), segments, GQA, T = 300 (padded rows get lse2 =
-    +inf, as do rows that see nothing)."""
-    monkeypatch.setattr(mosaic_gpu_fwd, "CTAS", ctas)
+    the two q buffers carried across 12 items), 5 (uneven shares) and one CTA per item, heads
+    in L2 groups of 3 (and a last one of 1): o and lse2 match the float64 oracle on a
+    per-(batch, head) block-sparse & causal map (items of 0 to 3 visits, an empty query
+    block), segments, GQA, T = 300 (padded rows get lse2 = +inf, as do rows that see
+    nothing)."""
     B, T, Tp, Hq, Hkv = 2, 300, 384, 2, 1
+    monkeypatch.setattr(mosaic_gpu_fwd, "CTAS", ctas)
+    monkeypatch.setattr(mosaic_gpu_fwd, "L2_BYTES", Tp * (D + Dv) * 3)  # 1.5 k/v heads
     mask, seg = MASKS["block_sparse_and_causal"](B, Hq, T), segments(T + 3, B, T)
     q, k, v = qkv(ctas + D, B, Tp, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)[:3]
     real = lambda x: x[:, :T]
     cfg, seg_p, maps = mo.walk_setup(real(q), real(k), real(v), mask=mask, segment_ids=seg,
                                      scale=D ** -0.5, interpret=plgpu.InterpretGPUParams())
-    assert mosaic_gpu_fwd.launch_ctas(cfg, 3 * Hq * B) == min(ctas, 3 * Hq * B)
+    sched = mosaic_gpu_fwd.Schedule.of(cfg, 3, Hq, B, Tp * (D + Dv) * 2)
+    assert (sched.group, sched.ctas) == (3, min(ctas, 3 * Hq * B))
     o, lse2 = mosaic_gpu_fwd.forward(cfg, q, k, v, maps[0], seg_p)
     allowed = allowed_matrix(mask, T, B, Hq, seg)
     assert_close(real(o), oracle(real(q), real(k), real(v), allowed), TOL_BF16, "o")

@@ -1,11 +1,15 @@
 """Forward Hopper (Mosaic GPU) kernel of block-sparse flash attention.
 
-Work items are (query block of BLOCK_Q = 128 rows, q head, batch row), numbered longest-first:
-item = qi * (Hq B) + b Hq + h runs over query block nq - 1 - qi (the last query blocks, which
-visit the most key blocks under causal masks, come first). The launch is persistent: a grid of
-``ctas`` CTAs (one per SM, ``launch_ctas``), CTA c taking items c, c + ctas, c + 2 ctas, ...
-(a static stride, so in each round every CTA gets an item of about the same length). Each CTA
-has three warpgroups that walk the same items in the same order:
+Work items are (query block of BLOCK_Q = 128 rows, q head h, batch row b). Their order
+(``Schedule``): the heads hb = b Hq + h in groups whose k and v fit in L2 (``L2_BYTES``), group
+after group; within a group, query block nq - 1 first, then nq - 2, ..., each for the group's
+heads in turn. So the items of a causal mask come longest-first within a group, and the CTAs
+running at one time read the k/v of a few heads (L2 hits rather than HBM reads). The launch is
+persistent: a grid of ``ctas`` CTAs (one per SM, ``launch_ctas``), CTA c taking items c,
+c + ctas, c + 2 ctas, ... (a static stride: in each round the CTAs get items of similar
+length, and as the stride is not a multiple of the group's head count each CTA's query blocks
+drift through all lengths over its rounds). Each CTA has three warpgroups that walk the same
+items in the same order:
 
 * warpgroups 0 and 1 (consumers) own 64 query rows each. Their q tile comes by TMA into one of
   two buffers: item i's tile into buffer i % 2, and item i + 1's is requested as soon as item
@@ -41,10 +45,11 @@ items too); so one consumer's softmax runs while the other's products occupy the
 
 Speed: the persistent launch replaces one CTA per item (one wave after another, each CTA's q
 load, ring prefill and stores exposed) and is meant to hide those; it has not been timed yet.
-``CTAS`` = a number >= the item count gives one item per CTA (the non-persistent launch).
+``CTAS`` = a number >= the item count gives one item per CTA (a non-persistent launch, to compare).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -67,6 +72,7 @@ PRODUCER_REGISTERS = 40
 CTAS: int | None = None   # persistent grid size; None: one CTA per SM (``launch_ctas``)
 H100_SMS = 132            # when the device does not say how many SMs it has
 INTERPRET_CTAS = 3        # under the CPU interpreter: few CTAs, several items each
+L2_BYTES = 32 << 20       # k/v bytes an item group may keep in L2 (H100: 50 MB)
 
 
 def launch_ctas(cfg: Walk, items: int) -> int:
@@ -81,33 +87,63 @@ def launch_ctas(cfg: Walk, items: int) -> int:
     return min(items, sms or H100_SMS)
 
 
-def _item(item: Any, blocks: int, heads: int, batch: int) -> tuple[Any, Any, Any]:
-    """(batch row b, q head h, query block) of work item ``item`` (module docstring)."""
-    per_block = heads * batch
-    rest = jax.lax.rem(item, per_block)
-    return jax.lax.div(rest, heads), jax.lax.rem(rest, heads), blocks - 1 - jax.lax.div(
-        item, per_block)
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The work items of a launch and their order (module docstring): heads hb = b Hq + h in
+    groups of ``group`` (the last one may be smaller), and within a group query block
+    ``blocks - 1 - qi`` for qi = 0, 1, ... with the group's heads in turn."""
+
+    blocks: int   # query blocks nq
+    heads: int    # q heads Hq
+    batch: int    # B
+    group: int    # heads per group
+    ctas: int     # CTAs of the grid
+
+    @classmethod
+    def of(cls, cfg: Walk, blocks: int, heads: int, batch: int, kv_head_bytes: int) -> Schedule:
+        """Groups of as many heads as ``L2_BYTES`` holds k and v of (a k/v head's bytes count
+        once for its ``cfg.groups`` q heads)."""
+        group = min(heads * batch, max(1, L2_BYTES * cfg.groups // kv_head_bytes))
+        return cls(blocks, heads, batch, group, launch_ctas(cfg, blocks * heads * batch))
+
+    @property
+    def items(self) -> int:
+        return self.blocks * self.heads * self.batch
+
+    def count(self, cta: Any) -> Any:
+        """Number of items of CTA ``cta`` (items cta, cta + ctas, ...)."""
+        return jax.lax.div(self.items - 1 - cta, self.ctas) + 1
+
+    def coords(self, item: Any) -> tuple[Any, Any, Any]:
+        """(batch row b, q head h, query block) of work item ``item``."""
+        div, rem = jax.lax.div, jax.lax.rem
+        g = div(item, self.group * self.blocks)
+        first = g * self.group
+        size = jax.lax.min(self.group, self.heads * self.batch - first)
+        within = item - first * self.blocks
+        hb = first + rem(within, size)
+        return div(hb, self.heads), rem(hb, self.heads), self.blocks - 1 - div(within, size)
 
 
-def _for_each_item(cfg: Walk, ctas: int, blocks: int, heads: int, batch: int, rows_ref: Any,
+def _for_each_item(cfg: Walk, sched: Schedule, rows_ref: Any,
                    body: Callable[..., None]) -> None:
     """Run ``body(i, count, item, b, h, q_block, row, start)`` for this CTA's items i = 0 ..
     count - 1 in turn (``row`` of the visit array, ``start`` = visits walked before it, so a
     ring step counter continues across items)."""
     cta = jax.lax.axis_index("cta")
-    count = jax.lax.div(blocks * heads * batch - 1 - cta, ctas) + 1
+    count = sched.count(cta)
 
     def one(i, start):
-        item = cta + i * ctas
-        b, h, q_block = _item(item, blocks, heads, batch)
-        row = cfg.map_row(b, h, q_block, blocks)
+        item = cta + i * sched.ctas
+        b, h, q_block = sched.coords(item)
+        row = cfg.map_row(b, h, q_block, sched.blocks)
         body(i, count, item, b, h, q_block, row, start)
         return start + rows_ref[row, 0]
 
     jax.lax.fori_loop(0, count, one, jnp.int32(0))
 
 
-def _kernel(cfg: Walk, ctas: int, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
+def _kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
     D, Dv = q_ref.shape[-1], v_ref.shape[-1]
     dtype = q_ref.dtype
     q_tiles = Q_BUFFERS * CONSUMERS  # tile of buffer n, consumer wg: n * CONSUMERS + wg
@@ -128,19 +164,17 @@ def _kernel(cfg: Walk, ctas: int, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref,
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # k consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=STAGES),   # v consumed
                 plgpu.Barrier(num_arrivals=CONSUMERS)]                        # turn taking
-    items = functools.partial(_for_each_item, cfg, ctas, q_ref.shape[1] // BLOCK_Q,
-                              q_ref.shape[2], q_ref.shape[0], rows_ref)
-    body = functools.partial(_body, cfg, ctas, items, q_ref, k_ref, v_ref, rows_ref, seg_ref,
+    body = functools.partial(_body, cfg, sched, q_ref, k_ref, v_ref, rows_ref, seg_ref,
                              o_ref, lse_ref)
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
 
-def _body(cfg: Walk, ctas: int, for_each_item: Callable[[Callable[..., None]], None],
-          q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref, scratch, barriers):
+def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref,
+          scratch, barriers):
     q_smem, o_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kseg_smem = scratch
     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turns = barriers
     wg = jax.lax.axis_index("wg")
-    nq, Hq, B = q_ref.shape[1] // BLOCK_Q, q_ref.shape[2], q_ref.shape[0]
+    for_each_item = functools.partial(_for_each_item, cfg, sched, rows_ref)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -151,7 +185,7 @@ def _body(cfg: Walk, ctas: int, for_each_item: Callable[[Callable[..., None]], N
 
         def request_q(item, buffer):
             """TMA of this warpgroup's q rows (and their segment ids) of ``item``."""
-            b, h, q_block = _item(item, nq, Hq, B)
+            b, h, q_block = sched.coords(item)
             rows = pl.ds(q_block * BLOCK_Q + wg * WG_ROWS, WG_ROWS)
             tile = buffer * CONSUMERS + wg
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[tile], q_loaded.at[tile])
@@ -215,7 +249,7 @@ def _body(cfg: Walk, ctas: int, for_each_item: Callable[[Callable[..., None]], N
 
             @pl.when(i + 1 < count)
             def _():
-                request_q(item + ctas, Q_BUFFERS - 1 - buffer)
+                request_q(item + sched.ctas, Q_BUFFERS - 1 - buffer)
 
             seen = l > 0.0
             l_safe = jnp.where(seen, l, 1.0)
@@ -279,12 +313,12 @@ def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array
     Dv = v.shape[-1]
     placeholder = jnp.zeros((1, BLOCK_K), jnp.int32)  # never read without segments
     rows = rows.reshape(-1, rows.shape[-1])
-    ctas = launch_ctas(cfg, (Tp // BLOCK_Q) * Hq * B)
+    sched = Schedule.of(cfg, Tp // BLOCK_Q, Hq, B, Tp * (q.shape[-1] + Dv) * q.dtype.itemsize)
     return plgpu.kernel(
-        functools.partial(_kernel, cfg, ctas),
+        functools.partial(_kernel, cfg, sched),
         out_type=(jax.ShapeDtypeStruct((B, Tp, Hq, Dv), q.dtype),
                   jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)),
-        grid=(ctas,),
+        grid=(sched.ctas,),
         grid_names=("cta",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
