@@ -7,7 +7,9 @@
   random per-head BlockSparse with an empty query block, segments, GQA, Dv != D, T not a
   multiple of the 128 blocks, T = 1, per-(batch, head) maps; race detection with and without
   the forward's turn taking; padded query rows holding random q and dO change no gradient
-  (their lse2 is +inf);
+  (their lse2 is +inf); the persistent forward with 1, 5 and one-per-item CTAs and partial
+  L2 head groups gives o and lse2 (+inf on empty and padded rows) of the float64 oracle;
+* the persistent forward's item order is a permutation of the items and balances causal work;
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
   the op registers it after cuDNN, and auto dispatch on Hopper picks it where cuDNN declines.
 """
