@@ -1,15 +1,15 @@
 """Forward Hopper (Mosaic GPU) kernel of block-sparse flash attention.
 
 Work items are (query block of BLOCK_Q = 128 rows, q head h, batch row b). Their order
-(``Schedule``): the heads hb = b Hq + h in groups whose k and v fit in L2 (``L2_BYTES``), group
-after group; within a group, query block nq - 1 first, then nq - 2, ..., each for the group's
-heads in turn. So the items of a causal mask come longest-first within a group, and the CTAs
-running at one time read the k/v of a few heads (L2 hits rather than HBM reads). The launch is
-persistent: a grid of ``ctas`` CTAs (one per SM, ``launch_ctas``), CTA c taking items c,
-c + ctas, c + 2 ctas, ... (a static stride: in each round the CTAs get items of similar
-length, and as the stride is not a multiple of the group's head count each CTA's query blocks
-drift through all lengths over its rounds). Each CTA has three warpgroups that walk the same
-items in the same order:
+(``mosaic_gpu_util.Schedule``, shared with the backward): the heads hb = b Hq + h in groups
+whose k and v fit in L2 (``L2_BYTES``), group after group; within a group, query block nq - 1
+first, then nq - 2, ..., each for the group's heads in turn. So the items of a causal mask
+come longest-first within a group, and the CTAs running at one time read the k/v of a few
+heads (L2 hits rather than HBM reads). The launch is persistent: a grid of ``ctas`` CTAs (one
+per SM, ``mosaic_gpu_util.launch_ctas``), CTA c taking items c, c + ctas, c + 2 ctas, ... (a
+static stride: in each round the CTAs get items of similar length, and as the stride is not a
+multiple of the group's head count each CTA's query blocks drift through all lengths over its
+rounds). Each CTA has three warpgroups that walk the same items in the same order:
 
 * warpgroups 0 and 1 (consumers) own 64 query rows each. Their q tile comes by TMA into one of
   two buffers: item i's tile into buffer i % 2, and item i + 1's is requested as soon as item
@@ -49,16 +49,15 @@ load, ring prefill and stores exposed) and is meant to hide those; it has not be
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
-from pallas_kernels.sparse.mosaic_gpu_util import (LOG2E, Walk, mask_logits, product, refill_wait,
-                                                   scores, unpack, walk_visits)
+from pallas_kernels.sparse.mosaic_gpu_util import (L2_BYTES, LOG2E, Schedule, Walk, for_each_item,
+                                                   mask_logits, product, refill_wait, scores,
+                                                   unpack, walk_visits)
 
 BLOCK_Q = 128       # query rows per item (two consumer warpgroups of WG_ROWS)
 WG_ROWS = 64        # rows of one consumer warpgroup (the wgmma M)
@@ -70,77 +69,13 @@ CONSUMER_REGISTERS = 232
 PINGPONG = True     # consumers take turns on the tensor cores (module docstring)
 PRODUCER_REGISTERS = 40
 CTAS: int | None = None   # persistent grid size; None: one CTA per SM (``launch_ctas``)
-H100_SMS = 132            # when the device does not say how many SMs it has
-INTERPRET_CTAS = 3        # under the CPU interpreter: few CTAs, several items each
-L2_BYTES = 32 << 20       # k/v bytes an item group may keep in L2 (H100: 50 MB)
 
 
-def launch_ctas(cfg: Walk, items: int) -> int:
-    """CTAs of the persistent grid: ``CTAS`` if set, else the GPU's SM count (3 when
-    interpreted), never more than there are items."""
-    if CTAS is not None:
-        return min(items, CTAS)
-    if cfg.interpreted:
-        return min(items, INTERPRET_CTAS)
-    device = jax.devices()[0]
-    sms = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return min(items, sms or H100_SMS)
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """The work items of a launch and their order (module docstring): heads hb = b Hq + h in
-    groups of ``group`` (the last one may be smaller), and within a group query block
-    ``blocks - 1 - qi`` for qi = 0, 1, ... with the group's heads in turn."""
-
-    blocks: int   # query blocks nq
-    heads: int    # q heads Hq
-    batch: int    # B
-    group: int    # heads per group
-    ctas: int     # CTAs of the grid
-
-    @classmethod
-    def of(cls, cfg: Walk, blocks: int, heads: int, batch: int, kv_head_bytes: int) -> Schedule:
-        """Groups of as many heads as ``L2_BYTES`` holds k and v of (a k/v head's bytes count
-        once for its ``cfg.groups`` q heads)."""
-        group = min(heads * batch, max(1, L2_BYTES * cfg.groups // kv_head_bytes))
-        return cls(blocks, heads, batch, group, launch_ctas(cfg, blocks * heads * batch))
-
-    @property
-    def items(self) -> int:
-        return self.blocks * self.heads * self.batch
-
-    def count(self, cta: Any) -> Any:
-        """Number of items of CTA ``cta`` (items cta, cta + ctas, ...)."""
-        return jax.lax.div(self.items - 1 - cta, self.ctas) + 1
-
-    def coords(self, item: Any) -> tuple[Any, Any, Any]:
-        """(batch row b, q head h, query block) of work item ``item``."""
-        div, rem = jax.lax.div, jax.lax.rem
-        g = div(item, self.group * self.blocks)
-        first = g * self.group
-        size = jax.lax.min(self.group, self.heads * self.batch - first)
-        within = item - first * self.blocks
-        hb = first + rem(within, size)
-        return div(hb, self.heads), rem(hb, self.heads), self.blocks - 1 - div(within, size)
-
-
-def _for_each_item(cfg: Walk, sched: Schedule, rows_ref: Any,
-                   body: Callable[..., None]) -> None:
-    """Run ``body(i, count, item, b, h, q_block, row, start)`` for this CTA's items i = 0 ..
-    count - 1 in turn (``row`` of the visit array, ``start`` = visits walked before it, so a
-    ring step counter continues across items)."""
-    cta = jax.lax.axis_index("cta")
-    count = sched.count(cta)
-
-    def one(i, start):
-        item = cta + i * sched.ctas
-        b, h, q_block = sched.coords(item)
-        row = cfg.map_row(b, h, q_block, sched.blocks)
-        body(i, count, item, b, h, q_block, row, start)
-        return start + rows_ref[row, 0]
-
-    jax.lax.fori_loop(0, count, one, jnp.int32(0))
+def schedule(cfg: Walk, blocks: int, heads: int, batch: int, kv_head_bytes: int) -> Schedule:
+    """The forward's items: query blocks longest-first, head groups whose k and v fit in
+    ``L2_BYTES`` (a k/v head's bytes count once for its ``cfg.groups`` q heads)."""
+    return Schedule.of(cfg.interpreted, blocks, heads, batch, kv_head_bytes, shared_by=cfg.groups,
+                       l2_bytes=L2_BYTES, ctas=CTAS)
 
 
 def _kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_ref, lse_ref):
@@ -174,7 +109,9 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
     q_smem, o_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kseg_smem = scratch
     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turns = barriers
     wg = jax.lax.axis_index("wg")
-    for_each_item = functools.partial(_for_each_item, cfg, sched, rows_ref)
+    row_of = lambda b, h, q_block: cfg.map_row(b, h, q_block, sched.blocks)
+    for_each_item_ = lambda body: for_each_item(
+        sched, lambda b, h, q_block: rows_ref[row_of(b, h, q_block), 0], body)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -201,7 +138,8 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
         if PINGPONG:
             pl.when(wg == 1)(take_turn)
 
-        def consume(i, count, item, b, h, q_block, row, start):
+        def consume(i, count, item, b, h, q_block, start):
+            row = row_of(b, h, q_block)
             buffer = jax.lax.rem(i, Q_BUFFERS)
             tile = buffer * CONSUMERS + wg
             first = q_block * BLOCK_Q + wg * WG_ROWS
@@ -262,7 +200,7 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
             plgpu.copy_smem_to_gmem(o_tile, o_ref.at[b, rows, h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
 
-        for_each_item(consume)
+        for_each_item_(consume)
         if PINGPONG:
             pl.when(wg == 0)(take_turn)
         plgpu.wait_smem_to_gmem(0)
@@ -272,7 +210,8 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
         if not cfg.interpreted:
             plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-        def produce(i, count, item, b, h, q_block, row, start):
+        def produce(i, count, item, b, h, q_block, start):
+            row = row_of(b, h, q_block)
             kv_head = jax.lax.div(h, cfg.groups)
 
             def load(step, _, code, carry):
@@ -292,7 +231,7 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
             walk_visits(rows_ref, lambda _: row, 1,
                         lambda step, g, code, c: load(start + step, g, code, c), ())
 
-        for_each_item(produce)
+        for_each_item_(produce)
 
 
 def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:
@@ -313,7 +252,7 @@ def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array
     Dv = v.shape[-1]
     placeholder = jnp.zeros((1, BLOCK_K), jnp.int32)  # never read without segments
     rows = rows.reshape(-1, rows.shape[-1])
-    sched = Schedule.of(cfg, Tp // BLOCK_Q, Hq, B, Tp * (q.shape[-1] + Dv) * q.dtype.itemsize)
+    sched = schedule(cfg, Tp // BLOCK_Q, Hq, B, Tp * (q.shape[-1] + Dv) * q.dtype.itemsize)
     return plgpu.kernel(
         functools.partial(_kernel, cfg, sched),
         out_type=(jax.ShapeDtypeStruct((B, Tp, Hq, Dv), q.dtype),
