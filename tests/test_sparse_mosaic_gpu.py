@@ -208,10 +208,11 @@ def test_interpret_persistent_grid(ctas, D, Dv, monkeypatch):
 def test_interpret_persistent_backward(ctas, D, Dv, monkeypatch):
     """Both persistent backward kernels with 1 CTA (dq: 24 items, dk/dv: 12, the ring and the
     resident tiles reloaded across all of them), 5 (uneven shares) and one CTA per item, dk/dv's
-    k/v heads in L2 groups of 3 and 1, with race detection (the forward runs without it): dq,
-    dk, dv match the float64 oracle on a per-(batch, head) block-sparse & causal map (items of
-    0 to 3 visits, an empty query block), segments, GQA over two k/v heads (the dk/dv walk over
-    each group's two q heads), T = 300 with random q and dO in the padded rows (the dk/dv
+    k/v heads in L2 groups of 3 and 1, with race detection (the forward runs without it: with
+    segments and refilled ring slots the detector flags its k-ring segment ids, also before
+    its persistent change): dq, dk, dv match the float64 oracle on a per-(batch, head)
+    block-sparse & causal map (items of 0 to 3 visits, an empty query block), segments, GQA
+    over two k/v heads (the dk/dv walk over each group's two q heads), T = 300 with random q and dO in the padded rows (the dk/dv
     walk's missing key bound)."""
     B, T, Tp, Hq, Hkv = 2, 300, 384, 4, 2
     monkeypatch.setattr(mosaic_gpu_bwd, "CTAS", ctas)

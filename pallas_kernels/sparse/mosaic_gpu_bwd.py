@@ -27,9 +27,9 @@ in turn:
 
 The ring's step counter runs on across a CTA's items (``for_each_item``), so the producer
 fills the ring with the next item's first blocks while the consumers finish the current one.
-SMEM at D = Dv = 128: the resident tiles take 64 KiB and the ring 128 KiB (plus 1 KiB of row
-vectors), so the resident tiles cannot be double-buffered (256 KiB); they are reloaded per
-item instead: dq's dO, lse2, delta and segment ids are requested as soon as the item's visits
+SMEM at D = Dv = 128: the resident tiles take 64 KiB and the ring 128 KiB (plus 1 to 2 KiB
+of row vectors), so the resident tiles cannot be double-buffered (256 KiB); they are reloaded
+per item instead: dq's dO, lse2, delta and segment ids are requested as soon as the item's visits
 are done, its q (whose tile takes the dq result for the TMA store) once that store has read
 it; dk/dv's k, v and segment ids once the dk, dv stores (from the k, v tiles) have read them.
 Speed: the persistent launch is meant to hide the per-CTA load, ring prefill and store latency
