@@ -212,8 +212,8 @@ def test_interpret_persistent_backward(ctas, D, Dv, monkeypatch):
     segments and refilled ring slots the detector flags its k-ring segment ids, also before
     its persistent change): dq, dk, dv match the float64 oracle on a per-(batch, head)
     block-sparse & causal map (items of 0 to 3 visits, an empty query block), segments, GQA
-    over two k/v heads (the dk/dv walk over each group's two q heads), T = 300 with random q and dO in the padded rows (the dk/dv
-    walk's missing key bound)."""
+    over two k/v heads (the dk/dv walk over each group's two q heads), T = 300 with random q
+    and dO in the padded rows (the dk/dv walk's missing key bound)."""
     B, T, Tp, Hq, Hkv = 2, 300, 384, 4, 2
     monkeypatch.setattr(mosaic_gpu_bwd, "CTAS", ctas)
     monkeypatch.setattr(mosaic_gpu_bwd, "L2_BYTES", 3 * Tp * (4 * (D + Dv) + 16))
