@@ -7,11 +7,17 @@
   random per-head BlockSparse with an empty query block, segments, GQA, Dv != D, T not a
   multiple of the 128 blocks, T = 1, per-(batch, head) maps; race detection with and without
   the forward's turn taking; padded query rows holding random q and dO change no gradient
-  (their lse2 is +inf);
+  (their lse2 is +inf); the persistent forward with 1, 5 and one-per-item CTAs and partial
+  L2 head groups gives o and lse2 (+inf on empty and padded rows) of the float64 oracle; the
+  persistent backward kernels with 1, 5 and one-per-item CTAs give dq, dk, dv of the oracle
+  (GQA, segments, padded T, empty rows; race detection on);
+* the persistent kernels' item orders are permutations of the items and balance causal work;
 * ``mosaic_gpu_accepts`` declines what the kernels do not support, and everything off Hopper;
   the op registers it after cuDNN, and auto dispatch on Hopper picks it where cuDNN declines.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -124,6 +130,107 @@ def test_interpret_padded_query_rows_add_nothing():
     want, want_grads = oracle(real(q), real(k), real(v), allowed_matrix(mask, T, B, H, seg),
                               do=real(do))
     assert_close(real(o), want, TOL_BF16, "o")
+    for what, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
+        assert_close(real(got), ref, TOL_BF16, what)
+
+
+def _lse2_oracle(q, k, allowed: np.ndarray, T: int) -> np.ndarray:
+    """float64 base-2 log-sum-exp [B, Hq, T] of the real rows' allowed logits; +inf on rows
+    that see nothing (the padded rows >= T are not included)."""
+    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)[:, :T] for x in (q, k))
+    kr = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    s = np.where(allowed, np.einsum("bqhd,bkhd->bhqk", q, kr) * q.shape[-1] ** -0.5, -np.inf)
+    m = s.max(-1)
+    finite = np.isfinite(m)
+    base = np.where(finite, m, 0.0)
+    total = np.exp(s - base[..., None]).sum(-1)
+    return np.where(finite, base + np.log(np.where(finite, total, 1.0)), np.inf) / np.log(2.0)
+
+
+@pytest.mark.parametrize("blocks,heads,batch,group,ctas,balance,descending", [
+    (32, 16, 8, 16, 132, 1.04, True),   # the causal anchor on an H100: 31 or 32 items per CTA
+    (32, 16, 8, 16, 132, 1.04, False),  # its dk/dv kernel (key blocks, the first first)
+    (8, 16, 32, 64, 132, 1.04, True),   # T = 1024
+    (5, 3, 2, 4, 4, 1.2, True),         # a partial last head group
+    (5, 3, 2, 4, 4, 1.2, False),
+    (3, 2, 2, 3, 5, None, True),
+])
+def test_schedule_covers_every_item_once(blocks, heads, batch, group, ctas, balance, descending):
+    """The persistent kernels' item order is a permutation of (b, h, block); on causal masks
+    (query block n visits n + 1 key blocks, key block n is visited by blocks - n query blocks)
+    the CTAs' work is even to within ``balance`` (max / mean), where one block per head in turn
+    would give 1.125 at the anchor."""
+    sched = mosaic_gpu_fwd.Schedule(blocks, heads, batch, group, ctas, descending)
+    b, h, q_block = (np.asarray(x) for x in sched.coords(jnp.arange(sched.items)))
+    assert len(set(zip(b.tolist(), h.tolist(), q_block.tolist()))) == sched.items
+    assert b.max() < batch and h.max() < heads and q_block.min() >= 0 and q_block.max() < blocks
+    counts = np.asarray([sched.count(c) for c in range(ctas)])
+    assert counts.sum() == sched.items and counts.max() - counts.min() <= 1
+    if balance is not None:
+        length = q_block + 1 if descending else blocks - q_block
+        work = np.bincount(np.arange(sched.items) % ctas, weights=length)
+        assert work.max() / work.mean() <= balance
+
+
+@needs_interpreter
+@pytest.mark.parametrize("ctas,D,Dv", [(1, 64, 64), (5, 64, 128), (10**6, 128, 64)])
+def test_interpret_persistent_grid(ctas, D, Dv, monkeypatch):
+    """The forward's persistent launch with 1 CTA (every item in one CTA: the k/v ring and
+    the two q buffers carried across 12 items), 5 (uneven shares) and one CTA per item, heads
+    in L2 groups of 3 (and a last one of 1): o and lse2 match the float64 oracle on a
+    per-(batch, head) block-sparse & causal map (items of 0 to 3 visits, an empty query
+    block), segments, GQA, T = 300 (padded rows get lse2 = +inf, as do rows that see
+    nothing)."""
+    B, T, Tp, Hq, Hkv = 2, 300, 384, 2, 1
+    monkeypatch.setattr(mosaic_gpu_fwd, "CTAS", ctas)
+    monkeypatch.setattr(mosaic_gpu_fwd, "L2_BYTES", Tp * (D + Dv) * 3)  # 1.5 k/v heads
+    mask, seg = MASKS["block_sparse_and_causal"](B, Hq, T), segments(T + 3, B, T)
+    q, k, v = qkv(ctas + D, B, Tp, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)[:3]
+    real = lambda x: x[:, :T]
+    cfg, seg_p, maps = mo.walk_setup(real(q), real(k), real(v), mask=mask, segment_ids=seg,
+                                     scale=D ** -0.5, interpret=plgpu.InterpretGPUParams())
+    sched = mosaic_gpu_fwd.schedule(cfg, 3, Hq, B, Tp * (D + Dv) * 2)
+    assert (sched.group, sched.ctas) == (3, min(ctas, 3 * Hq * B))
+    o, lse2 = mosaic_gpu_fwd.forward(cfg, q, k, v, maps[0], seg_p)
+    allowed = allowed_matrix(mask, T, B, Hq, seg)
+    assert_close(real(o), oracle(real(q), real(k), real(v), allowed), TOL_BF16, "o")
+    lse2 = np.asarray(lse2, np.float64)
+    want = _lse2_oracle(q, k, allowed, T)
+    assert np.all(np.isinf(lse2[:, :, T:]) & (lse2[:, :, T:] > 0))
+    assert np.array_equal(np.isinf(lse2[:, :, :T]), np.isinf(want))
+    assert np.isinf(want).any() and np.isfinite(want).any()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(lse2[:, :, :T][finite], want[finite], atol=2e-3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("ctas,D,Dv", [(1, 64, 64), (5, 64, 128), (10**6, 128, 64)])
+def test_interpret_persistent_backward(ctas, D, Dv, monkeypatch):
+    """Both persistent backward kernels with 1 CTA (dq: 24 items, dk/dv: 12, the ring and the
+    resident tiles reloaded across all of them), 5 (uneven shares) and one CTA per item, dk/dv's
+    k/v heads in L2 groups of 3 and 1, with race detection (the forward runs without it: with
+    segments and refilled ring slots the detector flags its k-ring segment ids, also before
+    its persistent change): dq, dk, dv match the float64 oracle on a per-(batch, head)
+    block-sparse & causal map (items of 0 to 3 visits, an empty query block), segments, GQA
+    over two k/v heads (the dk/dv walk over each group's two q heads), T = 300 with random q
+    and dO in the padded rows (the dk/dv walk's missing key bound)."""
+    B, T, Tp, Hq, Hkv = 2, 300, 384, 4, 2
+    monkeypatch.setattr(mosaic_gpu_bwd, "CTAS", ctas)
+    monkeypatch.setattr(mosaic_gpu_bwd, "L2_BYTES", 3 * Tp * (4 * (D + Dv) + 16))
+    mask, seg = MASKS["block_sparse_and_causal"](B, Hq, T), segments(T + 5, B, T)
+    q, k, v, do = qkv(ctas + D + 1, B, Tp, Hq, Hkv, D, Dv, dtype=jnp.bfloat16)
+    real = lambda x: x[:, :T]
+    cfg, seg_p, maps = mo.walk_setup(real(q), real(k), real(v), mask=mask, segment_ids=seg,
+                                     scale=D ** -0.5, interpret=plgpu.InterpretGPUParams())
+    dq_sched, dkv_sched = mosaic_gpu_bwd.schedules(cfg, Tp, Hq, Hkv, B, D, Dv, 2)
+    assert (dq_sched.items, dq_sched.group, dq_sched.ctas) == (24, 8, min(ctas, 24))
+    assert (dkv_sched.items, dkv_sched.group, dkv_sched.ctas) == (12, 3, min(ctas, 12))
+    o, lse2 = mosaic_gpu_fwd.forward(cfg, q, k, v, maps[0], seg_p)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    racy = dataclasses.replace(cfg, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    grads = mosaic_gpu_bwd.backward(racy, q, k, v, do, lse2, delta, maps, seg_p)
+    want_grads = oracle(real(q), real(k), real(v), allowed_matrix(mask, T, B, Hq, seg),
+                        do=real(do))[1]
     for what, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
         assert_close(real(got), ref, TOL_BF16, what)
 

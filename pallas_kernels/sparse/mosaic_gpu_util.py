@@ -9,7 +9,11 @@
   evaluated in the wgmma register layout on the visits that need it;
 * ``product``: ``acc + a @ b`` with ``a`` a bf16 register array (a register-operand wgmma when
   compiled; staged through shared memory under the CPU interpreter, which has no
-  register-operand wgmma).
+  register-operand wgmma);
+* ``Schedule`` / ``for_each_item``: the persistent launches' work items (block, head, batch
+  row) in L2-sized head groups, block order longest-first for causal masks, CTA c taking items
+  c, c + ctas, ... with a visit counter that continues across its items (each kernel's
+  docstring says what its items are).
 
 Logits are kept in base 2: ``s2 = log2(e) * scale * q.k``, so softmax weights are
 ``exp2(s2 - m2)`` and the saved row statistic is ``lse2 = log2(sum_k exp2(s2))`` (+inf on a row
@@ -30,6 +34,8 @@ from pallas_kernels.sparse.masks import EMPTY, FULL, PARTIAL
 
 LOG2E = math.log2(math.e)
 KIND_BITS = 2  # kinds 0..3 fit in the low two bits of a packed visit
+INTERPRET_CTAS = 3        # under the CPU interpreter: few CTAs, several items each
+L2_BYTES = 32 << 20       # bytes of the heads' streamed operands an item group may keep in L2
 
 
 def visit_rows(index: Any, kind: Any) -> jax.Array:
@@ -161,7 +167,6 @@ def product(acc: jax.Array, a: jax.Array, b_ref: Any, stage: Any, interpret: boo
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-
 def walk_visits(rows_ref: Any, row_of: Callable[[Any], Any], groups: int,
                 body: Callable[..., Any], carry: Any) -> Any:
     """Fold ``carry = body(step, g, code, carry)`` over the visits of rows ``row_of(g)`` of
@@ -188,3 +193,86 @@ def refill_wait(step: Any, stages: int, consumed: Any) -> None:
     @pl.when(step >= stages)
     def _():
         plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
+
+
+def launch_ctas(interpreted: bool, items: int, override: int | None) -> int:
+    """CTAs of the grid: ``override`` if set (fewer than ``items``: a persistent grid), else one
+    per item on the GPU (an H100 ran both kernels faster so than with one CTA per SM, in the
+    same order: experiments/results/h100_2026-11-23_s5_call2/ab.log) and 3 when interpreted
+    (so that CPU tests walk several items per CTA)."""
+    if override is not None:
+        return min(items, override)
+    return min(items, INTERPRET_CTAS) if interpreted else items
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Work items (block, head, batch row) of a persistent launch and their order: heads
+    hb = b heads + h in groups of ``group`` (the last one may be smaller), group after group;
+    within a group block ``blocks - 1 - n`` (``descending``; else block n) for n = 0, 1, ...,
+    each with the group's heads in turn. CTA c takes items c, c + ctas, c + 2 ctas, ... (a
+    static stride: each round's items are of similar length, and a CTA's blocks drift through
+    all lengths over its rounds)."""
+
+    blocks: int   # blocks per head (query blocks of the forward / dq, key blocks of dk/dv)
+    heads: int
+    batch: int
+    group: int    # heads per group
+    ctas: int     # CTAs of the grid
+    descending: bool = True
+
+    @classmethod
+    def of(cls, interpreted: bool, blocks: int, heads: int, batch: int, head_bytes: int, *,
+           shared_by: int, l2_bytes: int, ctas: int | None, descending: bool = True
+           ) -> Schedule:
+        """Groups of as many heads as ``l2_bytes`` holds the streamed operands of, where
+        ``head_bytes`` is read by ``shared_by`` heads (GQA: a k/v head's by its q heads);
+        ``ctas``: the grid size override (None: ``launch_ctas``)."""
+        group = min(heads * batch, max(1, l2_bytes * shared_by // head_bytes))
+        items = blocks * heads * batch
+        return cls(blocks, heads, batch, group, launch_ctas(interpreted, items, ctas), descending)
+
+    @property
+    def items(self) -> int:
+        return self.blocks * self.heads * self.batch
+
+    def count(self, cta: Any) -> Any:
+        """Number of items of CTA ``cta`` (items cta, cta + ctas, ...)."""
+        return jax.lax.div(self.items - 1 - cta, self.ctas) + 1
+
+    def coords(self, item: Any) -> tuple[Any, Any, Any]:
+        """(batch row b, head h, block) of work item ``item``."""
+        div, rem = jax.lax.div, jax.lax.rem
+        g = div(item, self.group * self.blocks)
+        first = g * self.group
+        size = jax.lax.min(self.group, self.heads * self.batch - first)
+        within = item - first * self.blocks
+        hb = first + rem(within, size)
+        n = div(within, size)
+        return div(hb, self.heads), rem(hb, self.heads), (self.blocks - 1 - n if self.descending
+                                                          else n)
+
+
+def for_each_item(sched: Schedule, visits: Callable[[Any, Any, Any], Any],
+                  body: Callable[..., None]) -> None:
+    """Run ``body(i, count, item, b, h, block, start)`` for this CTA's items i = 0 .. count - 1
+    in turn; ``visits(b, h, block)`` is an item's number of visits and ``start`` the visits of
+    the CTA's earlier items, so a ring step counter continues across items."""
+    cta = jax.lax.axis_index("cta")
+    count = sched.count(cta)
+
+    def one(i, start):
+        item = cta + i * sched.ctas
+        b, h, block = sched.coords(item)
+        body(i, count, item, b, h, block, start)
+        return start + visits(b, h, block)
+
+    jax.lax.fori_loop(0, count, one, jnp.int32(0))
+
+
+def visit_count(rows_ref: Any, row_of: Callable[[Any], Any], groups: int) -> Any:
+    """Visits of rows ``row_of(g)``, g = 0 .. groups - 1, together (the length of
+    ``walk_visits`` over the same rows)."""
+    if groups == 1:
+        return rows_ref[row_of(0), 0]
+    return jax.lax.fori_loop(0, groups, lambda g, n: n + rows_ref[row_of(g), 0], jnp.int32(0))
