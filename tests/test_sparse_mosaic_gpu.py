@@ -31,6 +31,7 @@ from pallas_kernels.sparse import (BlockSparse, Causal, ChunkedCausal, Dense, Fu
                                    implementations, make_block_map)
 from pallas_kernels.sparse import mosaic_gpu_bwd, mosaic_gpu_fwd
 from pallas_kernels.sparse import mosaic_gpu_op as mo
+from pallas_kernels.sparse.mosaic_gpu_util import INTERPRET_CTAS, launch_ctas
 
 plgpu = mosaic_gpu_common.plgpu
 needs_interpreter = pytest.mark.skipif(
@@ -170,6 +171,17 @@ def test_schedule_covers_every_item_once(blocks, heads, batch, group, ctas, bala
         length = q_block + 1 if descending else blocks - q_block
         work = np.bincount(np.arange(sched.items) % ctas, weights=length)
         assert work.max() / work.mean() <= balance
+
+
+def test_launch_ctas_default_is_one_per_item_on_the_gpu():
+    """Default grid (the launch measured fastest on the H100): one CTA per item compiled, a
+    few CTAs walking several items each when interpreted; an override never exceeds the
+    item count."""
+    assert launch_ctas(False, 4096, None) == 4096
+    assert launch_ctas(True, 4096, None) == INTERPRET_CTAS
+    assert launch_ctas(True, 2, None) == 2
+    assert launch_ctas(False, 4096, 132) == 132
+    assert launch_ctas(False, 7, 10**9) == 7
 
 
 @needs_interpreter
