@@ -36,18 +36,19 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# "delta": with its chunk-gradient kernel (mosaic_gpu_grads), check_mosaic_delta's cases 0-6
-# passed on the H100 (experiments/results/h100_2026-11-23_s4_call3: 0-2 at a459c37, _call4:
-# 3-6 at 16ee0cd; same delta code); at the anchor fwd 0.50 ms, fwd+bwd 3.15 ms (XLA path
-# 8.96 / 27.8 ms, session 3).
+# "delta": with its chunk-gradient kernel starting from the forward's saved T and T diag(beta)
+# (mosaic_gpu_grads), check_mosaic_delta's cases 3, 5 and 6 (padding, segments, the gated anchor)
+# passed on the H100 at 95178c6 (experiments/results/h100_2026-11-23_s5_call1; merged as 3f721f0,
+# the same copies issued in the same order), cases 0-6 with the previous gradient kernel
+# (_s4_call3, _s4_call4); at the anchor fwd 0.495 ms, fwd+bwd 2.32 ms (XLA path 8.96 / 27.8 ms,
+# session 3).
 # "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
 # H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
 # padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.
-# "sparse": all six check_mosaic_softmax correctness cases passed on the current code (cases 0-4
-# in h100_2026-11-23_s4_call4 at 16ee0cd; case 5, T = 1024 (no padding, so untouched by the
-# later dk/dv key-bound change), at d04e928 in _s4_call1). The op registers it after cuDNN, so
-# auto takes cuDNN where cuDNN has the mask and this kernel for the rest (segments, sparse /
-# two-sided / chunked masks), where the alternative is the dense XLA path.
+# "sparse": all six check_mosaic_softmax correctness cases passed on the current code (one CTA
+# per item in L2-sized head groups: h100_2026-11-23_s5_call3 at b0084e9). The op registers it
+# after cuDNN, so auto takes cuDNN where cuDNN has the mask and this kernel for the rest
+# (segments, sparse / two-sided / chunked masks), where the alternative is the dense XLA path.
 # Not here: "linear_gk" (GLA): its small cases passed (h100_2026-11-23_s4_call3) but its anchor
 # case has not run with the current prepass kernel.
 GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "sparse"})
