@@ -171,9 +171,8 @@ def _dq_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref,
                     plgpu.barrier_arrive(consumed.at[slot])
                     return dq
 
-                dq = walk_visits(rows_ref, lambda _: row, 1,
-                                 lambda step, g, code, c: visit(start + step, g, code, c),
-                                 wgmma_zeros((WG_ROWS, D)))
+                dq = walk_visits(rows_ref, lambda _: row, 1, visit,
+                                 wgmma_zeros((WG_ROWS, D)), start=start)
                 q_smem[wg] = (dq * cfg.scale).astype(dtype)
                 plgpu.commit_smem()  # also: every thread is past its reads of the item's tiles
                 has_next = i + 1 < count
@@ -199,8 +198,7 @@ def _dq_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref,
                               slot, loaded.at[slot])
                     return carry
 
-                walk_visits(rows_ref, lambda _: row_of(b, h, q_block), 1,
-                            lambda step, g, code, c: load(start + step, g, code, c), ())
+                walk_visits(rows_ref, lambda _: row_of(b, h, q_block), 1, load, (), start=start)
 
             each_item(one_item)
 
@@ -278,9 +276,8 @@ def _dkv_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref
                     return dk, dv
 
                 zeros = (wgmma_zeros((keys_per_wg, D)), wgmma_zeros((keys_per_wg, Dv)))
-                dk, dv = walk_visits(rows_ref, rows_of(b, hk, kb), cfg.groups,
-                                     lambda step, g, code, c: visit(start + step, g, code, c),
-                                     zeros)
+                dk, dv = walk_visits(rows_ref, rows_of(b, hk, kb), cfg.groups, visit,
+                                     zeros, start=start)
                 k_smem[wg] = (dk * cfg.scale).astype(dtype)
                 v_smem[wg] = dv.astype(dtype)
                 plgpu.commit_smem()
@@ -306,8 +303,7 @@ def _dkv_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref
                               slot, loaded.at[slot])
                     return carry
 
-                walk_visits(rows_ref, rows_of(b, hk, kb), cfg.groups,
-                            lambda step, g, code, c: load(start + step, g, code, c), ())
+                walk_visits(rows_ref, rows_of(b, hk, kb), cfg.groups, load, (), start=start)
 
             each_item(one_item)
 

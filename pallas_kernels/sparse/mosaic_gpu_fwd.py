@@ -112,8 +112,8 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turns = barriers
     wg = jax.lax.axis_index("wg")
     row_of = lambda b, h, q_block: cfg.map_row(b, h, q_block, sched.blocks)
-    for_each_item_ = lambda body: for_each_item(
-        sched, lambda b, h, q_block: rows_ref[row_of(b, h, q_block), 0], body)
+    each_item = functools.partial(
+        for_each_item, sched, lambda b, h, q_block: rows_ref[row_of(b, h, q_block), 0])
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -180,9 +180,8 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 
-            acc, m, l = walk_visits(rows_ref, lambda _: row, 1,
-                                    lambda step, g, code, c: visit(start + step, g, code, c),
-                                    (acc, m, l))
+            acc, m, l = walk_visits(rows_ref, lambda _: row, 1, visit,
+                                    (acc, m, l), start=start)
             # the previous item's o and lse2 stores have read their tiles (the other q
             # buffer, o_smem, lse_smem): both can be overwritten now
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -202,7 +201,7 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
             plgpu.copy_smem_to_gmem(o_tile, o_ref.at[b, rows, h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
 
-        for_each_item_(consume)
+        each_item(consume)
         if PINGPONG:
             pl.when(wg == 0)(take_turn)
         plgpu.wait_smem_to_gmem(0)
@@ -230,10 +229,9 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
                                         v_loaded.at[slot])
                 return carry
 
-            walk_visits(rows_ref, lambda _: row, 1,
-                        lambda step, g, code, c: load(start + step, g, code, c), ())
+            walk_visits(rows_ref, lambda _: row, 1, load, (), start=start)
 
-        for_each_item_(produce)
+        each_item(produce)
 
 
 def _real_rows(cfg: Walk, first, layout) -> jax.Array | bool:

@@ -168,11 +168,12 @@ def product(acc: jax.Array, a: jax.Array, b_ref: Any, stage: Any, interpret: boo
 
 
 def walk_visits(rows_ref: Any, row_of: Callable[[Any], Any], groups: int,
-                body: Callable[..., Any], carry: Any) -> Any:
+                body: Callable[..., Any], carry: Any, start: Any = 0) -> Any:
     """Fold ``carry = body(step, g, code, carry)`` over the visits of rows ``row_of(g)`` of
     ``rows_ref`` for g = 0 .. groups - 1 in turn; ``step`` counts visits across the groups
-    (it picks the ring slot), ``code`` is the packed visit. Producer and consumers of a kernel
-    run the same walk, so they agree on every step's slot."""
+    from ``start`` (the visits of the CTA's earlier items: it picks the ring slot), ``code``
+    is the packed visit. Producer and consumers of a kernel run the same walk, so they agree
+    on every step's slot."""
     def group(g, state):
         start, carry = state
         row = row_of(g)
@@ -181,7 +182,7 @@ def walk_visits(rows_ref: Any, row_of: Callable[[Any], Any], groups: int,
             0, count, lambda v, c: body(start + v, g, rows_ref[row, 1 + v], c), carry)
         return start + count, carry
 
-    state = (jnp.int32(0), carry)
+    state = (jnp.asarray(start, jnp.int32), carry)
     if groups == 1:
         return group(jnp.int32(0), state)[1]
     return jax.lax.fori_loop(0, groups, group, state)[1]
@@ -197,7 +198,7 @@ def refill_wait(step: Any, stages: int, consumed: Any) -> None:
 
 def launch_ctas(interpreted: bool, items: int, override: int | None) -> int:
     """CTAs of the grid: ``override`` if set (fewer than ``items``: a persistent grid), else one
-    per item on the GPU (an H100 ran both kernels faster so than with one CTA per SM, in the
+    per item on the GPU (on an H100 both kernels ran faster so than with one CTA per SM, in the
     same order: experiments/results/h100_2026-11-23_s5_call2/ab.log) and 3 when interpreted
     (so that CPU tests walk several items per CTA)."""
     if override is not None:
