@@ -135,7 +135,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
 
 
 def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
-    """Times of the parts alone: forward = prepass kernel + forward walk; backward = reverse
+    """Times of the parts alone: forward = prepass kernel + forward walk (``walk_plain_ms``;
+    ``walk_ms`` saves the per-chunk states as under the vjp); backward = reverse
     walk + the chunk-gradient kernel (``mosaic_gpu_grads.chunk_grads``; with its XLA glue:
     ``mosaic_gpu.chunk_gradients``)."""
     C = mosaic_gpu_kernel.CHUNK
@@ -144,15 +145,18 @@ def time_parts(row: dict, q, k, v, beta, g, do, scale: float) -> None:
     q, k, v, do, beta = pad(q), pad(k), pad(v), pad(do), pad(beta.astype(jnp.float32))
     b = None if g is None else mosaic_gpu.gate_cumsum(pad(g))
     prepare = jax.jit(mosaic_gpu._prepare)
-    W, U = prepare(k, v, beta, b)
-    row["prepass_ms"] = bc.time_jax(prepare, [(k, v, beta, b)])
-    prepare_vjp = jax.jit(lambda *a: mosaic_gpu._prepare(*a, save_inverse=True))
-    _, _, T, T_beta = prepare_vjp(k, v, beta, b)
-    row["prepass_vjp_ms"] = bc.time_jax(prepare_vjp, [(k, v, beta, b)])
+    (T_beta,) = prepare(k, beta, b)
+    row["prepass_ms"] = bc.time_jax(prepare, [(k, beta, b)])
+    prepare_vjp = jax.jit(lambda *a: mosaic_gpu._prepare(*a, for_backward=True))
+    _, W, T = prepare_vjp(k, beta, b)
+    row["prepass_vjp_ms"] = bc.time_jax(prepare_vjp, [(k, beta, b)])
     walk = mosaic_gpu_kernel.walk
-    fwd = jax.jit(lambda q, k, W, U, b: walk(q, k, W, U, b, None, scale=scale, save_states=True))
-    row["walk_ms"] = bc.time_jax(fwd, [(q, k, W, U, b)])
-    _, _, states = fwd(q, k, W, U, b)
+    fwd = jax.jit(lambda q, k, T_beta, v, b: walk(q, k, T_beta, v, b, None, scale=scale,
+                                                  save_states=True))
+    row["walk_ms"] = bc.time_jax(fwd, [(q, k, T_beta, v, b)])
+    plain = jax.jit(lambda q, k, T_beta, v, b: walk(q, k, T_beta, v, b, None, scale=scale))
+    row["walk_plain_ms"] = bc.time_jax(plain, [(q, k, T_beta, v, b)])
+    _, _, states = fwd(q, k, T_beta, v, b)
     rev = jax.jit(lambda q, k, W, do, b: walk(q, k, W, do, b, None, scale=scale, reverse=True,
                                               save_states=True))
     row["reverse_walk_ms"] = bc.time_jax(rev, [(q, k, W, do, b)])

@@ -1,10 +1,10 @@
 """The Hopper (Mosaic GPU) kernels of the (gated) delta rule, checked on CPU:
 
-* the WY prepass kernel lowers for cuda (also with ``save_inverse``, as the forward under the
-  vjp runs it), and in interpret mode its W, U match a float64 per-chunk inverse, also for
-  strongly correlated keys without decay (where a power series for (I + A)^-1 loses all
-  precision); with ``save_inverse`` its T = (I + A)^-1 and T diag(β) match a float64 inverse
-  and its W, U are bit for bit the plain prepass's;
+* the WY prepass kernel lowers for cuda (also with ``for_backward``, as the forward under the
+  vjp runs it), and in interpret mode its T diag(β) matches a float64 per-chunk inverse, also
+  for strongly correlated keys without decay (where a power series for (I + A)^-1 loses all
+  precision); with ``for_backward`` its T = (I + A)^-1 and W = T diag(β Γ) k match float64
+  and its T diag(β) is bit for bit the plain prepass's;
 * both walks (forward; reverse, the state cotangent) lower through Mosaic GPU for the cuda
   platform (layouts, shared-memory budget) on every supported jax, no GPU needed, and so does
   the op's forward + backward;
@@ -79,23 +79,24 @@ def _f64(x):
 def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
     B, T, H = 2, 256, 3
     sd = jax.ShapeDtypeStruct
-    args = ((sd((B, T, H, K), jnp.bfloat16),) * 3
-            + (sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None,
-               sd((B, H, K, V), jnp.float32) if with_s0 else None))
-    run = jax.jit(lambda q, k, w, x, b, s0: mk.walk(q, k, w, x, b, s0, scale=0.1,
+    m = sd((B, T, H, K if reverse else mk.CHUNK), jnp.bfloat16)  # W or T_beta
+    args = ((sd((B, T, H, K), jnp.bfloat16),) * 2 + (m, sd((B, T, H, V), jnp.bfloat16),
+            sd((B, H, T), jnp.float32) if gated else None,
+            sd((B, H, K, V), jnp.float32) if with_s0 else None))
+    run = jax.jit(lambda q, k, m, x, b, s0: mk.walk(q, k, m, x, b, s0, scale=0.1,
                                                     reverse=reverse, save_states=save_states))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("K,V,gated,save_inverse", [
-    (128, 128, True, False), (128, 128, True, True), (64, 128, False, True)])
-def test_prepass_lowers_for_cuda(K, V, gated, save_inverse):
+@pytest.mark.parametrize("K,gated,for_backward", [
+    (128, True, False), (128, True, True), (64, False, True)])
+def test_prepass_lowers_for_cuda(K, gated, for_backward):
     B, T, H = 2, 256, 3
     sd = jax.ShapeDtypeStruct
-    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
-            sd((B, H, T), jnp.float32), sd((B, H, T), jnp.float32) if gated else None)
-    run = jax.jit(lambda *a: prepass(*a, save_inverse=save_inverse))
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, H, T), jnp.float32),
+            sd((B, H, T), jnp.float32) if gated else None)
+    run = jax.jit(lambda *a: prepass(*a, for_backward=for_backward))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -120,64 +121,62 @@ def _inverse_float64(k, beta, b):
     return T
 
 
-def _wy_float64(k, v, beta, b):
-    """W, U of every chunk by a float64 matrix inverse (k, v [B, Tp, H, *], beta, b [B, H, Tp])."""
-    T = _inverse_float64(k, beta, b)
-    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-    beta = np.asarray(beta, np.float64)
+def _beta_cols(beta, C):
+    """beta [B, H, Tp] as the column factor of every chunk's [C, C] matrix: [B, Tp, H, C]."""
+    B, H, Tp = beta.shape
+    cols = np.asarray(beta, np.float64).reshape(B, H, Tp // C, 1, C)
+    return np.moveaxis(np.broadcast_to(cols, (B, H, Tp // C, C, C)).reshape(B, H, Tp, C), 1, 2)
+
+
+def _w_float64(T, k, beta, b):
+    """W = T diag(β Γ) k of every chunk in float64 (T [B, Tp, H, C], k [B, Tp, H, K])."""
+    k, beta = np.asarray(k, np.float64), np.asarray(beta, np.float64)
     b = np.zeros(beta.shape) if b is None else np.asarray(b, np.float64)
-    W, U = np.zeros(k.shape), np.zeros(v.shape)
+    W = np.zeros(k.shape)
     for bi, h, t in _chunks(k):
-        bc = beta[bi, h, t]
-        W[bi, t, h] = T[bi, t, h] @ ((bc * np.exp(b[bi, h, t]))[:, None] * k[bi, t, h])
-        U[bi, t, h] = T[bi, t, h] @ (bc[:, None] * v[bi, t, h])
-    return W, U
+        W[bi, t, h] = T[bi, t, h] @ ((beta[bi, h, t] * np.exp(b[bi, h, t]))[:, None] * k[bi, t, h])
+    return W
+
+
+def _prepass_inputs(seed, K, gated, shared):
+    """k (L2-normalised, ``shared``: weight of a direction common to every key; 3: pairwise
+    cosines ~0.9), beta in (0.1, 0.9) and b (chunk cumsum of log gates, or None)."""
+    B, Tp, H = 1, 128, 2
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    beta = jax.random.uniform(ks[2], (B, H, Tp), jnp.float32, 0.1, 0.9)
+    b = mg.gate_cumsum(log_gate(ks[3], (B, Tp, H), -0.5, -0.01)) if gated else None
+    return k, beta, b
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
-def test_interpret_prepass_matches_float64_inverse(K, V, gated, shared):
-    """``shared``: weight of a direction common to every key (3: pairwise cosines ~0.9)."""
-    B, Tp, H = 1, 128, 2
-    ks = jax.random.split(jax.random.PRNGKey(K + V), 5)
-    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
-    beta = jax.random.uniform(ks[3], (B, H, Tp), jnp.float32, 0.1, 0.9)
-    b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
-    W, U = prepass(k, v, beta, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
-    want_w, want_u = _wy_float64(k, v, beta, b)
-    assert W.dtype == k.dtype and U.dtype == v.dtype
-    assert_close(W, want_w, 1e-2, "W")
-    assert_close(U, want_u, 1e-2, "U")
+@pytest.mark.parametrize("K,gated,shared", [(128, True, 0.0), (64, False, 3.0)])
+def test_interpret_prepass_matches_float64_inverse(K, gated, shared):
+    """The plain prepass (race detection on): T diag(β) of every chunk against a float64
+    inverse, also for strongly correlated keys (``shared`` = 3)."""
+    k, beta, b = _prepass_inputs(K, K, gated, shared)
+    (t_beta,) = prepass(k, beta, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    want = _inverse_float64(k, beta, b) * _beta_cols(beta, mk.CHUNK)
+    assert t_beta.dtype == k.dtype and t_beta.shape == want.shape
+    assert_close(t_beta, want, 1e-2, "T diag(beta)")
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,V,gated,shared", [(128, 64, True, 0.0), (64, 128, False, 3.0)])
-def test_interpret_prepass_saved_inverse(K, V, gated, shared):
-    """The prepass under the vjp (``save_inverse``, race detection on): its T = (I + A)^-1 and
-    T diag(β) per chunk, which the chunk-gradient kernel reads, match a float64 inverse, also for
-    strongly correlated keys (``shared`` = 3: cosines ~0.9); its W, U are bit for bit those of
-    the plain prepass."""
-    B, Tp, H = 1, 128, 2
-    ks = jax.random.split(jax.random.PRNGKey(K + 1), 5)
-    k = normal(ks[0], (B, Tp, H, K)) + shared * normal(ks[1], (1, 1, 1, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = normal(ks[2], (B, Tp, H, V), jnp.bfloat16)
-    beta = jax.random.uniform(ks[3], (B, H, Tp), jnp.float32, 0.1, 0.9)
-    b = mg.gate_cumsum(log_gate(ks[4], (B, Tp, H), -0.5, -0.01)) if gated else None
+@pytest.mark.parametrize("K,gated,shared", [(128, True, 0.0), (64, False, 3.0)])
+def test_interpret_prepass_for_backward(K, gated, shared):
+    """The prepass under the vjp (``for_backward``, race detection on): its T = (I + A)^-1 and
+    W = T diag(β Γ) k per chunk, which the backward reads, match float64, also for strongly
+    correlated keys; its T diag(β) is bit for bit the plain prepass's."""
+    k, beta, b = _prepass_inputs(K + 1, K, gated, shared)
     interpret = plgpu.InterpretGPUParams(detect_races=True)
-    w, u, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
-    for name, got, plain in zip("WU", (w, u), prepass(k, v, beta, b, interpret=interpret)):
-        assert got.dtype == plain.dtype and got.shape == plain.shape, name
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32),
-                                      err_msg=name)
+    t_beta, w, t = prepass(k, beta, b, for_backward=True, interpret=interpret)
+    (plain,) = prepass(k, beta, b, interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(t_beta, np.float32), np.asarray(plain, np.float32))
     want = _inverse_float64(k, beta, b)
-    beta_cols = np.asarray(beta).reshape(B, H, Tp // mk.CHUNK, mk.CHUNK)
-    want_beta = want * np.moveaxis(np.repeat(beta_cols, mk.CHUNK, axis=2), 1, 2)
-    assert t.dtype == t_beta.dtype == k.dtype and t.shape == want.shape
+    assert t.dtype == w.dtype == k.dtype and t.shape == want.shape and w.shape == k.shape
     assert_close(t, want, 1e-2, "T")
-    assert_close(t_beta, want_beta, 1e-2, "T diag(beta)")
+    assert_close(w, _w_float64(want, k, beta, b), 1e-2, "W")
 
 
 def _loss(run, do, dstate):
@@ -333,14 +332,14 @@ def test_interpret_grads_kernel_matches_float64(K, V, gated, shared, resets, tol
     """The chunk-gradient kernel alone (race detection on) against ``chunk_math.backward`` in
     float64 on the same bf16 inputs (bf16 operands, float32 accumulation): errors 1.5e-3 to
     3.5e-3, so within 1e-2; with strongly correlated keys T = (I + A)^-1 has large entries and
-    its bf16 copy gives dv, dβ ~9e-3 (the prepass's W, U alike), so that case gets TOL_BF16."""
+    its bf16 copy gives dv, dβ ~9e-3, so that case gets TOL_BF16."""
     B, Tp, H = 1, 128, 2
     q, k, v, beta, b, s, do, ds = _grads_inputs(K + V + int(shared), B, Tp, H, K, V, gated,
                                                 shared, resets)
     scale = K ** -0.5
     w, *want = _chunk_backward_float64(q, k, v, beta, b, s, do, ds, scale)
     interpret = plgpu.InterpretGPUParams(detect_races=True)
-    _, _, t, t_beta = prepass(k, v, beta, b, save_inverse=True, interpret=interpret)
+    t_beta, _, t = prepass(k, beta, b, for_backward=True, interpret=interpret)
     got = chunk_grads(q, k, v, w, t, t_beta, beta, b, s, do, ds, scale=scale,
                       interpret=interpret)
     names = ("dq", "dk", "dv", "dbeta") + (("db_col", "db_row") if gated else ())

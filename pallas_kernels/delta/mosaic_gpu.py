@@ -5,11 +5,12 @@ per-chunk math of both walks).
     S_t = e^{g_t} S_{t-1} + β_t k_t ⊗ (v_t - e^{g_t} S_{t-1}^T k_t),      o_t = scale · q_t S_t
 
 Forward = (a) the prepass kernel (``mosaic_gpu_prepass``: per chunk, independent of the state,
-so one CTA per (chunk, head, batch row)), W = T diag(β Γ) K and U = T diag(β) V in bf16 with
-T = (I + A)^-1 by stable recursive doubling (under the vjp it also writes T and T diag(β) in
-bf16 for the backward), then (b) the forward walk (Δ = U - W S, o, S_next;
-two rounds of tensor-core products per chunk on the sequential path, the linear-attention walk
-plus one [C, K] x [K, 64] product).
+so one CTA per (chunk, head, batch row)), T_β = T diag(β) in bf16 with T = (I + A)^-1 by stable
+recursive doubling (under the vjp it also writes T and W = T diag(β Γ) K in bf16 for the
+backward), then (b) the forward walk (Δ = T_β (V - Γ ⊙ K S), o, S_next; three rounds of
+tensor-core products per chunk on the sequential path). The WY factors W and U are not written
+in the plain forward: per chunk and head at K = V = 128 the forward moves 96 KB through HBM
+(prepass: k in, T_β out; walk: q, k, v, T_β in, o out) instead of 144 KB with W and U stored.
 
 Backward (``jax.custom_vjp`` over the time-padded q, k, v, β, b = chunk-local cumulative log
 gate, and the initial state): the forward under the vjp also writes the state entering every
@@ -24,9 +25,8 @@ the prepass's T and T diag(β)) gives dq, dk, dv, dβ and db; autodiff carries d
 through the chunk cumsum to dg. (Before the chunk-gradient kernels, that part ran batched in
 XLA and took 11.4 of the 12.7 ms forward+backward on the H100 at the anchor.)
 Saved for the backward: q, k, v, β, b, W, T, T diag(β), the initial state and the per-chunk
-states. Saving T and T diag(β) (2 x 8 KB a chunk more written in the forward under the vjp,
-none in the plain forward) spares the backward a kernel that recomputed them bit for bit
-(estimated ~0.2 ms at the anchor shape; not measured on the H100 yet).
+states. Saving T and W (8 + 16 KB a chunk more written in the forward under the vjp, none in
+the plain forward) spares the backward a kernel that recomputed them bit for bit.
 
 Segment resets (packed documents) are log gates of RESET_LOG_GATE at segment starts, so the
 state entering a segment is scaled by e^-80 (below float32 resolution of any sum it joins);
@@ -64,21 +64,22 @@ def gate_cumsum(g: jax.Array) -> jax.Array:
     return cc.chunk_cumsum(jnp.swapaxes(g.astype(F32), 1, 2), CHUNK, axis=2)
 
 
-def _prepare(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None,
-             interpret: Any = None, save_inverse: bool = False) -> tuple[jax.Array, ...]:
-    """The prepass kernel: W [B, Tp, H, K] and U [B, Tp, H, V] in k's dtype; with
-    ``save_inverse`` also T, T diag(β) [B, Tp, H, CHUNK] for the backward."""
-    return prepass(k, v, jnp.swapaxes(beta, 1, 2).astype(F32), b, save_inverse=save_inverse,
+def _prepare(k: jax.Array, beta: jax.Array, b: jax.Array | None, interpret: Any = None,
+             for_backward: bool = False) -> tuple[jax.Array, ...]:
+    """The prepass kernel: (T_β [B, Tp, H, CHUNK],) in k's dtype; ``for_backward``: (T_β,
+    W [B, Tp, H, K], T [B, Tp, H, CHUNK])."""
+    return prepass(k, jnp.swapaxes(beta, 1, 2).astype(F32), b, for_backward=for_backward,
                    interpret=interpret)
 
 
 def _forward(q, k, v, beta, b, s0, scale: float, interpret: Any, for_backward: bool = False):
-    """The walk's outputs (and, ``for_backward``, its per-chunk states) and the prepass's W (and
-    T, T diag(β))."""
-    W, U, *inverse = _prepare(k, v, beta, b, interpret, save_inverse=for_backward)
+    """The walk's outputs (and, ``for_backward``, its per-chunk states and the backward's
+    factors W, T, T_β)."""
+    t_beta, *w_t = _prepare(k, beta, b, interpret, for_backward=for_backward)
     s0 = None if s0 is None else s0.astype(F32)
-    outs = walk(q, k, W, U, b, s0, scale=scale, save_states=for_backward, interpret=interpret)
-    return outs, (W, *inverse)
+    outs = walk(q, k, t_beta, v, b, s0, scale=scale, save_states=for_backward,
+                interpret=interpret)
+    return outs, (*w_t, t_beta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

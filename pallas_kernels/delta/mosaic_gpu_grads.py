@@ -10,7 +10,7 @@ b the chunk-local cumulative log gate (none: b = 0), s the output scale,
 
 each "wgmma" below a tensor-core product of bf16 operands from shared memory into float32
 registers. T = (I + A)^-1 and T_β = T diag(β) of every chunk come from the forward's prepass
-(``mosaic_gpu_prepass.prepass(..., save_inverse=True)``, bf16 [B, Tp, H, C], saved as residuals:
+(``mosaic_gpu_prepass.prepass(..., for_backward=True)``, bf16 [B, Tp, H, C], saved as residuals:
 16 KB a chunk written in the forward under the vjp, read here), so the backward neither
 recomputes them (the recursive doubling: ten dependent products) nor launches a kernel for them.
 The kernel (``chunk_grads``), from TMA-loaded q, k, v, W (the forward's, saved), T, T_β,
@@ -341,7 +341,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, t: jax.A
                 interpret: Any = None) -> tuple[jax.Array, ...]:
     """The kernel on every chunk. q, k, W [B, Tp, H, K], v, dO [B, Tp, H, V] bf16 (Tp a multiple
     of CHUNK; dO the output's cotangent, unscaled), T, T_β [B, Tp, H, C] bf16 (the prepass's,
-    ``save_inverse``), beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log
+    ``for_backward``), beta [B, H, Tp] float32, b [B, H, Tp] float32 chunk-local cumulative log
     gates or None, states / d_states [B, N, H, K, V] bf16 (entering / cotangent of leaving each
     chunk). Returns (dq, dk [B, Tp, H, K], dv [B, Tp, H, V] in their
     dtypes, dβ [B, H, Tp] float32) and, gated, (db_col, db_row [B, H, Tp] float32)."""

@@ -7,16 +7,20 @@ every exponent below is <= 0 and nothing overflows), and per chunk
     D_ij = e^{b_i - b_j} [j <= i],  Γ_i = e^{b_i},  λ_i = e^{b_{C-1} - b_i},  γ = e^{b_{C-1}}.
 
 The WY / UT prepass (``mosaic_gpu_prepass``, chunk-parallel, independent of the state) hands
-every chunk its W = T diag(β Γ) K [C, K] and U = T diag(β) V [C, V], T = (I + A)^-1, A =
-strictly-lower(diag(β) K K^T ⊙ D). What is left is the sequential part: the walks below, one
-CTA per (V blocks, head, batch row), chunks in order, the f32 state block [K, 64] of each
-warpgroup in registers (two warpgroups share a CTA's q/k/W tiles for V = 128).
+every chunk its T_β = T diag(β) [C, C], T = (I + A)^-1, A = strictly-lower(diag(β) K K^T ⊙ D)
+(and, for the backward, W = T diag(β Γ) K [C, K]). What is left is the sequential part: the
+walks below, one CTA per (V blocks, head, batch row), chunks in order, the f32 state block
+[K, 64] of each warpgroup in registers (two warpgroups share a CTA's q/k tiles for V = 128).
 
-``forward`` (chunks first to last), S the state entering the chunk:
+``forward`` (chunks first to last), S the state entering the chunk; with U = T_β V and
+W = T_β diag(Γ) K the WY form Δ = U - W S is T_β (V - Γ ⊙ (K S)), formed here so that W and U
+never travel through HBM (the walk reads T_β, 8 KB a chunk, instead of W and U, 32 KB at
+K = V = 128; one more round of products on the sequential path):
 
-    Δ      = U - W S                                       wgmma 1: W S
-    o      = scale (Γ ⊙ (q S) + ((q k^T) ⊙ D) Δ)            wgmma 1: q k^T, q S;  2: A Δ
-    S_next = γ S + k^T (λ ⊙ Δ)                              wgmma 2: k^T (λ Δ)
+    Y      = v - Γ ⊙ (k S)                                 wgmma 1: k S
+    Δ      = T_β Y                                         wgmma 2: T_β Y
+    o      = scale (Γ ⊙ (q S) + ((q k^T) ⊙ D) Δ)            wgmma 1: q k^T, q S;  3: A Δ
+    S_next = γ S + k^T (λ ⊙ Δ)                              wgmma 3: k^T (λ Δ)
 
 ``reverse`` (chunks last to first) carries R, the cotangent of the state *leaving* the chunk
 (from the final state's cotangent), with dO the output's cotangent:
@@ -26,8 +30,8 @@ warpgroup in registers (two warpgroups share a CTA's q/k/W tiles for V = 128).
 
 and after chunk 0 holds the initial state's cotangent.
 
-Both walks read the same tiles: q, k, W [C, K] (shared by the warpgroups), one [C, 64] tile
-per warpgroup (U forward, dO reverse) and b; they arrive by TMA, double-buffered (warpgroup 0
+Both walks read q, k [C, K] and the chunk's matrix M (T_β [C, C] forward, W [C, K] reverse),
+shared by the warpgroups, one [C, 64] tile per warpgroup (v forward, dO reverse) and b; they arrive by TMA, double-buffered (warpgroup 0
 issues the copies; a slot is refilled once every warpgroup is done reading it). The products
 run on the tensor cores from shared memory (bf16 operands, f32 accumulators); the bf16 copy
 of the carried state for them lives in shared memory. ``save_states`` writes that bf16 copy
@@ -72,12 +76,12 @@ class Tiles:
     """One chunk's shared-memory operands, as seen by warpgroup ``w``."""
     q: Any          # [C, K] bf16 (TMA slot)
     k: Any          # [C, K]
-    w: Any          # [C, K]
-    x: Any          # [C, 64] U (forward) or dO (reverse), this warpgroup's columns
+    m: Any          # [C, C] T_β (forward) or [C, K] W (reverse)
+    x: Any          # [C, 64] v (forward) or dO (reverse), this warpgroup's columns
     state: Any      # [K, 64] bf16 copy of the carried state
     a: Any          # [C, C] masked, decayed scores
     y1: Any         # [C, 64] Δ then o (forward), scale Γ dO (reverse)
-    y2: Any         # [C, 64] λ Δ (forward), -dΔ (reverse)
+    y2: Any         # [C, 64] Y then λ Δ (forward), -dΔ (reverse)
 
 
 def _t(ref):
@@ -93,10 +97,14 @@ def _forward_chunk(cfg: Walk, t: Tiles, state, gate):
     """One forward chunk (module docstring); returns (state leaving it, o)."""
     C, Vb = t.a.shape[0], t.y1.shape[-1]
     layout = plgpu.Layout.WGMMA
-    ws, scores, qs = products((wgmma_zeros((C, Vb)), wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
-                              ((t.w, t.state), (t.q, _t(t.k)), (t.q, t.state)), cfg.interpret)
-    delta = plgpu.layout_cast(t.x[...], layout).astype(jnp.float32) - ws
+    ks, scores, qs = products((wgmma_zeros((C, Vb)), wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
+                              ((t.k, t.state), (t.q, _t(t.k)), (t.q, t.state)), cfg.interpret)
     causal = gate.row >= gate.col
+    if cfg.gated:
+        ks = ks * _rows(jnp.exp(gate.b_col), (C, Vb))
+    t.y2[...] = (plgpu.layout_cast(t.x[...], layout).astype(jnp.float32) - ks).astype(t.y2.dtype)
+    plgpu.commit_smem()
+    (delta,) = products((wgmma_zeros((C, Vb)),), ((t.m, t.y2),), cfg.interpret)
     if cfg.gated:
         scores = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0))
         qs = qs * _rows(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
@@ -134,7 +142,7 @@ def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate):
     d_delta, carry = products((kr, carry), ((t.a, t.x), (_t(t.q), t.y1)), cfg.interpret)
     t.y2[...] = (-d_delta).astype(t.y2.dtype)
     plgpu.commit_smem()
-    (carry,) = products((carry,), ((_t(t.w), t.y2),), cfg.interpret)
+    (carry,) = products((carry,), ((_t(t.m), t.y2),), cfg.interpret)
     return carry, None
 
 
@@ -154,7 +162,7 @@ class _Gate:
                 - jax.lax.broadcast_in_dim(self.b_row, (C, C), [1]))
 
 
-def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
+def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
     """One CTA: V blocks ``vb``, head ``h``, batch row ``bi``; warpgroup ``w`` owns the value
     columns of block ``vb * groups + w``."""
     refs = list(refs)
@@ -166,14 +174,15 @@ def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
     K, C, Vb = k_ref.shape[-1], CHUNK, V_BLOCK
     cols = pl.ds((vb * cfg.groups + w) * Vb, Vb)
     dtype = k_ref.dtype
-    scratch = [tiled_smem((STAGES, C, K), dtype) for _ in range(3)]            # q, k, W
+    scratch = [tiled_smem((STAGES, C, K), dtype) for _ in range(2)]            # q, k
+    scratch += [tiled_smem((STAGES, C, m_ref.shape[-1]), dtype)]              # T_β or W
     scratch += [tiled_smem((cfg.groups, STAGES, C, Vb), dtype),                # U or dO
                 plgpu.SMEM((STAGES, C), jnp.float32),                         # b, as a column
                 plgpu.SMEM((STAGES, C), jnp.float32),                         # b, as a row
                 tiled_smem((cfg.groups, K, Vb), dtype),                       # bf16 state
                 tiled_smem((cfg.groups, C, C), dtype)]                        # A
     scratch += [tiled_smem((cfg.groups, C, Vb), dtype) for _ in range(2)]     # y1, y2
-    loop = functools.partial(_walk, cfg, (q_ref, k_ref, w_ref, x_ref, b_ref), o_ref, states_ref,
+    loop = functools.partial(_walk, cfg, (q_ref, k_ref, m_ref, x_ref, b_ref), o_ref, states_ref,
                              loaded, consumed, (bi, h, vb, w))
     carry_state(loop, scratch, groups=cfg.groups, w=w, rows=K,
                 s0_src=s0_ref.at[bi, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
@@ -181,9 +190,9 @@ def _kernel(cfg: Walk, q_ref, k_ref, w_ref, x_ref, b_ref, s0_ref, *refs):
 
 
 def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
-          q_smem, k_smem, w_smem, x_smem, bc_smem, br_smem, s_smem, a_smem, y1_smem, y2_smem):
+          q_smem, k_smem, m_smem, x_smem, bc_smem, br_smem, s_smem, a_smem, y1_smem, y2_smem):
     """The chunk loop of one warpgroup; returns its final carried state block."""
-    q_ref, k_ref, w_ref, x_ref, b_ref = in_refs
+    q_ref, k_ref, m_ref, x_ref, b_ref = in_refs
     bi, h, vb, w = where
     C, Vb, N, G = CHUNK, V_BLOCK, cfg.chunks, cfg.groups
     cols = pl.ds((vb * G + w) * Vb, Vb)
@@ -194,7 +203,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
     def issue_loads(n, slot):
         rows = pl.ds(chunk_at(n) * C, C)
         bar = loaded.at[slot]
-        for ref, buf in ((q_ref, q_smem), (k_ref, k_smem), (w_ref, w_smem)):
+        for ref, buf in ((q_ref, q_smem), (k_ref, k_smem), (m_ref, m_smem)):
             plgpu.copy_gmem_to_smem(ref.at[bi, rows, h], buf.at[slot], bar)
         for g in range(G):
             g_cols = pl.ds((vb * G + g) * Vb, Vb)
@@ -222,7 +231,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
             gate = _Gate(b_col, b_row, bc_smem[slot, C - 1], row, col)
         else:
             gate = _Gate(None, None, None, row, col)
-        tiles = Tiles(q_smem.at[slot], k_smem.at[slot], w_smem.at[slot], x_smem.at[w, slot],
+        tiles = Tiles(q_smem.at[slot], k_smem.at[slot], m_smem.at[slot], x_smem.at[w, slot],
                       s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w])
         state, o = step(cfg, tiles, state, gate)
         ring.release(n, slot)  # every read of this slot is done
@@ -241,14 +250,15 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
     return state
 
 
-def walk(q: jax.Array, k: jax.Array, w: jax.Array, x: jax.Array, b: jax.Array | None,
+def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | None,
          s0: jax.Array | None, *, scale: float, reverse: bool = False,
          save_states: bool = False, groups: int | None = None,
          interpret: Any = None) -> tuple[jax.Array, ...]:
-    """The kernel call. q, k, w [B, Tp, H, K] and x [B, Tp, H, V] (U forward, dO reverse) bf16
-    with Tp a multiple of CHUNK; b [B, H, Tp] float32 chunk-local cumulative log gates or None;
-    s0 [B, H, K, V] float32 the carry entering the walk (forward: the initial state; reverse: the
-    final state's cotangent) or None (zeros). ``groups``: warpgroups (V blocks of 64) per CTA,
+    """The kernel call. q, k [B, Tp, H, K], m (forward: T_β [B, Tp, H, CHUNK]; reverse: W
+    [B, Tp, H, K]) and x [B, Tp, H, V] (v forward, dO reverse) bf16 with Tp a multiple of
+    CHUNK; b [B, H, Tp] float32 chunk-local cumulative log gates or None; s0 [B, H, K, V]
+    float32 the carry entering the walk (forward: the initial state; reverse: the final state's
+    cotangent) or None (zeros). ``groups``: warpgroups (V blocks of 64) per CTA,
     default all of V's up to 2.
     Returns forward (o [B, Tp, H, V] in q's dtype, final state [B, H, K, V] f32), reverse (the
     initial state's cotangent [B, H, K, V] f32,); with ``save_states`` one more output, the bf16
@@ -260,6 +270,10 @@ def walk(q: jax.Array, k: jax.Array, w: jax.Array, x: jax.Array, b: jax.Array | 
     if Tp % CHUNK or V % (V_BLOCK * groups) or K not in HEAD_DIMS:
         raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={V} of "
                          f"{V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
+    if m.shape != (B, Tp, H, K if reverse else CHUNK):
+        raise ValueError(f"walk: m has shape {m.shape}; the {'reverse' if reverse else 'forward'}"
+                         f" walk reads {'W' if reverse else 'T_beta'} of shape "
+                         f"{(B, Tp, H, K if reverse else CHUNK)}")
     cfg = Walk(N, float(scale), b is not None, reverse, s0 is not None, save_states, groups,
                interpret is not None)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
@@ -271,7 +285,7 @@ def walk(q: jax.Array, k: jax.Array, w: jax.Array, x: jax.Array, b: jax.Array | 
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
     out_type.append(state_type)
     copies = 3 + groups + (2 if cfg.gated else 0)
-    outs = launch_walk(functools.partial(_kernel, cfg), (q, k, w, x, b, s0), out_type=out_type,
+    outs = launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
                        grid=(V // (V_BLOCK * groups), H, B), interpret=interpret)
     if save_states:  # the final carry last, the per-chunk states after it

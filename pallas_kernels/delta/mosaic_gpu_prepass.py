@@ -6,12 +6,14 @@ D_ij = e^{b_i - b_j} on j <= i:
 
     A = strictly-lower(diag(β) (k k^T) ⊙ D)          wgmma: k k^T
     T = (I + A)^-1                                    by recursive doubling, below
-    W = T diag(β Γ) k   [C, K],   U = T diag(β) v   [C, V]          wgmma: T (β Γ k), T (β v)
+    T_β = T diag(β)  [C, C]
 
-W and U leave in bf16 for the walks (``mosaic_gpu_kernel``). Under the vjp (``save_inverse``)
-T and T_β = T diag(β) leave too, in bf16 [B, Tp, H, C] (2 x 8 KB a chunk more written), for the
-backward's chunk-gradient kernel (``mosaic_gpu_grads``), which then needs no kernel of its own
-to recompute them.
+T_β leaves in bf16 for the forward walk (``mosaic_gpu_kernel``), which forms the WY product
+Δ = T_β (v - Γ ⊙ k S) itself, so W and U never travel through HBM in the plain forward: per
+chunk the prepass reads k (16 KB at K = 128) and writes 8 KB. Under the vjp (``for_backward``)
+T and W = T diag(β Γ) k [C, K] (wgmma: T (β Γ k)) leave too, in bf16, for the backward (the
+reverse walk reads W; the chunk-gradient kernel ``mosaic_gpu_grads`` reads W, T and T_β and so
+needs no kernel of its own to recompute them).
 
 Recursive doubling (stable; no powers of A). T_s, the inverse of the diagonal blocks of I + A
 of size s, is block diagonal; with L_s the part of A in the lower off-diagonal blocks of the
@@ -63,23 +65,19 @@ def invert_unit_lower(a: jax.Array, row: jax.Array, col: jax.Array, scratch: tup
     return t
 
 
-def _kernel(gated: bool, save_inverse: bool, interpret: bool, k_ref, v_ref, beta_ref, b_ref,
-            *refs):
-    """One chunk: W, U (and, ``save_inverse``, T and T diag(β)) to HBM. ``refs``: the outputs,
-    then the scratch of ``prepass`` (β's row-layout copy only with ``save_inverse``)."""
-    n_out = 4 if save_inverse else 2
-    outs, (k_smem, v_smem, beta_smem, bc_smem, br_smem, t_smem, l_smem, p_smem, *rest) = (
-        refs[:n_out], refs[n_out:])
-    beta_row_smem, loaded = rest if save_inverse else (None, rest[0])
+def _kernel(gated: bool, for_backward: bool, interpret: bool, k_ref, beta_ref, b_ref, *refs):
+    """One chunk: T_β (and, ``for_backward``, W and T) to HBM. ``refs``: the outputs, then the
+    scratch of ``prepass``."""
+    n_out = 3 if for_backward else 1
+    outs, (k_smem, bc_smem, br_smem, beta_smem, beta_row_smem, t_smem, l_smem, p_smem,
+           loaded) = refs[:n_out], refs[n_out:]
     n, h, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C = CHUNK
     rows = pl.ds(n * C, C)
     layout = plgpu.Layout.WGMMA
     plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, h], k_smem, loaded)
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, h], v_smem, loaded)
-    plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], beta_smem, loaded)
-    if save_inverse:
-        plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], beta_row_smem, loaded)
+    for buf in (beta_smem, beta_row_smem):  # β twice: one buffer per register layout
+        plgpu.copy_gmem_to_smem(beta_ref.at[bi, h, rows], buf, loaded)
     if gated:
         for buf in (bc_smem, br_smem):
             plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf, loaded)
@@ -90,7 +88,7 @@ def _kernel(gated: bool, save_inverse: bool, interpret: bool, k_ref, v_ref, beta
     beta = plgpu.layout_cast(beta_smem[...], layout.reduce(1))
     rows_of = lambda x, shape: jax.lax.broadcast_in_dim(x, shape, [0])
     a = kk * rows_of(beta, (C, C))
-    row_scale_k, row_scale_v = beta, beta  # β Γ for k, β for v
+    row_scale_k = beta  # β Γ, the row factor of W
     if gated:
         b_col = plgpu.layout_cast(bc_smem[...], layout.reduce(1))
         b_row = plgpu.layout_cast(br_smem[...], layout.reduce(0))
@@ -100,40 +98,32 @@ def _kernel(gated: bool, save_inverse: bool, interpret: bool, k_ref, v_ref, beta
         row_scale_k = beta * jnp.exp(b_col)
     t = invert_unit_lower(jnp.where(row > col, a, 0.0), row, col, (t_smem, l_smem, p_smem),
                           interpret)
-    K, V = k_smem.shape[-1], v_smem.shape[-1]
-    k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(row_scale_k,
-                                                                                     (C, K))
-    v_scaled = plgpu.layout_cast(v_smem[...], layout).astype(jnp.float32) * rows_of(row_scale_v,
-                                                                                     (C, V))
-    t_smem[...] = t.astype(t_smem.dtype)
-    k_smem[...] = k_scaled.astype(k_smem.dtype)
-    v_smem[...] = v_scaled.astype(v_smem.dtype)
-    if save_inverse:
-        beta_row = plgpu.layout_cast(beta_row_smem[...], layout.reduce(0))
-        l_smem[...] = (t * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])).astype(l_smem.dtype)
+    beta_row = plgpu.layout_cast(beta_row_smem[...], layout.reduce(0))
+    l_smem[...] = (t * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])).astype(l_smem.dtype)
+    if for_backward:
+        K = k_smem.shape[-1]
+        k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(
+            row_scale_k, (C, K))
+        t_smem[...] = t.astype(t_smem.dtype)
+        k_smem[...] = k_scaled.astype(k_smem.dtype)
     plgpu.commit_smem()
-    if save_inverse:  # T and T diag(β) leave while the products run
+    plgpu.copy_smem_to_gmem(l_smem, outs[0].at[bi, rows, h])
+    if for_backward:  # T leaves while W's product runs
         plgpu.copy_smem_to_gmem(t_smem, outs[2].at[bi, rows, h])
-        plgpu.copy_smem_to_gmem(l_smem, outs[3].at[bi, rows, h])
-    w, u = products((wgmma_zeros((C, K)), wgmma_zeros((C, V))),
-                    ((t_smem, k_smem), (t_smem, v_smem)), interpret)
-    k_smem[...] = w.astype(k_smem.dtype)
-    v_smem[...] = u.astype(v_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, outs[0].at[bi, rows, h])
-    plgpu.copy_smem_to_gmem(v_smem, outs[1].at[bi, rows, h])
+        (w,) = products((wgmma_zeros(k_smem.shape),), ((t_smem, k_smem),), interpret)
+        k_smem[...] = w.astype(k_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, outs[1].at[bi, rows, h])
     plgpu.wait_smem_to_gmem(0)
 
 
-def prepass(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None, *,
-            save_inverse: bool = False, interpret: Any = None) -> tuple[jax.Array, ...]:
-    """k [B, Tp, H, K], v [B, Tp, H, V] bf16 (Tp a multiple of CHUNK), beta [B, H, Tp] float32,
-    b [B, H, Tp] float32 chunk-local cumulative log gates or None. Returns (W [B, Tp, H, K],
-    U [B, Tp, H, V]) in k's and v's dtype; with ``save_inverse`` also (T, T diag(β)), both
-    [B, Tp, H, C] in k's dtype (chunk n's [C, C] matrices in rows n C .. n C + C - 1), for the
-    backward's chunk-gradient kernel."""
+def prepass(k: jax.Array, beta: jax.Array, b: jax.Array | None, *, for_backward: bool = False,
+            interpret: Any = None) -> tuple[jax.Array, ...]:
+    """k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), beta [B, H, Tp] float32, b [B, H, Tp]
+    float32 chunk-local cumulative log gates or None. Returns (T_β,), T_β = T diag(β)
+    [B, Tp, H, C] in k's dtype (chunk n's [C, C] matrix in rows n C .. n C + C - 1); with
+    ``for_backward`` (T_β, W [B, Tp, H, K], T [B, Tp, H, C]), W and T for the backward."""
     B, Tp, H, K = k.shape
-    V = v.shape[-1]
     C = CHUNK
     gated = b is not None
     b = b if gated else jnp.zeros((1, 1, C), jnp.float32)  # never read
@@ -141,16 +131,12 @@ def prepass(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array | None, *,
     tile = jax.ShapeDtypeStruct((B, Tp, H, C), dtype)
     vector = lambda: plgpu.SMEM((C,), jnp.float32)
     return plgpu.kernel(
-        functools.partial(_kernel, gated, save_inverse, interpret is not None),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-        + ((tile, tile) if save_inverse else ()),
-        scratch_types=[
-            tiled_smem((C, K), dtype), tiled_smem((C, V), dtype), vector(), vector(), vector(),
-            tiled_smem((C, C), dtype), tiled_smem((C, C), dtype), tiled_smem((C, C), dtype),
-        ] + ([vector()] if save_inverse else []) + [
-            plgpu.Barrier(num_arrivals=3 + (2 if gated else 0) + (1 if save_inverse else 0)),
-        ],
+        functools.partial(_kernel, gated, for_backward, interpret is not None),
+        out_type=(tile,) + ((jax.ShapeDtypeStruct(k.shape, dtype), tile) if for_backward else ()),
+        scratch_types=[tiled_smem((C, K), dtype)] + [vector() for _ in range(4)] + [
+            tiled_smem((C, C), dtype) for _ in range(3)] + [
+            plgpu.Barrier(num_arrivals=3 + (2 if gated else 0))],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
         **({} if interpret is None else {"interpret": interpret}),
-    )(k, v, beta, b)
+    )(k, beta, b)
