@@ -219,6 +219,16 @@ def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_typ
     return tuple(outs)
 
 
+DEFAULT_SMS = 132  # H100 / H200 SXM; the device's own count is used when there is one
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (DEFAULT_SMS off GPU)."""
+    device = jax.devices()[0]
+    return (int(getattr(device, "core_count", 0) or DEFAULT_SMS) if device.platform == "gpu"
+            else DEFAULT_SMS)
+
+
 def is_hopper() -> bool:
     """True when the default device is an NVIDIA GPU of compute capability 9.x."""
     device = jax.devices()[0]

@@ -10,9 +10,9 @@
   the op's forward + backward;
 * in GPU interpret mode (``plgpu.InterpretGPUParams``, jax >= 0.12; skipped before) the op's
   output and final state match the float64 step-by-step oracle (race detection on, padded last
-  chunk, K != V, one and two warpgroups, with and without g, initial state, segments, T = 1),
-  and its gradients of q, k, v, beta, g and the initial state (output and final-state
-  cotangents) match autodiff of the oracle;
+  chunk, K != V, one and two warpgroups per CTA (``default_groups``), with and without g,
+  initial state, segments, T = 1), and its gradients of q, k, v, beta, g and the initial
+  state (output and final-state cotangents) match autodiff of the oracle;
 * the chunk-gradient kernel of the backward lowers for cuda, and in interpret mode (with the
   prepass's T, T diag(β)) matches ``chunk_math.backward`` in float64 (segment resets, strongly
   correlated keys, K != V);
@@ -201,14 +201,30 @@ def test_backward_lowers_for_cuda(K, V, gated):
     assert text.count("mosaic_gpu") >= 2  # the forward and the reverse walk
 
 
+def _force_two_warpgroups(monkeypatch):
+    """Make ``default_groups`` pick two warpgroups per CTA (V = 128) at the tests' small B·H."""
+    monkeypatch.setattr(mk, "num_sms", lambda: 1)
+
+
+def test_default_groups():
+    """Two warpgroups per CTA (V = 128) unless one CTA per V block fits in one wave of SMs."""
+    sms = mosaic_gpu_common.num_sms()
+    assert mk.default_groups(sms, 128) == 2          # the anchor: B·H = 128, 256 V blocks
+    assert mk.default_groups(sms // 2, 128) == 1     # long T, small B: one V block per CTA
+    assert mk.default_groups(4 * sms, 64) == 1       # V = 64 has one block
+
+
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments", [
-    (2, 150, 2, 128, 128, True, False, False),  # two warpgroups, padded last chunk
-    (1, 100, 1, 64, 128, False, True, False),   # no gate, initial state, K != V
-    (1, 200, 1, 128, 64, True, True, True),     # one warpgroup, segments
-    (1, 1, 1, 64, 64, True, True, False),       # T = 1
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments,two_wgs", [
+    (2, 150, 2, 128, 128, True, False, False, True),   # two warpgroups, padded last chunk
+    (1, 130, 2, 128, 128, True, False, False, False),  # one CTA per V block (small B·H)
+    (1, 100, 1, 64, 128, False, True, False, True),    # no gate, initial state, K != V
+    (1, 200, 1, 128, 64, True, True, True, False),     # V = 64, segments
+    (1, 1, 1, 64, 64, True, True, False, False),       # T = 1
 ])
-def test_interpret_matches_oracle(B, T, H, K, V, gated, init, segments):
+def test_interpret_matches_oracle(B, T, H, K, V, gated, init, segments, two_wgs, monkeypatch):
+    if two_wgs:
+        _force_two_warpgroups(monkeypatch)
     args, seg = _inputs(T, B, T, H, K, V, gated, init, segments)
     scale = K ** -0.5
     o, s = _kernel_op(scale, seg, plgpu.InterpretGPUParams(detect_races=True))(*args)
@@ -221,14 +237,18 @@ def test_interpret_matches_oracle(B, T, H, K, V, gated, init, segments):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments", [
-    (1, 150, 2, 64, 128, True, True, False),    # K != V, gated, initial state
-    (1, 100, 1, 128, 64, False, False, True),   # DeltaNet, segments, one warpgroup
-    (1, 1, 1, 64, 64, True, False, False),      # T = 1
+@pytest.mark.parametrize("B,T,H,K,V,gated,init,segments,two_wgs", [
+    (1, 150, 2, 64, 128, True, True, False, True),    # K != V, gated, initial state
+    (1, 100, 1, 128, 64, False, False, True, False),  # DeltaNet, segments, one warpgroup
+    (1, 1, 1, 64, 64, True, False, False, False),     # T = 1
 ])
-def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, segments):
+def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, segments, two_wgs,
+                                          monkeypatch):
     """dq, dk, dv, dbeta, dg, d initial state of the Mosaic GPU backward against autodiff of
-    the float64 step-by-step oracle."""
+    the float64 step-by-step oracle (both walks with two warpgroups per CTA where
+    ``two_wgs``)."""
+    if two_wgs:
+        _force_two_warpgroups(monkeypatch)
     args, seg = _inputs(T + 7, B, T, H, K, V, gated, init, segments)
     kd, ks = jax.random.split(jax.random.PRNGKey(T), 2)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))

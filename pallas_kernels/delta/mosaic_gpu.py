@@ -34,8 +34,9 @@ the replaced gates get exactly zero gradient.
 
 Scope: bf16 q/k/v, K and V in {64, 128}, g optional, segments and initial state supported,
 the default chunk only; ``mosaic_gpu_accepts`` declines everything else and everything off
-Hopper. One CTA per (V blocks, head, batch row) walks the whole sequence (no sequence split
-yet: at small B·H and long T most SMs idle).
+Hopper. One CTA per (V blocks, head, batch row) walks the whole sequence, one V block of 64
+per CTA where B·H is small (``mosaic_gpu_kernel.default_groups``); no sequence split yet, so
+at B·H·V/64 well below the SM count (T = 64k, B = 1) most SMs still idle.
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernels on CPU.
 """

@@ -67,19 +67,12 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, V_BLOCK, walk
-from pallas_kernels.mosaic_gpu_common import hopper_accepts
+from pallas_kernels.mosaic_gpu_common import hopper_accepts, num_sms
 
 MIN_PIECE_CHUNKS = 16   # a piece shorter than this costs more in its extra state pass than it wins
 MAX_PIECES = 8
-DEFAULT_SMS = 132       # H100 SXM; the device's own count is used when there is one
 WARPGROUPS_PER_CTA = 2  # V blocks of 64 sharing one CTA's q/k tiles (1: one CTA per V block)
 RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-35
-
-
-def _num_sms() -> int:
-    device = jax.devices()[0]
-    return int(getattr(device, "core_count", 0) or DEFAULT_SMS) if device.platform == "gpu" \
-        else DEFAULT_SMS
 
 
 def _groups(value_dim: int) -> int:
@@ -90,7 +83,7 @@ def pieces_for(ctas: int, num_chunks: int) -> int:
     """Pieces per sequence: doubled while ``ctas`` (per piece) · P stays within the SM count
     and each piece keeps at least MIN_PIECE_CHUNKS chunks (1 for the B·T = 32k, H = 16,
     T <= 4k benchmark)."""
-    pieces, sms = 1, _num_sms()
+    pieces, sms = 1, num_sms()
     while (pieces < MAX_PIECES and ctas * 2 * pieces <= sms
            and num_chunks // (2 * pieces) >= MIN_PIECE_CHUNKS):
         pieces *= 2
