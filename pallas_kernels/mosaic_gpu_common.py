@@ -36,12 +36,12 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# "delta": with its chunk-gradient kernel starting from the forward's saved T and T diag(beta)
-# (mosaic_gpu_grads), check_mosaic_delta's cases 3, 5 and 6 (padding, segments, the gated anchor)
-# passed on the H100 at 95178c6 (experiments/results/h100_2026-11-23_s5_call1; merged as 3f721f0,
-# the same copies issued in the same order), cases 0-6 with the previous gradient kernel
-# (_s4_call3, _s4_call4); at the anchor fwd 0.495 ms, fwd+bwd 2.32 ms (XLA path 8.96 / 27.8 ms,
-# session 3).
+# "delta": with the forward walk forming Delta = T_beta (v - Gamma k S) from the prepass's T diag(beta)
+# (no W, U in HBM), check_mosaic_delta's cases 0-7 passed on the H100 at 5a8e7be / 4ade321
+# (experiments/results/h100_2026-11-23_s6_call1, _s6_call3: D = 64 and 128, gate and none, padding,
+# initial state, segments, both anchors), and with one CTA per V block at small B*H (default_groups,
+# the kernel code otherwise unchanged) every bench_delta case's built-in check passed at 9e4e2c2
+# (_s6_call4, _s6_call6); gated anchor fwd 0.417 ms, fwd+bwd 2.30 ms (bench_delta, session 6).
 # "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
 # H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
 # padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.
