@@ -217,8 +217,9 @@ def main() -> None:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dbeta", "err_dg", "err_ds0",
-            "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "prepass_vjp_ms", "walk_ms",
-            "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms", "grads_kernel_ms", "auto_impl"]
+            "mosaic_fwd_ms", "xla_fwd_ms", "prepass_ms", "prepass_vjp_ms", "walk_plain_ms",
+            "walk_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "reverse_walk_ms", "chunk_grads_ms",
+            "grads_kernel_ms", "auto_impl"]
     bc.print_table(rows, cols)
 
 

@@ -36,8 +36,8 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# "delta": with the forward walk forming Delta = T_beta (v - Gamma k S) from the prepass's T diag(beta)
-# (no W, U in HBM), check_mosaic_delta's cases 0-7 passed on the H100 at 5a8e7be / 4ade321
+# "delta": with the forward walk forming Delta = T_beta (v - Gamma k S) from the prepass's
+# T diag(beta) (no W, U in HBM), check_mosaic_delta's cases 0-7 passed on the H100 at 5a8e7be / 4ade321
 # (experiments/results/h100_2026-11-23_s6_call1, _s6_call3: D = 64 and 128, gate and none, padding,
 # initial state, segments, both anchors), and with one CTA per V block at small B*H (default_groups,
 # the kernel code otherwise unchanged) every bench_delta case's built-in check passed at 9e4e2c2

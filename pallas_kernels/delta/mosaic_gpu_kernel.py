@@ -32,10 +32,10 @@ K = V = 128; one more round of products on the sequential path):
 and after chunk 0 holds the initial state's cotangent.
 
 Both walks read q, k [C, K] and the chunk's matrix M (T_β [C, C] forward, W [C, K] reverse),
-shared by the warpgroups, one [C, 64] tile per warpgroup (v forward, dO reverse) and b; they arrive by TMA, double-buffered (warpgroup 0
-issues the copies; a slot is refilled once every warpgroup is done reading it). The products
-run on the tensor cores from shared memory (bf16 operands, f32 accumulators); the bf16 copy
-of the carried state for them lives in shared memory. ``save_states`` writes that bf16 copy
+shared by the warpgroups, one [C, 64] tile per warpgroup (v forward, dO reverse) and b; they
+arrive by TMA, double-buffered (warpgroup 0 issues the copies; a slot is refilled once every
+warpgroup is done reading it). The products run on the tensor cores from shared memory (bf16
+operands, f32 accumulators); the bf16 copy of the carried state for them lives in shared memory. ``save_states`` writes that bf16 copy
 at the start of each chunk to an output [B, N, H, K, V] (forward: the state entering chunk n;
 reverse: the cotangent of the state leaving it), which the chunk-parallel backward reads.
 The forward's o leaves by TMA from the buffer Δ used (free once wgmma 2 is done).
@@ -281,10 +281,10 @@ def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | 
     if Tp % CHUNK or V % (V_BLOCK * groups) or K not in HEAD_DIMS:
         raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={V} of "
                          f"{V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
-    if m.shape != (B, Tp, H, K if reverse else CHUNK):
+    m_shape = (B, Tp, H, K if reverse else CHUNK)
+    if m.shape != m_shape:
         raise ValueError(f"walk: m has shape {m.shape}; the {'reverse' if reverse else 'forward'}"
-                         f" walk reads {'W' if reverse else 'T_beta'} of shape "
-                         f"{(B, Tp, H, K if reverse else CHUNK)}")
+                         f" walk reads {'W' if reverse else 'T_beta'} of shape {m_shape}")
     cfg = Walk(N, float(scale), b is not None, reverse, s0 is not None, save_states, groups,
                interpret is not None)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read

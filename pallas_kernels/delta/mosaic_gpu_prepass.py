@@ -25,7 +25,8 @@ five levels of two products each up to s = 64 (the wgmma operands in bf16, T acc
 float32): the same recursion as ``chunk_math.inverse_unit_lower``; ``invert_unit_lower``.
 Every operand is a true inverse of a sub-block or a block of A, so nothing grows (a power
 series sum (-A)^p forms entries up to C(63, p)·β^p for strongly correlated keys and cancels
-away all precision even in float32; checked in ``tests/test_delta_mosaic_gpu.py`` and ``tests/test_delta_utils.py``).
+away all precision even in float32; checked in ``tests/test_delta_mosaic_gpu.py`` and
+``tests/test_delta_utils.py``).
 """
 from __future__ import annotations
 
@@ -88,22 +89,20 @@ def _kernel(gated: bool, for_backward: bool, interpret: bool, k_ref, beta_ref, b
     beta = plgpu.layout_cast(beta_smem[...], layout.reduce(1))
     rows_of = lambda x, shape: jax.lax.broadcast_in_dim(x, shape, [0])
     a = kk * rows_of(beta, (C, C))
-    row_scale_k = beta  # β Γ, the row factor of W
     if gated:
         b_col = plgpu.layout_cast(bc_smem[...], layout.reduce(1))
         b_row = plgpu.layout_cast(br_smem[...], layout.reduce(0))
         diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
                 - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
         a = a * jnp.exp(jnp.where(row > col, diff, 0.0))
-        row_scale_k = beta * jnp.exp(b_col)
     t = invert_unit_lower(jnp.where(row > col, a, 0.0), row, col, (t_smem, l_smem, p_smem),
                           interpret)
     beta_row = plgpu.layout_cast(beta_row_smem[...], layout.reduce(0))
     l_smem[...] = (t * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])).astype(l_smem.dtype)
     if for_backward:
-        K = k_smem.shape[-1]
+        row_scale_k = beta * jnp.exp(b_col) if gated else beta  # β Γ, the row factor of W
         k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(
-            row_scale_k, (C, K))
+            row_scale_k, k_smem.shape)
         t_smem[...] = t.astype(t_smem.dtype)
         k_smem[...] = k_scaled.astype(k_smem.dtype)
     plgpu.commit_smem()

@@ -198,7 +198,7 @@ def refill_wait(step: Any, stages: int, consumed: Any) -> None:
 
 def launch_ctas(interpreted: bool, items: int, override: int | None) -> int:
     """CTAs of the grid: ``override`` if set (fewer than ``items``: a persistent grid), else one
-    per item on the GPU (on an H100 both kernels ran faster so than with one CTA per SM, in the
+    per item on the GPU (on an H100 both kernels ran faster than with one CTA per SM, in the
     same order: experiments/results/h100_2026-11-23_s5_call2/ab.log) and 3 when interpreted
     (so that CPU tests walk several items per CTA)."""
     if override is not None:
