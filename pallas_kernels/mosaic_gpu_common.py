@@ -3,10 +3,11 @@
 * ``pl`` / ``plgpu``: the Pallas front ends (None where this jax has no Mosaic GPU);
 * ``tiled_smem``: a shared-memory tile laid out for TMA and ``wgmma`` (bf16 (8, 64) tiles,
   128-byte swizzle);
-* ``products``: ``init + a @ b`` for several (a, b) shared-memory operand pairs on the
-  tensor cores, with the fallback the CPU GPU-interpreter needs;
+* ``products``: ``init + a @ b`` for several (a, b) operand pairs on the tensor cores (``a``
+  in shared memory or ``Registers``), with the fallback the CPU GPU-interpreter needs;
 * ``summed_products``: the same with several products summed into each accumulator;
 * ``wgmma_zeros``: a float32 zero array in the ``wgmma`` register layout;
+* ``load_transposed``: a shared-memory tile read transposed into that layout;
 * ``store_split``: a float32 array written to shared memory as bf16 hi (+ lo) parts, so that
   tensor-core products with the parts, summed, read it to ~float32 accuracy;
 * ``warpgroup_index``, ``carry_state``, ``TileRing`` and ``launch_walk``: the frame of the walk
@@ -20,6 +21,7 @@ goes to a fresh accumulator that is added afterwards; compiled, the products acc
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -67,6 +69,18 @@ def wgmma_zeros(shape: Sequence[int]) -> jax.Array:
     return plgpu.layout_cast(jnp.zeros(tuple(shape), jnp.float32), plgpu.Layout.WGMMA)
 
 
+def transposes_swizzled_tiles() -> bool:
+    """Whether this jax's Mosaic GPU reads and writes swizzled SMEM tiles transposed to and
+    from registers (``load_transposed``; jax >= 0.11)."""
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def load_transposed(ref: Any) -> jax.Array:
+    """The [R, C] SMEM tile ``ref`` read transposed into registers: [C, R] in the WGMMA layout
+    (needs ``transposes_swizzled_tiles()``)."""
+    return plgpu.layout_cast(ref.transpose((1, 0))[...], plgpu.Layout.WGMMA)
+
+
 def store_split(parts: Sequence[Any], value: jax.Array) -> None:
     """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape): parts[0] <- hi =
     bf16(value) and, where a second ref is given, parts[1] <- lo = bf16(value - hi). A product
@@ -78,14 +92,38 @@ def store_split(parts: Sequence[Any], value: jax.Array) -> None:
         parts[1][...] = (value - hi.astype(value.dtype)).astype(parts[1].dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Registers:
+    """A ``wgmma`` left operand held in registers: a bf16 array in the WGMMA layout (its rows
+    are the accumulator's). The tensor cores read it without a round trip through shared
+    memory, so a value computed on the sequential path of a walk feeds the next product at
+    once. ``staging``: an SMEM tile of its shape, used only in interpret mode (the interpreter
+    reads wgmma operands from refs), where the value is written there first."""
+    value: jax.Array
+    staging: Any = None
+
+
 def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
              interpret: bool) -> tuple[jax.Array, ...]:
     """``init + a @ b`` for each (init, (a, b)), the wgmmas issued back to back; returns the
-    results once all are done. ``a`` and ``b`` are SMEM refs (``b`` may be a transposed view)."""
+    results once all are done. ``b`` is an SMEM ref (possibly a transposed view); ``a`` an SMEM
+    ref or ``Registers``. Compiled, the results pass an optimization barrier when an operand is
+    in registers: the accumulator's read lowers to a wait with no data dependence on the
+    registers, which LLVM could otherwise schedule arithmetic ahead of."""
     shapes = [x.shape for x in inits]
+    in_registers = any(isinstance(a, Registers) for a, _ in operands)
     if interpret:
+        refs = []
+        for a, _ in operands:
+            if isinstance(a, Registers):
+                a.staging[...] = a.value
+                a = a.staging
+            refs.append(a)
+        if in_registers:
+            plgpu.commit_smem()
+
         def body(*accs):
-            for acc, (a, b) in zip(accs, operands):
+            for acc, a, (_, b) in zip(accs, refs, operands):
                 plgpu.wgmma(acc, a, b)
             return tuple(acc[...] for acc in accs)
         fresh = pl.run_scoped(body, *[plgpu.ACC(s) for s in shapes])
@@ -93,8 +131,9 @@ def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
 
     def body(accs):
         for acc, (a, b) in zip(accs, operands):
-            plgpu.wgmma(acc, a, b)
-    return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+            plgpu.wgmma(acc, a.value if isinstance(a, Registers) else a, b)
+    out = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
+    return jax.lax.optimization_barrier(out) if in_registers else out
 
 
 def summed_products(inits: Sequence[jax.Array],

@@ -53,7 +53,7 @@ from pallas_kernels import common
 from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads
 from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, walk
 from pallas_kernels.delta.mosaic_gpu_prepass import prepass
-from pallas_kernels.mosaic_gpu_common import hopper_accepts
+from pallas_kernels.mosaic_gpu_common import hopper_accepts, transposes_swizzled_tiles
 
 RESET_LOG_GATE = -80.0  # the log gate standing for a segment start: e^-80 ~ 2e-35
 F32 = jnp.float32
@@ -151,6 +151,8 @@ def mosaic_gpu_accepts(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array
     if (reason := hopper_accepts()) is not None:
         return reason
     reasons = [
+        (not transposes_swizzled_tiles(), "the forward walk needs jax >= 0.11 (transposed "
+                                          "shared-memory tiles)"),
         (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
         (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
         (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),

@@ -49,9 +49,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, num_sms, pl,
-                                              plgpu, products, tiled_smem, warpgroup_index,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (Registers, TileRing, carry_state, launch_walk,
+                                              load_transposed, num_sms, pl, plgpu, products,
+                                              tiled_smem, warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
@@ -82,7 +82,8 @@ class Tiles:
     state: Any      # [K, 64] bf16 copy of the carried state
     a: Any          # [C, C] masked, decayed scores
     y1: Any         # [C, 64] Δ then o (forward), scale Γ dO (reverse)
-    y2: Any         # [C, 64] Y then λ Δ (forward), -dΔ (reverse)
+    y2: Any         # [C, 64] -dΔ (reverse)
+    stage: tuple = (None, None, None)  # interpret mode: the forward's register operands' tiles
 
 
 def _t(ref):
@@ -94,32 +95,41 @@ def _rows(x: jax.Array, shape) -> jax.Array:
     return jax.lax.broadcast_in_dim(x, shape, [0])
 
 
-def _forward_chunk(cfg: Walk, t: Tiles, state, gate):
-    """One forward chunk (module docstring); returns (state leaving it, o)."""
-    C, Vb = t.a.shape[0], t.y1.shape[-1]
-    layout = plgpu.Layout.WGMMA
-    ks, scores, qs = products((wgmma_zeros((C, Vb)), wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
-                              ((t.k, t.state), (t.q, _t(t.k)), (t.q, t.state)), cfg.interpret)
+def _cols(x: jax.Array, shape) -> jax.Array:
+    """A per-column [C] factor broadcast over the rows of ``shape``."""
+    return jax.lax.broadcast_in_dim(x, shape, [1])
+
+
+def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate):
+    """One forward chunk (module docstring) on the transposed state S^T [64, K] (float32
+    registers, also the bf16 left operand of the tensor-core products, so the sequential path
+    S -> Y -> Δ -> S_next never passes through shared memory); returns (S_next^T, o^T [64, C])."""
+    C, Vb = t.a.shape[0], state_t.shape[0]
+    dtype = t.k.dtype
+    s_lo = Registers(state_t.astype(dtype), t.stage[0])
+    ks_t, qs_t, scores = products(
+        (wgmma_zeros((Vb, C)), wgmma_zeros((Vb, C)), wgmma_zeros((C, C))),
+        ((s_lo, _t(t.k)), (s_lo, _t(t.q)), (t.q, _t(t.k))), cfg.interpret)
     causal = gate.row >= gate.col
     if cfg.gated:
-        ks = ks * _rows(jnp.exp(gate.b_col), (C, Vb))
-    t.y2[...] = (plgpu.layout_cast(t.x[...], layout).astype(jnp.float32) - ks).astype(t.y2.dtype)
-    plgpu.commit_smem()
-    (delta,) = products((wgmma_zeros((C, Vb)),), ((t.m, t.y2),), cfg.interpret)
+        ks_t = ks_t * _cols(jnp.exp(gate.b_row), (Vb, C))
+    y_t = load_transposed(t.x).astype(jnp.float32) - ks_t
+    (delta_t,) = products((wgmma_zeros((Vb, C)),),
+                          ((Registers(y_t.astype(dtype), t.stage[1]), _t(t.m)),), cfg.interpret)
     if cfg.gated:
         scores = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0))
-        qs = qs * _rows(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
-        delta_out = delta * _rows(jnp.exp(gate.b_last - gate.b_col), (C, Vb))
-        state = state * jnp.exp(gate.b_last)
+        qs_t = qs_t * _cols(cfg.scale * jnp.exp(gate.b_row), (Vb, C))
+        delta_last = delta_t * _cols(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
+        state_t = state_t * jnp.exp(gate.b_last)
     else:
-        qs, delta_out = qs * cfg.scale, delta
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o has left y1
-    t.y1[...] = delta.astype(t.y1.dtype)
-    t.y2[...] = delta_out.astype(t.y2.dtype)
+        qs_t, delta_last = qs_t * cfg.scale, delta_t
     t.a[...] = jnp.where(causal, scores * cfg.scale, 0.0).astype(t.a.dtype)
     plgpu.commit_smem()
-    o, state = products((qs, state), ((t.a, t.y1), (_t(t.k), t.y2)), cfg.interpret)
-    return state, o
+    state_t, o_t = products(
+        (state_t, qs_t),
+        ((Registers(delta_last.astype(dtype), t.stage[1]), t.k),
+         (Registers(delta_t.astype(dtype), t.stage[2]), _t(t.a))), cfg.interpret)
+    return state_t, o_t
 
 
 def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate):
@@ -183,15 +193,23 @@ def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
                 tiled_smem((cfg.groups, K, Vb), dtype),                       # bf16 state
                 tiled_smem((cfg.groups, C, C), dtype)]                        # A
     scratch += [tiled_smem((cfg.groups, C, Vb), dtype) for _ in range(2)]     # y1, y2
+    if cfg.interpret and not cfg.reverse:  # staging of the register operands
+        scratch += [tiled_smem((cfg.groups, Vb, K), dtype),
+                    tiled_smem((cfg.groups, 2, Vb, C), dtype)]
     loop = functools.partial(_walk, cfg, (q_ref, k_ref, m_ref, x_ref, b_ref), o_ref, states_ref,
                              loaded, consumed, (bi, h, vb, w))
-    carry_state(loop, scratch, groups=cfg.groups, w=w, rows=K,
-                s0_src=s0_ref.at[bi, h, :, cols] if cfg.has_s0 else None, s0_loaded=s0_loaded,
-                sf_dst=sf_ref.at[bi, h, :, cols])
+    # the forward carries S^T: its s0 and final state arrive and leave as [B, H, V, K]
+    block = (lambda ref: ref.at[bi, h, :, cols]) if cfg.reverse else (
+        lambda ref: ref.at[bi, h, cols, :])
+    rows, columns = (K, Vb) if cfg.reverse else (Vb, K)
+    carry_state(loop, scratch, groups=cfg.groups, w=w, rows=rows, cols=columns,
+                s0_src=block(s0_ref) if cfg.has_s0 else None, s0_loaded=s0_loaded,
+                sf_dst=block(sf_ref))
 
 
 def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
-          q_smem, k_smem, m_smem, x_smem, bc_smem, br_smem, s_smem, a_smem, y1_smem, y2_smem):
+          q_smem, k_smem, m_smem, x_smem, bc_smem, br_smem, s_smem, a_smem, y1_smem, y2_smem,
+          *stage_smem):
     """The chunk loop of one warpgroup; returns its final carried state block."""
     q_ref, k_ref, m_ref, x_ref, b_ref = in_refs
     bi, h, vb, w = where
@@ -213,9 +231,17 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
             for buf in (bc_smem, br_smem):
                 plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf.at[slot], bar)
 
+    def store_state(state):
+        """The bf16 copy of the carry: the reverse walk's product operand; the forward's
+        (S^T in registers) only for ``save_states``, written transposed."""
+        if cfg.reverse:
+            s_smem[w] = state.astype(s_smem.dtype)
+        elif cfg.save_states:
+            _t(s_smem.at[w])[...] = state.astype(s_smem.dtype)
+
     ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=G, w=w, consumed=consumed)
     ring.prefill()
-    s_smem[w] = state.astype(s_smem.dtype)
+    store_state(state)
     plgpu.commit_smem()
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
@@ -232,15 +258,17 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
             gate = _Gate(b_col, b_row, bc_smem[slot, C - 1], row, col)
         else:
             gate = _Gate(None, None, None, row, col)
+        stage = ((stage_smem[0].at[w], stage_smem[1].at[w, 0], stage_smem[1].at[w, 1])
+                 if stage_smem else (None,) * 3)
         tiles = Tiles(q_smem.at[slot], k_smem.at[slot], m_smem.at[slot], x_smem.at[w, slot],
-                      s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w])
+                      s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w], stage)
         state, o = step(cfg, tiles, state, gate)
         ring.release(n, slot)  # every read of this slot is done
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved state has left s_smem
-        s_smem[w] = state.astype(s_smem.dtype)
-        if o is not None:
-            y1_smem[w] = o.astype(y1_smem.dtype)
+        store_state(state)
+        if o is not None:  # o^T [64, C] into the [C, 64] tile
+            _t(y1_smem.at[w])[...] = o.astype(y1_smem.dtype)
         plgpu.commit_smem()
         if o is not None:
             plgpu.copy_smem_to_gmem(y1_smem.at[w], o_ref.at[bi, pl.ds(chunk * C, C), h, cols])
@@ -289,8 +317,9 @@ def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | 
                interpret is not None)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
     b = b if cfg.gated else placeholder((1, 1, CHUNK))
-    s0 = s0 if cfg.has_s0 else placeholder((1, 1, K, V_BLOCK))
-    state_type = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)
+    swap = lambda x: x if reverse else jnp.swapaxes(x, -1, -2)  # the forward carries S^T
+    s0 = swap(s0) if cfg.has_s0 else placeholder((1, 1, V_BLOCK, V_BLOCK))
+    state_type = jax.ShapeDtypeStruct((B, H, K, V) if reverse else (B, H, V, K), jnp.float32)
     out_type = [] if reverse else [jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
@@ -299,6 +328,7 @@ def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | 
     outs = launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
                        grid=(V // (V_BLOCK * groups), H, B), interpret=interpret)
+    outs = outs[:-1] + (swap(outs[-1]),)
     if save_states:  # the final carry last, the per-chunk states after it
         outs = outs[:-2] + (outs[-1], outs[-2])
     return outs
