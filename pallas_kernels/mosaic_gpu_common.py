@@ -104,12 +104,15 @@ class Registers:
 
 
 def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
-             interpret: bool) -> tuple[jax.Array, ...]:
+             interpret: bool, during: Callable[[], None] | None = None) -> tuple[jax.Array, ...]:
     """``init + a @ b`` for each (init, (a, b)), the wgmmas issued back to back; returns the
     results once all are done. ``b`` is an SMEM ref (possibly a transposed view); ``a`` an SMEM
-    ref or ``Registers``. Compiled, the results pass an optimization barrier when an operand is
-    in registers: the accumulator's read lowers to a wait with no data dependence on the
-    registers, which LLVM could otherwise schedule arithmetic ahead of."""
+    ref or ``Registers``. ``during()``, if given, is traced after the wgmmas are issued and
+    before they are awaited (CUDA-core work, e.g. SMEM stores of other tiles, in the shadow of
+    the tensor cores; it must not write what the products read). Compiled, the results pass an
+    optimization barrier when an operand is in registers: the accumulator's read lowers to a
+    wait with no data dependence on the registers, which LLVM could otherwise schedule
+    arithmetic ahead of."""
     shapes = [x.shape for x in inits]
     in_registers = any(isinstance(a, Registers) for a, _ in operands)
     if interpret:
@@ -125,6 +128,8 @@ def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
         def body(*accs):
             for acc, a, (_, b) in zip(accs, refs, operands):
                 plgpu.wgmma(acc, a, b)
+            if during is not None:
+                during()
             return tuple(acc[...] for acc in accs)
         fresh = pl.run_scoped(body, *[plgpu.ACC(s) for s in shapes])
         return tuple(x + f for x, f in zip(inits, fresh))
@@ -132,6 +137,8 @@ def products(inits: Sequence[jax.Array], operands: Sequence[tuple[Any, Any]],
     def body(accs):
         for acc, (a, b) in zip(accs, operands):
             plgpu.wgmma(acc, a.value if isinstance(a, Registers) else a, b)
+        if during is not None:
+            during()
     out = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in inits))
     return jax.lax.optimization_barrier(out) if in_registers else out
 

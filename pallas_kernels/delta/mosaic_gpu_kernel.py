@@ -114,17 +114,21 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate):
     if cfg.gated:
         ks_t = ks_t * _cols(jnp.exp(gate.b_row), (Vb, C))
     y_t = load_transposed(t.x).astype(jnp.float32) - ks_t
+
+    def store_scores():  # A = scale (q k^T ⊙ D), masked, while the tensor cores form Δ
+        decayed = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0)) if cfg.gated else scores
+        t.a[...] = jnp.where(causal, decayed * cfg.scale, 0.0).astype(t.a.dtype)
+        plgpu.commit_smem()
+
     (delta_t,) = products((wgmma_zeros((Vb, C)),),
-                          ((Registers(y_t.astype(dtype), t.stage[1]), _t(t.m)),), cfg.interpret)
+                          ((Registers(y_t.astype(dtype), t.stage[1]), _t(t.m)),), cfg.interpret,
+                          during=store_scores)
     if cfg.gated:
-        scores = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0))
         qs_t = qs_t * _cols(cfg.scale * jnp.exp(gate.b_row), (Vb, C))
         delta_last = delta_t * _cols(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
         state_t = state_t * jnp.exp(gate.b_last)
     else:
         qs_t, delta_last = qs_t * cfg.scale, delta_t
-    t.a[...] = jnp.where(causal, scores * cfg.scale, 0.0).astype(t.a.dtype)
-    plgpu.commit_smem()
     state_t, o_t = products(
         (state_t, qs_t),
         ((Registers(delta_last.astype(dtype), t.stage[1]), t.k),
