@@ -8,7 +8,8 @@ Forward = (a) the prepass kernel (``mosaic_gpu_prepass``: per chunk, independent
 so one CTA per (chunk, head, batch row)), T_β = T diag(β) in bf16 with T = (I + A)^-1 by stable
 recursive doubling (under the vjp it also writes T and W = T diag(β Γ) K in bf16 for the
 backward), then (b) the forward walk (Δ = T_β (V - Γ ⊙ K S), o, S_next; three rounds of
-tensor-core products per chunk on the sequential path). The WY factors W and U are not written
+tensor-core products per chunk on the sequential path, on the transposed state S^T so that
+each takes its left operand from registers). The WY factors W and U are not written
 in the plain forward: per chunk and head at K = V = 128 the forward moves 96 KB through HBM
 (prepass: k in, T_β out; walk: q, k, v, T_β in, o out) instead of 144 KB with W and U stored.
 

@@ -16,12 +16,18 @@ except at small B·H: ``default_groups``).
 ``forward`` (chunks first to last), S the state entering the chunk; with U = T_β V and
 W = T_β diag(Γ) K the WY form Δ = U - W S is T_β (V - Γ ⊙ (K S)), formed here so that W and U
 never travel through HBM (the walk reads T_β, 8 KB a chunk, instead of W and U, 32 KB at
-K = V = 128; one more round of products on the sequential path):
+K = V = 128; one more round of products on the sequential path). Each warpgroup carries its
+block *transposed*, S^T [64, K], so that on the sequential path S -> Y -> Δ -> S_next every
+product takes its left operand from registers (no shared-memory round trip, no fence):
 
-    Y      = v - Γ ⊙ (k S)                                 wgmma 1: k S
-    Δ      = T_β Y                                         wgmma 2: T_β Y
-    o      = scale (Γ ⊙ (q S) + ((q k^T) ⊙ D) Δ)            wgmma 1: q k^T, q S;  3: A Δ
-    S_next = γ S + k^T (λ ⊙ Δ)                              wgmma 3: k^T (λ Δ)
+    Y^T      = v^T - (S^T k^T) ⊙ Γ                         wgmma 1: S^T k^T (also S^T q^T, q k^T)
+    Δ^T      = Y^T T_β^T                                   wgmma 2 (meanwhile A -> SMEM)
+    o^T      = scale (S^T q^T) ⊙ Γ + Δ^T A^T,  A = scale (q k^T ⊙ D)      wgmma 3: Δ^T A^T
+    S_next^T = γ S^T + (Δ^T ⊙ λ) k                           wgmma 3: (Δ^T λ) k
+
+(Γ, λ along the columns, which are time here.) v^T is read from its [C, 64] tile transposed,
+o^T written into its [C, 64] tile transposed; s0 and the final state cross the kernel boundary
+as [B, H, V, K] (``walk`` transposes them).
 
 ``reverse`` (chunks last to first) carries R, the cotangent of the state *leaving* the chunk
 (from the final state's cotangent), with dO the output's cotangent:
@@ -34,11 +40,11 @@ and after chunk 0 holds the initial state's cotangent.
 Both walks read q, k [C, K] and the chunk's matrix M (T_β [C, C] forward, W [C, K] reverse),
 shared by the warpgroups, one [C, 64] tile per warpgroup (v forward, dO reverse) and b; they
 arrive by TMA, double-buffered (warpgroup 0 issues the copies; a slot is refilled once every
-warpgroup is done reading it). The products run on the tensor cores from shared memory (bf16
-operands, f32 accumulators); the bf16 copy of the carried state for them lives in shared memory. ``save_states`` writes that bf16 copy
-at the start of each chunk to an output [B, N, H, K, V] (forward: the state entering chunk n;
-reverse: the cotangent of the state leaving it), which the chunk-parallel backward reads.
-The forward's o leaves by TMA from the buffer Δ used (free once wgmma 2 is done).
+warpgroup is done reading it). The products run on the tensor cores (bf16 operands, f32
+accumulators); the reverse walk reads a bf16 copy of its carry from shared memory.
+``save_states`` writes the bf16 carry at the start of each chunk to an output [B, N, H, K, V]
+(forward: the state entering chunk n, stored transposed into a [K, 64] tile; reverse: the
+cotangent of the state leaving it), which the chunk-parallel backward reads.
 """
 from __future__ import annotations
 
