@@ -243,12 +243,14 @@ class TileRing:
 
 def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_type: Sequence[Any],
                 copies: int, stages: int, groups: int, grid: tuple[int, int, int],
-                interpret: Any) -> tuple[jax.Array, ...]:
+                interpret: Any, approx_math: bool = False) -> tuple[jax.Array, ...]:
     """Run a walk kernel ``body(*in_refs, *out_refs, loaded, consumed, s0_loaded)`` over the
     grid (V blocks, heads, rows) with one thread per warpgroup and the walk frame's barriers:
     ``loaded`` (per ring slot, ``copies`` TMA arrivals), ``consumed`` (per slot, one arrival per
     warpgroup: ``TileRing``) and ``s0_loaded`` (per warpgroup, its initial-state block:
-    ``carry_state``). Returns the outputs as a tuple."""
+    ``carry_state``). ``approx_math``: exp as ``ex2.approx`` of x log2(e) (relative error
+    ~2^-22) instead of the accurate library call (tens of instructions a value, fully exposed
+    with one warp per scheduler). Returns the outputs as a tuple."""
     outs = plgpu.kernel(
         body,
         out_type=tuple(out_type),
@@ -260,6 +262,7 @@ def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_typ
         grid=grid,
         grid_names=("vblocks", "heads", "rows"),
         **({"num_threads": groups, "thread_name": "wg"} if groups > 1 else {}),
+        compiler_params=plgpu.CompilerParams(approx_math=approx_math),
         **({} if interpret is None else {"interpret": interpret}),
     )(*args)
     return tuple(outs)

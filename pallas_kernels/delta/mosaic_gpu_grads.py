@@ -331,6 +331,7 @@ def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: tuple[int, 
         scratch_types=[plgpu.Barrier(num_arrivals=n) for n in copies],
         grid=(Tp // CHUNK, H, B),
         grid_names=("chunks", "heads", "rows"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),  # exp as ex2.approx
         **({} if interpret is None else {"interpret": interpret}),
     )(*args))
 

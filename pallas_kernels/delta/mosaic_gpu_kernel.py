@@ -337,7 +337,8 @@ def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | 
     copies = 3 + groups + (2 if cfg.gated else 0)
     outs = launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
-                       grid=(V // (V_BLOCK * groups), H, B), interpret=interpret)
+                       grid=(V // (V_BLOCK * groups), H, B), interpret=interpret,
+                       approx_math=True)
     outs = outs[:-1] + (swap(outs[-1]),)
     if save_states:  # the final carry last, the per-chunk states after it
         outs = outs[:-2] + (outs[-1], outs[-2])

@@ -137,5 +137,6 @@ def prepass(k: jax.Array, beta: jax.Array, b: jax.Array | None, *, for_backward:
             plgpu.Barrier(num_arrivals=3 + (2 if gated else 0))],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),  # exp as ex2.approx
         **({} if interpret is None else {"interpret": interpret}),
     )(k, beta, b)
