@@ -46,6 +46,9 @@ CASES = [
     (2, 1000, 4, 128, "g+seg", False),      # packed segments
     (8, 4096, 16, 128, "g", True),          # the anchor shape of DESIGN.md
     (8, 4096, 16, 128, "none", True),
+    (1, 8192, 2, 128, "g+s0", False),       # few CTAs: the sequence split (8 pieces)
+    (1, 8192, 2, 128, "none", False),
+    (1, 4096, 2, 128, "g+seg", False),      # split into 4 pieces, packed segments
 ]
 TIME_XLA = True  # --no-xla-timing: skip timing the XLA path (saves its compiles on the GPU)
 ORACLE_GRAD_BYTES = 4 << 30  # the oracle's backward keeps one float32 [B, H, D, D] state a step
@@ -119,6 +122,8 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, anchor: bool) -> dict:
             + check_gradients(row, q, k, v, beta, g, s0, seg, do, scale))
     row["status"] = "ok" if max(errs) < bc.TOL_BF16 else "wrong"
     row["auto_impl"] = _auto_choice(q, k, v, beta, g, scale)
+    mk = mosaic_gpu_kernel
+    row["pieces"] = mosaic_gpu.pieces_for(B * H * D // mk.V_BLOCK, -(-T // mk.CHUNK))
     args = [(q, k, v, beta, g)]
     row["mosaic_fwd_ms"] = bc.time_jax(kernel, args)
     if TIME_XLA:

@@ -271,6 +271,23 @@ def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_typ
 DEFAULT_SMS = 132  # H100 / H200 SXM; the device's own count is used when there is one
 
 
+def piece_starts(local: jax.Array, s0: jax.Array | None, reverse: bool,
+                 advance: Callable[[int, jax.Array], jax.Array]) -> jax.Array:
+    """The states handed to the pieces of a sequence split (float32, XLA). A piece p maps the
+    state entering it (in walk order) affinely, S_out = advance(p, S_in) + local_p, with local
+    [B, P, H, ...] its walk's final state from zero and ``advance`` its linear part (a decay
+    product for a gated linear recurrence, a [K, K] matrix for the delta rule). Walking the
+    pieces in order (last to first if ``reverse``) from s0 (or zeros), returns every piece's
+    S_in, [B, P, H, ...]."""
+    P = local.shape[1]
+    carry = jnp.zeros_like(local[:, 0]) if s0 is None else s0.astype(jnp.float32)
+    starts = [None] * P
+    for p in (reversed(range(P)) if reverse else range(P)):
+        starts[p] = carry
+        carry = advance(p, carry) + local[:, p]
+    return jnp.stack(starts, axis=1)
+
+
 def num_sms() -> int:
     """Streaming multiprocessors of the default device (DEFAULT_SMS off GPU)."""
     device = jax.devices()[0]

@@ -58,10 +58,10 @@ def _inputs(seed, B, T, H, K, V, gated, init, segments):
     return (q, k, v, beta, g, s0), seg
 
 
-def _kernel_op(scale, segment_ids, interpret):
+def _kernel_op(scale, segment_ids, interpret, pieces=None):
     return lambda q, k, v, beta, g, s0: mg.mosaic_gpu_chunk_delta_rule(
         q, k, v, beta, g, scale=scale, initial_state=s0, segment_ids=segment_ids,
-        chunk_size=None, interpret=interpret)
+        chunk_size=None, interpret=interpret, pieces=pieces)
 
 
 def _oracle_op(scale, segment_ids):
@@ -89,6 +89,21 @@ def test_walk_lowers_for_cuda(K, V, gated, reverse, save_states, with_s0):
             sd((B, H, K, V), jnp.float32) if with_s0 else None))
     run = jax.jit(lambda q, k, m, x, b, s0: mk.walk(q, k, m, x, b, s0, scale=0.1,
                                                     reverse=reverse, save_states=save_states))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("K,V,gated,reverse", [
+    pytest.param(128, 128, True, False, marks=needs_transposed_tiles),  # two warpgroups
+    pytest.param(64, 128, False, False, marks=needs_transposed_tiles),  # 192 columns: one
+    (128, 64, True, True)])
+def test_piece_maps_lower_for_cuda(K, V, gated, reverse):
+    B, T, H = 8, 256, 3
+    sd = jax.ShapeDtypeStruct
+    args = ((sd((B, T, H, K), jnp.bfloat16),) * 2
+            + (sd((B, T, H, K if reverse else mk.CHUNK), jnp.bfloat16),
+               sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None))
+    run = jax.jit(lambda *a: mk.piece_maps(*a, scale=0.1, reverse=reverse))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -192,18 +207,20 @@ def _loss(run, do, dstate):
 
 
 @needs_transposed_tiles
-@pytest.mark.parametrize("K,V,gated", [(128, 128, True), (64, 128, False)])
-def test_backward_lowers_for_cuda(K, V, gated):
-    B, T, H = 1, 200, 2
+@pytest.mark.parametrize("K,V,gated,pieces", [(128, 128, True, 1), (64, 128, False, 1),
+                                              (128, 128, True, 4)])
+def test_backward_lowers_for_cuda(K, V, gated, pieces):
+    B, T, H = 1, 200 * pieces, 2
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
             sd((B, T, H, V), jnp.bfloat16), sd((B, T, H), jnp.float32),
             sd((B, T, H), jnp.float32) if gated else None, sd((B, H, K, V), jnp.float32))
     do, dstate = jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V))
-    grads = jax.jit(jax.grad(_loss(_kernel_op(0.1, None, None), do, dstate),
+    grads = jax.jit(jax.grad(_loss(_kernel_op(0.1, None, None, pieces), do, dstate),
                              argnums=(0, 1, 2, 3, 5) + ((4,) if gated else ())))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 2  # the forward and the reverse walk
+    # the forward and the reverse walk (and with pieces their map passes)
+    assert text.count("mosaic_gpu") >= (2 if pieces == 1 else 4)
 
 
 def _force_two_warpgroups(monkeypatch):
@@ -267,6 +284,48 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, gated, init, segments, 
     for i, a, b in zip(argnums, got, want):
         assert a.dtype == args[i].dtype and a.shape == b.shape
         assert_close(a, b, TOL_BF16, f"d{NAMES[i]}")
+
+
+def test_pieces_for():
+    """The sequence is split only at few CTAs (B·H·V/64 <= 32), into 4..8 pieces that keep
+    the walk's CTAs within the SM count and at least MIN_PIECE_CHUNKS chunks each."""
+    sms = mosaic_gpu_common.num_sms()
+    assert mg.pieces_for(64, 4096) == 1          # T = 16k, B = 2, H = 16: no split
+    assert mg.pieces_for(32, 16) == 1            # too short for 4 pieces of 16 chunks
+    if sms >= 128:
+        assert mg.pieces_for(32, 1024) == 4      # T = 64k, B = 1, H = 16 (132 SMs)
+        assert mg.pieces_for(16, 1024) == 8      # 8 heads
+        assert mg.pieces_for(16, 64) == 4        # 4 pieces of 16 chunks
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,V,gated,init,segments,two_wgs", [
+    (64, 64, True, True, True, True),      # map pass: identity columns in warpgroup 1
+    (64, 128, False, False, False, False), # 192 carried columns, one warpgroup per CTA
+])
+def test_interpret_sequence_split_matches_oracle(K, V, gated, init, segments, two_wgs,
+                                                 monkeypatch):
+    """The op split into 4 pieces (2 chunks each, the last padded): output, final state and
+    every gradient against the float64 oracle."""
+    if two_wgs:
+        _force_two_warpgroups(monkeypatch)
+    B, T, H = 1, 300, 1
+    args, seg = _inputs(T + K, B, T, H, K, V, gated, init, segments)
+    if gated:  # weak decay, so that the state entering each piece matters
+        args = args[:4] + (args[4] * 0.05,) + args[5:]
+    kd, ks = jax.random.split(jax.random.PRNGKey(K + V), 2)
+    do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    argnums = tuple(i for i, x in enumerate(args) if x is not None)
+    op = _kernel_op(0.125, seg, plgpu.InterpretGPUParams(), pieces=4)
+    (o, s), got = op(*args), jax.grad(_loss(op, do, dstate), argnums)(*args)
+    with jax.enable_x64(True):
+        oracle = _oracle_op(0.125, seg)
+        ro, rs = oracle(*map(_f64, args))
+        want = jax.grad(_loss(oracle, _f64(do), _f64(dstate)), argnums)(*map(_f64, args))
+    assert_close(o, np.asarray(ro), TOL_BF16, "o")
+    assert_close(s, np.asarray(rs), TOL_BF16, "final state")
+    for i, a, b in zip(argnums, got, want):
+        assert_close(a, np.asarray(b), TOL_BF16, f"d{NAMES[i]}")
 
 
 def test_accepts_declines_unsupported_calls():

@@ -76,6 +76,7 @@ class Walk:
     save_states: bool
     groups: int          # warpgroups per CTA, each with its own V block of 64 columns
     interpret: bool
+    maps: bool = False   # the piece-map pass: value columns past x's are the identity's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,20 +107,25 @@ def _cols(x: jax.Array, shape) -> jax.Array:
     return jax.lax.broadcast_in_dim(x, shape, [1])
 
 
-def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate):
+def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
     """One forward chunk (module docstring) on the transposed state S^T [64, K] (float32
     registers, also the bf16 left operand of the tensor-core products, so the sequential path
-    S -> Y -> Δ -> S_next never passes through shared memory); returns (S_next^T, o^T [64, C])."""
+    S -> Y -> Δ -> S_next never passes through shared memory); returns (S_next^T, o^T [64, C]),
+    and in the piece-map pass (``cfg.maps``: no q, no o; v scaled by ``keep``) (S_next^T, None)."""
     C, Vb = t.a.shape[0], state_t.shape[0]
     dtype = t.k.dtype
     s_lo = Registers(state_t.astype(dtype), t.stage[0])
-    ks_t, qs_t, scores = products(
-        (wgmma_zeros((Vb, C)), wgmma_zeros((Vb, C)), wgmma_zeros((C, C))),
-        ((s_lo, _t(t.k)), (s_lo, _t(t.q)), (t.q, _t(t.k))), cfg.interpret)
+    if cfg.maps:
+        (ks_t,) = products((wgmma_zeros((Vb, C)),), ((s_lo, _t(t.k)),), cfg.interpret)
+    else:
+        ks_t, qs_t, scores = products(
+            (wgmma_zeros((Vb, C)), wgmma_zeros((Vb, C)), wgmma_zeros((C, C))),
+            ((s_lo, _t(t.k)), (s_lo, _t(t.q)), (t.q, _t(t.k))), cfg.interpret)
     causal = gate.row >= gate.col
     if cfg.gated:
         ks_t = ks_t * _cols(jnp.exp(gate.b_row), (Vb, C))
-    y_t = load_transposed(t.x).astype(jnp.float32) - ks_t
+    v_t = load_transposed(t.x).astype(jnp.float32)
+    y_t = (v_t if keep is None else v_t * keep) - ks_t
 
     def store_scores():  # A = scale (q k^T ⊙ D), masked, while the tensor cores form Δ
         decayed = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0)) if cfg.gated else scores
@@ -128,13 +134,16 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate):
 
     (delta_t,) = products((wgmma_zeros((Vb, C)),),
                           ((Registers(y_t.astype(dtype), t.stage[1]), _t(t.m)),), cfg.interpret,
-                          during=store_scores)
+                          during=None if cfg.maps else store_scores)
+    delta_last = delta_t
     if cfg.gated:
-        qs_t = qs_t * _cols(cfg.scale * jnp.exp(gate.b_row), (Vb, C))
         delta_last = delta_t * _cols(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
         state_t = state_t * jnp.exp(gate.b_last)
-    else:
-        qs_t, delta_last = qs_t * cfg.scale, delta_t
+    if cfg.maps:
+        (state_t,) = products((state_t,), ((Registers(delta_last.astype(dtype), t.stage[1]),
+                                             t.k),), cfg.interpret)
+        return state_t, None
+    qs_t = qs_t * (_cols(cfg.scale * jnp.exp(gate.b_row), (Vb, C)) if cfg.gated else cfg.scale)
     state_t, o_t = products(
         (state_t, qs_t),
         ((Registers(delta_last.astype(dtype), t.stage[1]), t.k),
@@ -142,8 +151,9 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate):
     return state_t, o_t
 
 
-def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate):
-    """One reverse chunk (module docstring); returns (the cotangent entering it, None)."""
+def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate, keep):
+    """One reverse chunk (module docstring); returns (the cotangent entering it, None). In the
+    piece-map pass dO is scaled by ``keep`` (both of its products)."""
     C, Vb = t.a.shape[0], t.y1.shape[-1]
     layout = plgpu.Layout.WGMMA
     kq, kr = products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
@@ -157,7 +167,9 @@ def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate):
         carry = carry * jnp.exp(gate.b_last)
     else:
         gdo = do * cfg.scale
-    t.a[...] = jnp.where(anti_causal, kq * cfg.scale, 0.0).astype(t.a.dtype)
+    scale = cfg.scale if keep is None else cfg.scale * keep
+    gdo = gdo if keep is None else gdo * keep
+    t.a[...] = jnp.where(anti_causal, kq * scale, 0.0).astype(t.a.dtype)
     t.y1[...] = gdo.astype(t.y1.dtype)
     plgpu.commit_smem()
     d_delta, carry = products((kr, carry), ((t.a, t.x), (_t(t.q), t.y1)), cfg.interpret)
@@ -187,7 +199,7 @@ def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
     """One CTA: V blocks ``vb``, head ``h``, batch row ``bi``; warpgroup ``w`` owns the value
     columns of block ``vb * groups + w``."""
     refs = list(refs)
-    o_ref = None if cfg.reverse else refs.pop(0)
+    o_ref = None if cfg.reverse or cfg.maps else refs.pop(0)
     states_ref = refs.pop(0) if cfg.save_states else None
     sf_ref, loaded, consumed, s0_loaded = refs
     vb, h, bi = (jax.lax.axis_index(n) for n in ("vblocks", "heads", "rows"))
@@ -228,14 +240,17 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
     chunk_at = (lambda n: N - 1 - n) if cfg.reverse else (lambda n: n)
     layout = plgpu.Layout.WGMMA
     step = _reverse_chunk if cfg.reverse else _forward_chunk
+    skip_q = int(cfg.maps and not cfg.reverse)
+    x_blocks = x_ref.shape[-1] // Vb
+    keep = ((vb * G + w < x_blocks).astype(jnp.float32) if cfg.maps else None)
 
     def issue_loads(n, slot):
         rows = pl.ds(chunk_at(n) * C, C)
         bar = loaded.at[slot]
-        for ref, buf in ((q_ref, q_smem), (k_ref, k_smem), (m_ref, m_smem)):
+        for ref, buf in ((q_ref, q_smem), (k_ref, k_smem), (m_ref, m_smem))[skip_q:]:
             plgpu.copy_gmem_to_smem(ref.at[bi, rows, h], buf.at[slot], bar)
-        for g in range(G):
-            g_cols = pl.ds((vb * G + g) * Vb, Vb)
+        for g in range(G):  # the identity's columns (maps) read x's last block, times 0
+            g_cols = pl.ds(jnp.minimum(vb * G + g, x_blocks - 1) * Vb, Vb)
             plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, h, g_cols], x_smem.at[g, slot], bar)
         if cfg.gated:  # b twice: one buffer per register layout it is read in
             for buf in (bc_smem, br_smem):
@@ -272,7 +287,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
                  if stage_smem else (None,) * 3)
         tiles = Tiles(q_smem.at[slot], k_smem.at[slot], m_smem.at[slot], x_smem.at[w, slot],
                       s_smem.at[w], a_smem.at[w], y1_smem.at[w], y2_smem.at[w], stage)
-        state, o = step(cfg, tiles, state, gate)
+        state, o = step(cfg, tiles, state, gate, keep)
         ring.release(n, slot)  # every read of this slot is done
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved state has left s_smem
@@ -296,7 +311,7 @@ def default_groups(batch_heads: int, V: int) -> int:
     two per CTA: T = 64k, B = 1, H = 16 (16 CTAs on 132 SMs) ran the forward 2.4x slower than
     jax-linear-attention (one CTA per V block)."""
     blocks = V // V_BLOCK
-    return 1 if blocks == 1 or batch_heads * blocks <= num_sms() else 2
+    return 1 if blocks % 2 or batch_heads * blocks <= num_sms() else 2
 
 
 def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | None,
@@ -312,34 +327,62 @@ def walk(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | 
     Returns forward (o [B, Tp, H, V] in q's dtype, final state [B, H, K, V] f32), reverse (the
     initial state's cotangent [B, H, K, V] f32,); with ``save_states`` one more output, the bf16
     carried state of every chunk [B, N, H, K, V] (module docstring)."""
+    swap = lambda x: x if reverse else jnp.swapaxes(x, -1, -2)  # the forward carries S^T
+    outs = _launch(q, k, m, x, b, None if s0 is None else swap(s0), scale=scale,
+                   reverse=reverse, save_states=save_states, groups=groups, interpret=interpret)
+    outs = outs[:-1] + (swap(outs[-1]),)
+    if save_states:  # the final carry last, the per-chunk states after it
+        outs = outs[:-2] + (outs[-1], outs[-2])
+    return outs
+
+
+def piece_maps(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Array | None, *,
+               scale: float, reverse: bool = False,
+               interpret: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The affine map of every walk, carry_out = M carry_in + E (walk order; arguments as in
+    ``walk``, one batch row per piece of a sequence split): one walk over V + K columns, the
+    first V from zero with x (E), the last K from the identity with x read as zero (M: the
+    walk is linear in the carry, column j of the identity goes to column j of M). The forward
+    map reads neither q nor writes o. Returns (M [B, H, K, K], E [B, H, K, V]) float32."""
+    B, _, H, K = k.shape
+    V = x.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, H, K, K))
+    s0 = jnp.concatenate([jnp.zeros((B, H, K, V), jnp.float32), eye], axis=-1)
+    s0 = s0 if reverse else jnp.swapaxes(s0, -1, -2)
+    (final,) = _launch(q, k, m, x, b, s0, scale=scale, reverse=reverse, save_states=False,
+                       groups=None, interpret=interpret, maps=True)
+    final = final if reverse else jnp.swapaxes(final, -1, -2)
+    return final[..., V:], final[..., :V]
+
+
+def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool,
+            groups: int | None, interpret: Any, maps: bool = False) -> tuple[jax.Array, ...]:
+    """``walk``'s kernel launch, on the carry as the kernel holds it (forward: S^T, s0 and the
+    final state [B, H, V', K]; reverse: [B, H, K, V']) with V' = V, or V + K for ``maps``."""
     B, Tp, H, K = k.shape
     V = x.shape[-1]
+    Vc = V + K if maps else V  # carried value columns
     N = Tp // CHUNK
-    groups = default_groups(B * H, V) if groups is None else groups
-    if Tp % CHUNK or V % (V_BLOCK * groups) or K not in HEAD_DIMS:
-        raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={V} of "
+    groups = default_groups(B * H, Vc) if groups is None else groups
+    if Tp % CHUNK or Vc % (V_BLOCK * groups) or K not in HEAD_DIMS:
+        raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={Vc} of "
                          f"{V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
     m_shape = (B, Tp, H, K if reverse else CHUNK)
     if m.shape != m_shape:
         raise ValueError(f"walk: m has shape {m.shape}; the {'reverse' if reverse else 'forward'}"
                          f" walk reads {'W' if reverse else 'T_beta'} of shape {m_shape}")
     cfg = Walk(N, float(scale), b is not None, reverse, s0 is not None, save_states, groups,
-               interpret is not None)
+               interpret is not None, maps)
     placeholder = lambda shape: jnp.zeros(shape, jnp.float32)  # never read
     b = b if cfg.gated else placeholder((1, 1, CHUNK))
-    swap = lambda x: x if reverse else jnp.swapaxes(x, -1, -2)  # the forward carries S^T
-    s0 = swap(s0) if cfg.has_s0 else placeholder((1, 1, V_BLOCK, V_BLOCK))
-    state_type = jax.ShapeDtypeStruct((B, H, K, V) if reverse else (B, H, V, K), jnp.float32)
-    out_type = [] if reverse else [jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype)]
+    s0 = s0 if cfg.has_s0 else placeholder((1, 1, V_BLOCK, V_BLOCK))
+    state_shape = (B, H, K, Vc) if reverse else (B, H, Vc, K)
+    out_type = [] if reverse or maps else [jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
-    out_type.append(state_type)
-    copies = 3 + groups + (2 if cfg.gated else 0)
-    outs = launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
+    out_type.append(jax.ShapeDtypeStruct(state_shape, jnp.float32))
+    copies = 3 + groups + (2 if cfg.gated else 0) - (1 if maps and not reverse else 0)
+    return launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
-                       grid=(V // (V_BLOCK * groups), H, B), interpret=interpret,
+                       grid=(Vc // (V_BLOCK * groups), H, B), interpret=interpret,
                        approx_math=True)
-    outs = outs[:-1] + (swap(outs[-1]),)
-    if save_states:  # the final carry last, the per-chunk states after it
-        outs = outs[:-2] + (outs[-1], outs[-2])
-    return outs

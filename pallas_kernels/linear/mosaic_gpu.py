@@ -67,7 +67,7 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu_kernel import CHUNK, HEAD_DIMS, V_BLOCK, walk
-from pallas_kernels.mosaic_gpu_common import hopper_accepts, num_sms
+from pallas_kernels.mosaic_gpu_common import hopper_accepts, num_sms, piece_starts
 
 MIN_PIECE_CHUNKS = 16   # a piece shorter than this costs more in its extra state pass than it wins
 MAX_PIECES = 8
@@ -88,21 +88,6 @@ def pieces_for(ctas: int, num_chunks: int) -> int:
            and num_chunks // (2 * pieces) >= MIN_PIECE_CHUNKS):
         pieces *= 2
     return pieces
-
-
-def piece_starts(local: jax.Array, decay: jax.Array, s0: jax.Array | None,
-                 reverse: bool) -> jax.Array:
-    """States handed to each piece of the sequence split: local [B, P, H, K, V] final states
-    from zero, decay each piece's total decay factor, broadcastable to local ([B, P, H, 1, 1]
-    for a scalar gate, [B, P, H, K, 1] or [B, P, H, 1, V] per channel); in walk order
-    S_in(next) = decay_p ⊙ S_in(p) + L_p, starting from s0 (or zeros)."""
-    P = local.shape[1]
-    carry = jnp.zeros_like(local[:, 0]) if s0 is None else s0.astype(jnp.float32)
-    starts = [None] * P
-    for p in (reversed(range(P)) if reverse else range(P)):
-        starts[p] = carry
-        carry = decay[:, p] * carry + local[:, p]
-    return jnp.stack(starts, axis=1)
 
 
 def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
@@ -129,7 +114,8 @@ def _forward(q, k, v, g, s0, scale: float, interpret: Any, out_dtype=None,
         _, local = run(None, k, v, b, None, states_only=True)
         gamma = jnp.zeros((B, P, H), jnp.float32) if gamma is None else gamma
         decay = jnp.exp(gamma)[..., None, None]
-        starts = piece_starts(local.reshape(B, P, H, K, V), decay, s0, reverse)
+        starts = piece_starts(local.reshape(B, P, H, K, V), s0, reverse,
+                              lambda p, carry: decay[:, p] * carry)
         s_in = starts.reshape(B * P, H, K, V)
     else:
         s_in = None if s0 is None else s0.astype(jnp.float32)

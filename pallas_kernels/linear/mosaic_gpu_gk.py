@@ -78,11 +78,11 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
-from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, piece_starts, pieces_for
+from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
-from pallas_kernels.mosaic_gpu_common import hopper_accepts
+from pallas_kernels.mosaic_gpu_common import hopper_accepts, piece_starts
 
 F32 = jnp.float32
 
@@ -113,7 +113,8 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
         gamma = jnp.prod(d.reshape(B, H, pieces, -1, d.shape[-1]), axis=3)
         gamma = jnp.swapaxes(gamma, 1, 2)  # [B, P, H, D]
         decay = gamma[..., :, None] if decay_axis == 0 else gamma[..., None, :]
-        starts = piece_starts(local.reshape(B, pieces, H, Dk, Dv), decay, s0, reverse)
+        starts = piece_starts(local.reshape(B, pieces, H, Dk, Dv), s0, reverse,
+                              lambda p, carry: decay[:, p] * carry)
         s_in = starts.reshape(B * pieces, H, Dk, Dv)
     out, finals = run(x, y, z, a, d, s_in, **options)
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
