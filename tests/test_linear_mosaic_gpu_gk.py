@@ -274,6 +274,45 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
     assert a.dtype == jnp.bfloat16 and d.dtype == jnp.float32
 
 
+def test_prepass_interval_matrices_cover_each_pair_once():
+    """The level exponents of ``interval_matrices`` pair with the level code of the kernel:
+    every pair i > j of a chunk has exactly one level h with h <= i XOR j < 2h, and there the
+    exponent rows of i and j add up to the interval (j, i] (anchor between them, both <= 0)."""
+    C = mk.CHUNK
+    e = mp.interval_matrices(C)
+    assert e.shape == (2 + len(mp.LEVELS), C, C) and set(np.unique(e)) <= {0.0, 1.0}
+    rows = np.arange(C)
+    for i in range(C):
+        for j in range(i):
+            levels = [t for t, h in enumerate(mp.LEVELS) if h <= (i ^ j) < 2 * h]
+            assert len(levels) == 1
+            both = e[2 + levels[0], i] + e[2 + levels[0], j]
+            np.testing.assert_array_equal(both, (rows > j) & (rows <= i))
+
+
+@needs_interpreter
+def test_prepass_kernel_exact_with_steep_gates_on_every_channel():
+    """Log gates of -5 on every step and channel (the decay across a chunk is e^{-315}, across
+    a 16-row sub-chunk e^{-75}): q~, k^ and A of the kernel stay finite and match the float64
+    oracle (no exponent is positive; what underflows is below float32's range), and d, e^{-320}
+    in float64, is 0."""
+    B, T, H, K = 1, 100, 2, 128
+    ks = jax.random.split(jax.random.PRNGKey(7), 2)
+    q, k = (normal(x, (B, T, H, K), jnp.bfloat16) for x in ks)
+    Tp = -(-T // mk.CHUNK) * mk.CHUNK
+    q, k = (cc.pad_time(x, Tp) for x in (q, k))
+    lg = jnp.full((B, Tp, H, K), -5.0, jnp.float32)
+    scale = K ** -0.5
+    got = mp.gk_prepass(q, k, lg, scale, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    with jax.enable_x64(True):
+        b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
+    for name, g, w in zip(("q~", "k^", "A"), got, want):
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        assert_close(g, w, TOL_BF16, name)
+    assert not np.any(np.asarray(got[3])), "d"
+
+
 def test_accepts_declines_unsupported_calls():
     q = jnp.zeros((1, 64, 1, 128), jnp.bfloat16)
     gk = jnp.zeros((1, 64, 1, 128))

@@ -1,36 +1,62 @@
 """The chunk-parallel prepass of the per-channel-gate (GLA) Hopper path as a Mosaic GPU kernel:
 from the raw log gates, q~, k^, the intra-chunk scores A and the state decays d of
-``mosaic_gpu_gk_chunks`` (whose docstring has the bisection), one CTA (one warpgroup) per
-(chunk, head, batch row).
+``mosaic_gpu_gk_chunks``, one CTA (one warpgroup) per (chunk, head, batch row).
 
-Per chunk of C = 64 rows, with lg the total log gates [C, K] (float32, <= 0) and q, k [C, K]
-bf16, every exponent the kernel needs is a sum of lg over an interval of rows,
+Per chunk of C = 64 rows, with lg the total log gates [C, K] (float32, <= 0), b their
+chunk-local inclusive cumulative sums (non-increasing along the chunk) and q, k [C, K] bf16:
 
-    x_E[r, c] = sum_{lo(r) < u <= hi(r)} lg[u, c] = (E @ lg)[r, c],   E[r, u] = [lo(r) < u <= hi(r)],
+    q~ = scale · q ⊙ e^{b}                      k^ = k ⊙ e^{b_last - b}        d = e^{b_last}
+    A_ij = scale · sum_c q_ic k_jc e^{b_ic - b_jc}   for j <= i, else 0
 
-which the tensor cores compute from a 0/1 matrix E [C, C] (exact in bf16) and lg as bf16 hi + lo
-parts (``store_split``; float32 accumulation): two [C, C] x [C, K] wgmmas per exponent tile,
-read to ~2^-17 relative of the interval's sum of |lg|. No cumulative sum is subtracted from
-another, so no exponent loses accuracy to cancellation and every exponent is <= 0 (nothing
-overflows, whatever the gates). With b = the chunk-local inclusive cumulative sum of lg:
+Exponents as interval sums. Every exponent is a sum of lg over an interval of rows,
+x_t[r, c] = sum_{lo_t(r) < u <= hi_t(r)} lg[u, c] = (E_t @ lg)[r, c] with E_t a 0/1 matrix
+[C, C] (exact in bf16; ``interval_matrices``) times lg as bf16 hi + lo parts (``store_split``,
+float32 accumulation): two [C, C] x [C, K] wgmmas per exponent tile, ~2^-17 relative to the
+interval's sum of |lg|. No cumulative sum is subtracted from another, so no exponent loses
+accuracy to cancellation, and every exponent is <= 0: nothing overflows, whatever the gates.
 
-    q~ = scale · q ⊙ e^{b}              E: u <= r               (b_r)
-    k^ = k ⊙ e^{b_last - b}             E: r < u                (b_last - b_r)
-    d  = e^{b_last}                     the column sums of lg (a reduction over rows)
-    A  = scale · (diag(q k^T) + sum_h M_h ⊙ (X_h Y_h^T))
+Anchors. e^{b_i - b_j} = e^{b_i - b_m} e^{b_m - b_j} with both factors <= 1 for any anchor row m
+with j <= m <= i. The pairs i > j are cut by the highest bit in which i and j differ: at level
+h = 32, 16, ..., 1 (blocks of 2h rows), i lies in the second half and j in the first half of the
+same block, and the block's anchor is m_h(r) = 2h·floor(r / 2h) + h - 1 (the last row of its
+first half). Levels 32 and 16 are the 16-row sub-chunk anchors of the off-diagonal 16 x 16
+blocks (six blocks from two tiles); levels 8 .. 1 resolve the four diagonal 16 x 16 blocks.
+With F_h[r] = e^{-|b_r - b_{m_h(r)}|} (one exponent tile: E: min(r, m) < u <= max(r, m)),
 
-with, at bisection level h = 32, 16, ..., 1 and m(r) = 2h·floor(r / 2h) + h - 1 (the last row of
-the first half of r's block of 2h rows), E: min(r, m) < u <= max(r, m), so that
+    S_h = (q ⊙ F_h) (k ⊙ F_h)^T,   A = scale · (diag(q k^T) + sum_h M_h ⊙ S_h)
 
-    x_h = b_r - b_m on rows in the second half of their 2h block, b_m - b_r on the first half,
-    X_h = q ⊙ e^{x_h} on second-half rows, 0 elsewhere;  Y_h = k ⊙ e^{x_h} on first-half rows,
-    M_h = 1 where row and column lie in the same 2h block.
+with M_h the pairs of level h: h <= (i XOR j) < 2h and i > j. S_h is right on those pairs and
+finite elsewhere (every factor is <= 1), so the operands need no masks; the [C, C] select does
+it (``_level_code``).
 
-Per chunk (K = 128): 2 · 8 exponent wgmmas ([C, C] x [C, K]) and 7 score wgmmas ([C, K] x [K, C]),
-about 24 MFLOP on the tensor cores; one exponential per element of q and k per exponent tile
-(8 in all). HBM per (chunk, head): reads q, k (bf16) and lg (f32), 32 KB; writes q~, k^ and
-A (bf16), 40 KB, d 0.5 KB. Shared memory ~105 KB (lg's float32 tile shares its space with X and
-Y), so two CTAs fit on an SM and one's loads overlap the other's compute.
+Work per chunk (K = 128), against the kernel this replaces (same math, same products):
+
+    exponent tiles       8 (q~, k^, six levels), 2 wgmmas [64, 64] x [64, 128] each
+    exponentials         8 · C · K = 64 Ki, as ex2.approx (``approx_math``, relative error
+                         ~2^-22): 2 instructions each, was the accurate exp (~10)
+    score wgmmas         7 [64, 128] x [128, 64] (six levels and diag(q k^T)), each issued
+                         together with the next tile's two exponent wgmmas: 9 waits on the
+                         tensor cores per chunk, was 23
+    interval matrices    constants TMA-loaded from L2 (8 KB bf16 each, fetched while the
+                         previous tile's exponentials run), was built from iotas in registers
+                         (~10 integer ops on 32 elements per thread and tile)
+    operand masks        none, was a select on 2 · C · K elements per level
+    CUDA-core work       ~5.5 k instructions per thread (per level: q and k reloaded from
+                         SMEM, converted, scaled, rounded and stored, 64 elements each; the
+                         exp; a 4-op select on the 32 score elements), estimated ~14 k before
+    HBM per chunk, head  reads q, k (bf16) and lg (f32), 64 KB; writes q~, k^, A (bf16),
+                         40 KB, d 0.5 KB (unchanged); plus 64 KB of interval matrices from L2
+
+Alternatives counted and not taken. Column anchors per 16-row sub-chunk J (anchor b at J's last
+row) for the off-diagonal 16 x 16 blocks take one exponent tile per J (3) where levels 32 and
+16 take 2. An elementwise diagonal (e^{b_i - b_j} per pair and channel, as fla's chunk_gla)
+takes 16 exponentials per element of q where levels 8 .. 1 take 4. One anchor in the middle of
+a diagonal block (exponents up to +-8 steps of gates) overflows float32 for gates below about
+-11 per step unless the gates are clamped, which changes the value.
+
+Shared memory ~107 KB (q, k, lg hi / lo, X, Y 16 KB each, one interval matrix; lg's float32
+tile shares its space with X and Y), so two CTAs fit on an SM and one's loads overlap the
+other's compute.
 """
 from __future__ import annotations
 
@@ -39,8 +65,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.mosaic_gpu_common import (pl, plgpu, products, store_split, summed_products,
+from pallas_kernels.mosaic_gpu_common import (pl, plgpu, store_split, summed_products,
                                               tiled_smem, wgmma_zeros)
 
 CHUNK = 64
@@ -48,44 +75,46 @@ LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16,
 F32 = jnp.float32
 
 
+def interval_matrices(chunk: int = CHUNK) -> np.ndarray:
+    """E_t [2 + log2(C), C, C] float32 0/1, E_t[r, u] = [lo_t(r) < u <= hi_t(r)], for t = q~
+    (u <= r: b_r), k^ (u > r: b_last - b_r), then the levels h = C/2, ..., 1 (between r and its
+    anchor m_h(r): |b_r - b_m|)."""
+    r, u = np.arange(chunk)[:, None], np.arange(chunk)[None, :]
+    bounds = [(np.full_like(r, -1), r), (r, np.full_like(r, chunk - 1))]
+    for h in LEVELS:
+        m = r - r % (2 * h) + h - 1
+        bounds.append((np.minimum(r, m), np.maximum(r, m)))
+    return np.stack([(u > lo) & (u <= hi) for lo, hi in bounds]).astype(np.float32)
+
+
 def _iota(shape, dim: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _anchor(row: jax.Array, h: int) -> jax.Array:
-    """m(r): the last row of the first half of r's block of 2h rows."""
-    return row - jax.lax.rem(row, 2 * h) + (h - 1)
-
-
-def _level_interval(row: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) of level h's exponent rows (module docstring)."""
-    m = _anchor(row, h)
-    return jnp.minimum(row, m), jnp.maximum(row, m)
-
-
-def interval_exponent(e_smem, lg_parts, bounds, interpret: bool) -> jax.Array:
-    """(E @ lg) [C, K] float32 for E[r, u] = [lo(r) < u <= hi(r)]: ``bounds(row)`` -> (lo, hi)
-    for the [C, C] row iota; E is written to ``e_smem`` (bf16 [C, C]) and multiplied with each
-    bf16 part of lg in ``lg_parts`` (summed in one accumulator)."""
-    C = e_smem.shape[0]
-    K = lg_parts[0].shape[-1]
+def _level_code(C: int) -> jax.Array:
+    """[C, C] int32: i XOR j below the diagonal, 0 on and above it; level h owns the pairs with
+    h <= code < 2h."""
     row, col = _iota((C, C), 0), _iota((C, C), 1)
-    lo, hi = bounds(row)
-    e_smem[...] = jnp.where((col > lo) & (col <= hi), 1.0, 0.0).astype(e_smem.dtype)
-    plgpu.commit_smem()
-    (x,) = summed_products((wgmma_zeros((C, K)),), ([(e_smem, part) for part in lg_parts],),
-                           interpret)
-    return x
+    return jnp.where(row > col, row ^ col, 0)
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, qt_out, kh_out, a_out, d_out,
-            q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded):
+def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
+            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
+    tiles = e_ref.shape[0]
     rows = pl.ds(n * C, C)
-    layout = plgpu.Layout.WGMMA
-    load = lambda ref: plgpu.layout_cast(ref[...], layout).astype(F32)
-    lg_parts = (lg_hi, lg_lo)
+    load = lambda ref: plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA).astype(F32)
+
+    def fetch_interval(t: int):
+        """E_t into e_smem (free once the products of E_{t-1} are done)."""
+        plgpu.copy_gmem_to_smem(e_ref.at[t], e_smem, e_loaded)
+
+    def exponent_products(t: int) -> list:
+        plgpu.barrier_wait(e_loaded)
+        return [(e_smem, part) for part in (lg_hi, lg_lo)]
+
+    fetch_interval(0)
 
     def split_gates(lg_smem):
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hd], q_smem, loaded)
@@ -94,41 +123,56 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, qt_out, kh_out,
         plgpu.barrier_wait(loaded)
         lg = load(lg_smem)
         d_smem[...] = jnp.exp(jnp.sum(lg, axis=0))
-        store_split(lg_parts, lg)
+        store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
 
     pl.run_scoped(split_gates, tiled_smem((C, K), F32))
 
     def tiles_and_scores(x_smem, y_smem):
-        row = _iota((C, K), 0)
-        exponent = functools.partial(interval_exponent, e_smem, lg_parts, interpret=interpret)
-        q_t = scale * load(q_smem) * jnp.exp(exponent(lambda r: (r * 0 - 1, r)))
-        k_h = load(k_smem) * jnp.exp(exponent(lambda r: (r, r * 0 + (C - 1))))
-        x_smem[...] = q_t.astype(x_smem.dtype)
-        y_smem[...] = k_h.astype(y_smem.dtype)
-        plgpu.commit_smem()
-        for src, dst in ((x_smem, qt_out), (y_smem, kh_out)):
-            plgpu.copy_smem_to_gmem(src, dst.at[bi, rows, hd])
-
-        score_row, score_col = _iota((C, C), 0), _iota((C, C), 1)
-        (qk,) = products((wgmma_zeros((C, C)),), ((q_smem, k_smem.transpose((1, 0))),),
-                         interpret)
-        a = jnp.where(score_row == score_col, qk, 0.0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~, k^ have left x_smem, y_smem
-        for h in LEVELS:
-            f = jnp.exp(exponent(functools.partial(_level_interval, h=h)))
-            second = jax.lax.rem(row, 2 * h) >= h
-            x_smem[...] = jnp.where(second, load(q_smem) * f, 0.0).astype(x_smem.dtype)
-            y_smem[...] = jnp.where(second, 0.0, load(k_smem) * f).astype(y_smem.dtype)
+        (x,) = summed_products((wgmma_zeros((C, K)),), (exponent_products(0),), interpret)
+        fetch_interval(1)   # loads while this tile's exponentials and stores run
+        a = None
+        for t in range(tiles):
+            f = jnp.exp(x)
+            if t == 0:
+                x_smem[...] = (scale * load(q_smem) * f).astype(x_smem.dtype)   # q~
+            elif t == 1:
+                y_smem[...] = (load(k_smem) * f).astype(y_smem.dtype)           # k^
+            else:
+                if t == 2:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~, k^ have left
+                x_smem[...] = (load(q_smem) * f).astype(x_smem.dtype)
+                y_smem[...] = (load(k_smem) * f).astype(y_smem.dtype)
             plgpu.commit_smem()
-            (s,) = products((wgmma_zeros((C, C)),), ((x_smem, y_smem.transpose((1, 0))),),
-                            interpret)
-            same_block = jax.lax.div(score_row, 2 * h) == jax.lax.div(score_col, 2 * h)
-            a = a + jnp.where(same_block, s, 0.0)
-        e_smem[...] = (scale * a).astype(e_smem.dtype)
+            if t == 1:
+                plgpu.copy_smem_to_gmem(x_smem, qt_out.at[bi, rows, hd])
+                plgpu.copy_smem_to_gmem(y_smem, kh_out.at[bi, rows, hd])
+            # this tile's scores (or diag(q k^T)) and the next tile's exponent, issued together
+            inits, operands = [], []
+            if t >= 1:
+                pair = (q_smem, k_smem) if t == 1 else (x_smem, y_smem)
+                inits.append(wgmma_zeros((C, C)))
+                operands.append([(pair[0], pair[1].transpose((1, 0)))])
+            if t + 1 < tiles:
+                inits.append(wgmma_zeros((C, K)))
+                operands.append(exponent_products(t + 1))
+            outs = summed_products(tuple(inits), tuple(operands), interpret)
+            if t + 1 < tiles:
+                x = outs[-1]
+            if t + 2 < tiles:
+                fetch_interval(t + 2)
+            if t == 1:
+                row, col = _iota((C, C), 0), _iota((C, C), 1)
+                a = jnp.where(row == col, outs[0], 0.0)
+            elif t >= 2:
+                h = LEVELS[t - 2]
+                code = _level_code(C)
+                a = a + jnp.where((code >= h) & (code < 2 * h), outs[0], 0.0)
+        a_smem = e_smem   # every interval product is done
+        a_smem[...] = (scale * a).astype(a_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(e_smem, a_out.at[bi, hd, rows])
+        plgpu.copy_smem_to_gmem(a_smem, a_out.at[bi, hd, rows])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(tiles_and_scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
@@ -141,6 +185,7 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
     and A in q's dtype."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
+    intervals = jnp.asarray(interval_matrices(C), dtype)
     tile = jax.ShapeDtypeStruct(q.shape, dtype)
     out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, C), dtype),
                 jax.ShapeDtypeStruct((B, H, Tp // C, K), F32))
@@ -150,11 +195,13 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
         scratch_types=[
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # q, k
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # lg hi, lo
-            tiled_smem((C, C), dtype),                                  # E, then A
+            tiled_smem((C, C), dtype),                                  # E_t, then A
             plgpu.SMEM((K,), F32),                                      # d
             plgpu.Barrier(num_arrivals=3),
+            plgpu.Barrier(num_arrivals=1),
         ],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, lg.astype(F32))
+    )(q, k, lg.astype(F32), intervals)
