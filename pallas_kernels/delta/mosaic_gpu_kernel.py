@@ -45,6 +45,12 @@ accumulators); the reverse walk reads a bf16 copy of its carry from shared memor
 ``save_states`` writes the bf16 carry at the start of each chunk to an output [B, N, H, K, V]
 (forward: the state entering chunk n, stored transposed into a [K, 64] tile; reverse: the
 cotangent of the state leaving it), which the chunk-parallel backward reads.
+
+``piece_maps`` (the sequence split's extra pass, ``Walk.maps``): both walks are affine in
+their carry, carry_out = M carry_in + E, so one launch over V + K carried columns gives both
+parts: the first V columns from zero with x (E), the last K from the identity with x taken as
+zero (M; their warpgroups read x's last block and scale it by 0). The forward map pass forms
+neither the scores nor o (no q tile, no output).
 """
 from __future__ import annotations
 
