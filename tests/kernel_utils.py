@@ -10,7 +10,9 @@ TOL_F32 = 1e-4
 TOL_BF16 = 2e-2
 
 
-def rel_err(out, ref) -> float:
+def rel_err(out, ref, floor: float = 1e-30) -> float:
+    """||out - ref|| / max(||ref||, floor); ``floor`` is the scale to judge against where the
+    reference is (near) zero by construction."""
     out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
     ref = np.asarray(ref, np.float64)
     if out.shape != ref.shape:
@@ -18,11 +20,11 @@ def rel_err(out, ref) -> float:
     if not np.all(np.isfinite(out)):
         return float("inf")
     denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / max(denom, 1e-30))
+    return float(np.linalg.norm(out - ref) / max(denom, floor))
 
 
-def assert_close(out, ref, tol: float, what: str = "output") -> None:
-    err = rel_err(out, ref)
+def assert_close(out, ref, tol: float, what: str = "output", floor: float = 1e-30) -> None:
+    err = rel_err(out, ref, floor)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 

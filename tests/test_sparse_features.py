@@ -29,9 +29,12 @@ def _check(mask, T, *, B=1, Hq=2, Hkv=1, D=16, seed=0, seg=False, cap=None, bloc
     assert out.dtype == dtype
     ref, grads = oracle(q, k, v, allowed_matrix(mask, T, B, Hq, seg_ids), cap=cap, do=do)
     assert_close(out, ref, tol)
+    # With one key per row (T = 1) dq and dk are exactly zero: judged against 1e-3 of dv's
+    # scale there (far below ||dq||, ||dk|| in every other case).
+    floor = 1e-3 * float(np.linalg.norm(np.asarray(grads[2], np.float64)))
     for what, g, r in zip(("dq", "dk", "dv"), vjp(do), grads):
         assert g.dtype == dtype
-        assert_close(g, r, tol, what)
+        assert_close(g, r, tol, what, floor=floor)
     return out
 
 
