@@ -38,12 +38,11 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # The Hopper kernels auto dispatch may choose: a kernel's name goes here once its
 # experiments/check_mosaic_*.py has passed on an H100 with the current code. The others run
 # only when asked for (impl="mosaic_gpu", ...): no unchecked kernel is picked silently.
-# "delta": with the forward walk forming Delta = T_beta (v - Gamma k S) from the prepass's
-# T diag(beta) (no W, U in HBM), check_mosaic_delta's cases 0-7 passed on the H100 at 5a8e7be / 4ade321
-# (experiments/results/h100_2026-11-23_s6_call1, _s6_call3: D = 64 and 128, gate and none, padding,
-# initial state, segments, both anchors), and with one CTA per V block at small B*H (default_groups,
-# the kernel code otherwise unchanged) every bench_delta case's built-in check passed at 9e4e2c2
-# (_s6_call4, _s6_call6); gated anchor fwd 0.417 ms, fwd+bwd 2.30 ms (bench_delta, session 6).
+# "delta": the forward walk on the transposed state (392ba9f, 062cb4e): check_mosaic_delta's cases
+# 0, 2-6 passed on the H100 (experiments/results/h100_2026-11-24_s7_call1, _s7_call2); with the
+# sequence split and exp as ex2.approx (d685502) cases 3 and 8-10 (split into 4 and 8 pieces:
+# gate, none, initial state, segments) passed (h100_2026-12-06_s8_call1), and so did every
+# bench_delta case's built-in check (T = 4k .. 64k, _s8_call1, _s8_call2).
 # "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
 # H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
 # padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.
@@ -51,9 +50,11 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # per item in L2-sized head groups: h100_2026-11-23_s5_call3 at b0084e9). The op registers it
 # after cuDNN, so auto takes cuDNN where cuDNN has the mask and this kernel for the rest
 # (segments, sparse / two-sided / chunked masks), where the alternative is the dense XLA path.
-# Not here: "linear_gk" (GLA): its small cases passed (h100_2026-11-23_s4_call3) but its anchor
-# case has not run with the current prepass kernel.
-GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "sparse"})
+# "linear_gk" (GLA): with the rebuilt prepass kernel (ae29792) check_mosaic_linear's gk anchor case
+# (h100_2026-12-06_s8_call1) and its three small gk cases (padding, K = 64 + initial state,
+# segments; _s8_call2, at f192c93) passed; forward 0.94 ms, fwd+bwd 13.1 ms at the anchor, against
+# the XLA path's 6.0 / 24.0 ms (h100_2026-11-23_s3_call4), so auto takes it for gk calls.
+GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:

@@ -42,10 +42,12 @@ Sequence split (``split_walk``, where B·H·V/64 <= 32 CTAs would leave most SMs
 T = 64k, B = 1, H = 16; ``pieces_for``): both walks cut the sequence into P pieces of whole
 chunks, each a batch row of its own. The delta rule maps a piece's entering carry affinely,
 carry_out = M_p carry_in + E_p with M_p [K, K] (the product over its chunks of
-γ I - K^T diag(λ) W, in the walk kernel's notation), so one extra pass (``mosaic_gpu_kernel.piece_maps``) walks every piece over V + K
-columns, the value columns from zero (E_p) and K identity columns with zero values (M_p);
-XLA chains the maps in float32 (P small matmuls) and the walk then runs every piece from its
-true carry. The reverse walk splits the same way with its own maps (the transposed ones).
+γ I - K^T diag(λ) W, in the walk kernel's notation), so one extra pass
+(``mosaic_gpu_kernel.piece_maps``) walks every piece over V + K columns, the value columns
+from zero (E_p) and K identity columns with zero values (M_p); XLA chains the maps in float32
+(P small matmuls) and the walk then runs every piece from its true carry. The reverse walk
+splits the same way with its own maps (the transposed ones). Measured on the H100 at
+T = 64k, B = 1, H = 16 (4 pieces): gated forward 2.80 -> 1.27 ms (session 8).
 
 CPU check: ``interpret=plgpu.InterpretGPUParams()`` (jax >= 0.12) runs the kernels on CPU.
 """
