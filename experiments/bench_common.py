@@ -520,6 +520,8 @@ def plot(bench: Bench, path: str) -> None:
     panels = sorted({(r.case, r.direction) for r in ok})
     if not panels:
         return
+    every_impl = sorted({r.impl for r in ok})  # one colour per implementation in every panel
+    colour = {impl: f"C{i % 10}" for i, impl in enumerate(every_impl)}
     cols = 2
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.6 * rows_n), squeeze=False)
@@ -530,13 +532,14 @@ def plot(bench: Bench, path: str) -> None:
         if len(Ts) > 1:
             for impl in impls:
                 pts = sorted((r.T, r.ms) for r in sel if r.impl == impl)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+                        color=colour[impl])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("T (B*T fixed)")
         else:
             vals = [next(r.ms for r in sel if r.impl == i) for i in impls]
-            ax.barh(impls, vals)
+            ax.barh(impls, vals, color=[colour[i] for i in impls])
             ax.set_xlabel(f"ms (T={Ts[0]})")
         ax.set_title(f"{bench.name}: {case} {direction}")
         ax.set_ylabel("ms") if len(Ts) > 1 else None
