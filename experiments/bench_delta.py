@@ -59,6 +59,22 @@ def attnlab_fn(case: str, impl: str):
     return lambda q, k, v, beta, g: op(q, k, v, beta, g=g, scale=scale, impl=impl)[0]
 
 
+def attnlab_ws_fn(case: str):
+    """The Hopper path with the two-warpgroup forward walk (``mosaic_gpu_ws``) switched on
+    while the function is traced (the switch is read at trace time)."""
+    from pallas_kernels.delta import mosaic_gpu_kernel
+
+    fn = attnlab_fn(case, "mosaic_gpu")
+
+    def run(*args):
+        previous, mosaic_gpu_kernel.WARP_SPECIALIZED = mosaic_gpu_kernel.WARP_SPECIALIZED, True
+        try:
+            return fn(*args)
+        finally:
+            mosaic_gpu_kernel.WARP_SPECIALIZED = previous
+    return run
+
+
 def jla_fn(case: str):
     from jla.ops import linear_attention
 
@@ -85,6 +101,7 @@ IMPLS = {
     "attnlab xla": ("jax", lambda case: attnlab_fn(case, "xla")),
     "attnlab pallas": ("jax", lambda case: attnlab_fn(case, "pallas")),
     "attnlab mosaic_gpu": ("jax", lambda case: attnlab_fn(case, "mosaic_gpu")),
+    "attnlab mosaic_gpu ws": ("jax", attnlab_ws_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

@@ -19,7 +19,11 @@ Each case runs on its own: a failure is printed and the next case goes on. Print
 writes ``check_mosaic_delta.json`` into ``--out``.
 
     python -m experiments.check_mosaic_delta --out experiments/results [--quick] [--cases I ...]
-        [--no-xla-timing]
+        [--no-xla-timing] [--warp-specialized]
+
+``--warp-specialized`` checks the two-warpgroup forward walk (``mosaic_gpu_ws``, off by
+default until this check and ``bench_delta``'s "attnlab mosaic_gpu ws" have run on a GPU); it
+runs where one V block per CTA is the launch (B·H·V/64 within the SM count: cases 8-10).
 """
 from __future__ import annotations
 
@@ -207,9 +211,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
+    ap.add_argument("--warp-specialized", action="store_true",
+                    help="the forward walk as mosaic_gpu_ws (two warpgroups per V block) where "
+                         "one V block per CTA is the launch")
     bc.add_check_args(ap)
     args = ap.parse_args()
-    env = bc.environment()
+    mosaic_gpu_kernel.WARP_SPECIALIZED = args.warp_specialized
+    env = dict(bc.environment(), warp_specialized=args.warp_specialized)
     print(env, flush=True)
     cases = [case for case in CASES if not (args.quick and case[1] > 1000)]
     if args.cases:

@@ -82,6 +82,21 @@ def load_transposed(ref: Any) -> jax.Array:
     return plgpu.layout_cast(ref.transpose((1, 0))[...], plgpu.Layout.WGMMA)
 
 
+def transposed(ref: Any) -> Any:
+    """The [C, R] transposed view of a 2-D SMEM ref (a wgmma operand read transposed)."""
+    return ref.transpose((1, 0))
+
+
+def per_row(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """A per-row factor [R] broadcast over the columns of an [R, C] array."""
+    return jax.lax.broadcast_in_dim(x, tuple(shape), [0])
+
+
+def per_col(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """A per-column factor [C] broadcast over the rows of an [R, C] array."""
+    return jax.lax.broadcast_in_dim(x, tuple(shape), [1])
+
+
 def store_split(parts: Sequence[Any], value: jax.Array) -> None:
     """Write float32 ``value`` to the bf16 SMEM refs ``parts`` (same shape): parts[0] <- hi =
     bf16(value) and, where a second ref is given, parts[1] <- lo = bf16(value - hi). A product
@@ -244,14 +259,16 @@ class TileRing:
 
 def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_type: Sequence[Any],
                 copies: int, stages: int, groups: int, grid: tuple[int, int, int],
-                interpret: Any, approx_math: bool = False) -> tuple[jax.Array, ...]:
-    """Run a walk kernel ``body(*in_refs, *out_refs, loaded, consumed, s0_loaded)`` over the
-    grid (V blocks, heads, rows) with one thread per warpgroup and the walk frame's barriers:
-    ``loaded`` (per ring slot, ``copies`` TMA arrivals), ``consumed`` (per slot, one arrival per
-    warpgroup: ``TileRing``) and ``s0_loaded`` (per warpgroup, its initial-state block:
-    ``carry_state``). ``approx_math``: exp as ``ex2.approx`` of x log2(e) (relative error
-    ~2^-22) instead of the accurate library call (tens of instructions a value, fully exposed
-    with one warp per scheduler). Returns the outputs as a tuple."""
+                interpret: Any, approx_math: bool = False,
+                barriers: Sequence[Any] = ()) -> tuple[jax.Array, ...]:
+    """Run a walk kernel ``body(*in_refs, *out_refs, loaded, consumed, s0_loaded, *barriers)``
+    over the grid (V blocks, heads, rows) with one thread per warpgroup and the walk frame's
+    barriers: ``loaded`` (per ring slot, ``copies`` TMA arrivals), ``consumed`` (per slot, one
+    arrival per warpgroup: ``TileRing``) and ``s0_loaded`` (per warpgroup, its initial-state
+    block: ``carry_state``), then the kernel's own ``barriers`` (``plgpu.Barrier`` types).
+    ``approx_math``: exp as ``ex2.approx`` of x log2(e) (relative error ~2^-22) instead of the
+    accurate library call (tens of instructions a value, fully exposed with one warp per
+    scheduler). Returns the outputs as a tuple."""
     outs = plgpu.kernel(
         body,
         out_type=tuple(out_type),
@@ -259,6 +276,7 @@ def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_typ
             plgpu.Barrier(num_arrivals=copies, num_barriers=stages),       # tile slot loaded
             plgpu.Barrier(num_arrivals=groups, num_barriers=stages),       # slot read by all
             plgpu.Barrier(num_arrivals=1, num_barriers=groups),            # s0 block loaded
+            *barriers,
         ],
         grid=grid,
         grid_names=("vblocks", "heads", "rows"),

@@ -30,6 +30,7 @@ from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.delta import chunk_math
 from pallas_kernels.delta import mosaic_gpu as mg
 from pallas_kernels.delta import mosaic_gpu_kernel as mk
+from pallas_kernels.delta import mosaic_gpu_ws as ws
 from pallas_kernels.delta.mosaic_gpu_grads import chunk_grads
 from pallas_kernels.delta.mosaic_gpu_prepass import prepass
 from pallas_kernels.delta.reference import delta_rule_reference
@@ -42,6 +43,7 @@ needs_transposed_tiles = pytest.mark.skipif(
     plgpu is None or not mosaic_gpu_common.transposes_swizzled_tiles(),
     reason="the forward walk reads swizzled tiles transposed: jax >= 0.11")
 NAMES = ("q", "k", "v", "beta", "g", "s0")
+_ws_launch = ws.launch
 
 
 def _inputs(seed, B, T, H, K, V, gated, init, segments):
@@ -318,6 +320,50 @@ def test_interpret_sequence_split_matches_oracle(K, V, gated, init, segments, tw
     argnums = tuple(i for i, x in enumerate(args) if x is not None)
     op = _kernel_op(0.125, seg, plgpu.InterpretGPUParams(), pieces=4)
     (o, s), got = op(*args), jax.grad(_loss(op, do, dstate), argnums)(*args)
+    with jax.enable_x64(True):
+        oracle = _oracle_op(0.125, seg)
+        ro, rs = oracle(*map(_f64, args))
+        want = jax.grad(_loss(oracle, _f64(do), _f64(dstate)), argnums)(*map(_f64, args))
+    assert_close(o, np.asarray(ro), TOL_BF16, "o")
+    assert_close(s, np.asarray(rs), TOL_BF16, "final state")
+    for i, a, b in zip(argnums, got, want):
+        assert_close(a, np.asarray(b), TOL_BF16, f"d{NAMES[i]}")
+
+
+@needs_transposed_tiles
+@pytest.mark.parametrize("gated,save_states", [(True, True), (False, False)])
+def test_warp_specialized_forward_lowers_for_cuda(gated, save_states, monkeypatch):
+    """The two-warpgroup forward (``mosaic_gpu_ws``) at K = V = 128, one V block per CTA."""
+    monkeypatch.setattr(mk, "WARP_SPECIALIZED", True)
+    B, T, H, K, V = 1, 256, 2, 128, 128
+    sd = jax.ShapeDtypeStruct
+    args = ((sd((B, T, H, K), jnp.bfloat16),) * 2 + (sd((B, T, H, mk.CHUNK), jnp.bfloat16),
+            sd((B, T, H, V), jnp.bfloat16), sd((B, H, T), jnp.float32) if gated else None,
+            sd((B, H, K, V), jnp.float32)))
+    run = jax.jit(lambda *a: mk.walk(*a, scale=0.1, save_states=save_states, groups=1))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,V,gated,init,segments", [
+    (128, 128, True, True, True),      # two CTAs per head, initial state, segments
+    (64, 64, False, False, False),     # DeltaNet, K = V = 64
+])
+def test_interpret_warp_specialized_matches_oracle(K, V, gated, init, segments, monkeypatch):
+    """The two-warpgroup forward (``WARP_SPECIALIZED``): output, final state and, through the
+    forward under the vjp that saves the states, every gradient against the float64 oracle."""
+    monkeypatch.setattr(mk, "WARP_SPECIALIZED", True)
+    launches = []
+    monkeypatch.setattr(ws, "launch", lambda *a: launches.append(a[0]) or _ws_launch(*a))
+    B, T, H = 1, 200, 1
+    args, seg = _inputs(T + V, B, T, H, K, V, gated, init, segments)
+    kd, ks = jax.random.split(jax.random.PRNGKey(K), 2)
+    do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    argnums = tuple(i for i, x in enumerate(args) if x is not None)
+    op = _kernel_op(0.125, seg, plgpu.InterpretGPUParams(detect_races=True))
+    (o, s), got = op(*args), jax.grad(_loss(op, do, dstate), argnums)(*args)
+    assert [c.save_states for c in launches] == [False, True]  # both forwards ran it
     with jax.enable_x64(True):
         oracle = _oracle_op(0.125, seg)
         ro, rs = oracle(*map(_f64, args))

@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK
-from pallas_kernels.mosaic_gpu_common import (pl, plgpu, products, summed_products, tiled_smem,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, products, summed_products,
+                                              tiled_smem, transposed, wgmma_zeros)
 
 F32 = jnp.float32
 FIRST_TILES = ("q", "k", "v", "w", "c1", "s")  # TMA group the first round waits for (T_β in c1)
@@ -87,17 +87,8 @@ class _Terms:
     col: Any
 
 
-def _t(ref):
-    return ref.transpose((1, 0))
-
-
-def _rows(x: jax.Array, shape) -> jax.Array:
-    """A per-row [C] factor broadcast over ``shape``."""
-    return jax.lax.broadcast_in_dim(x, shape, [0])
-
-
 def _scale_rows(x: jax.Array, factor: Any) -> jax.Array:
-    return x if factor is None else x * _rows(factor, x.shape)
+    return x if factor is None else x * per_row(factor, x.shape)
 
 
 def _row_sum(x: jax.Array) -> jax.Array:
@@ -126,7 +117,7 @@ def _terms(buf, gated: bool) -> _Terms:
     b = plgpu.layout_cast(buf["b_col"][...], layout.reduce(1))
     b_row = plgpu.layout_cast(buf["b_row"][...], layout.reduce(0))
     b_last = buf["b_col"][C - 1]
-    diff = _rows(b, (C, C)) - jax.lax.broadcast_in_dim(b_row, (C, C), [1])
+    diff = per_row(b, (C, C)) - jax.lax.broadcast_in_dim(b_row, (C, C), [1])
     decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
     return _Terms(beta, jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), decay, row, col)
 
@@ -214,7 +205,7 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
 
     # Δ and the scores P, then dPD and dΔ.
     u, ws, qk = products((_zeros(c1, v), _zeros(w, st), zcc),
-                         ((c1, v), (w, st), (q, _t(k))), interp)
+                         ((c1, v), (w, st), (q, transposed(k))), interp)
     xd[...] = (u - ws).astype(bf16)
     c1[...] = (qk * f.decay * s).astype(bf16)                          # P (over T_β)
     xk[...] = _scale_rows(_load(k), f.lam).astype(bf16)
@@ -223,7 +214,7 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     state_dot = _state_dot(buf) if cfg.gated else None
     dp, d_delta, delta_ds = summed_products(
         (zcc, _zeros(c1, do), _zeros(xd, k)),
-        (((do, _t(xd)),), ((_t(c1), do), (xk, ds)), ((xd, _t(ds)),)), interp)
+        (((do, transposed(xd)),), ((transposed(c1), do), (xk, ds)), ((xd, transposed(ds)),)), interp)
     dpd = dp * f.decay * s
     c2[...] = dpd.astype(bf16)
     xa[...] = d_delta.astype(bf16)
@@ -236,7 +227,7 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     commit()
 
     # dWn = dΔ S^T; dO S^T starts dq.
-    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)), ((xa, _t(st)), (do, _t(st))), interp)
+    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)), ((xa, transposed(st)), (do, transposed(st))), interp)
     if cfg.gated:
         d_gamma = s * _row_sum(_load(q) * do_s)
     xk[...] = dwn.astype(bf16)
@@ -245,7 +236,7 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
 
     # dRu, dRwn, dv, dβ's first two terms.
     dru, drwn, y = products((_zeros(t_s, xa), _zeros(t_s, xk), zcc),
-                            ((_t(t_s), xa), (_t(t_s), xk), (xa, _t(v))), interp)
+                            ((transposed(t_s), xa), (transposed(t_s), xk), (xa, transposed(v))), interp)
     k_drwn = _row_sum(_load(k) * drwn)
     dbeta = _row_sum(dru * _load(v)) - (k_drwn if f.gamma is None else f.gamma * k_drwn)
     if cfg.gated:
@@ -256,10 +247,10 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     commit()
 
     # dA and M.
-    x, kk = products((zcc, zcc), ((_t(t_s), c1), (k, _t(k))), interp)
+    x, kk = products((zcc, zcc), ((transposed(t_s), c1), (k, transposed(k))), interp)
     c1[...] = _times_beta_cols(-x, buf).astype(bf16)
     commit()
-    (da,) = summed_products((zcc,), (((c1, _t(t_s)), (xk, _t(w))),), interp)
+    (da,) = summed_products((zcc,), (((c1, transposed(t_s)), (xk, transposed(w))),), interp)
     da = jnp.where(f.row > f.col, da, 0.0)
     kkd = kk * f.decay
     dbeta = dbeta + _row_sum(da * kkd)
@@ -274,7 +265,7 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     dk_init = _load(buf["dk"]) - _scale_rows(_load(xk), beta_gamma)
     commit()
     dq, dk = summed_products((_load(buf["dq"]), dk_init),
-                             (((c2, k),), ((_t(c2), q), (c1, k), (_t(c1), k))), interp)
+                             (((c2, k),), ((transposed(c2), q), (c1, k), (transposed(c1), k))), interp)
     buf["dq"][...] = dq.astype(bf16)
     buf["dk"][...] = dk.astype(bf16)
     out["dbeta"] = dbeta

@@ -62,13 +62,15 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu_common import (Registers, TileRing, carry_state, launch_walk,
-                                              load_transposed, num_sms, pl, plgpu, products,
-                                              tiled_smem, warpgroup_index, wgmma_zeros)
+                                              load_transposed, num_sms, per_col, per_row, pl,
+                                              plgpu, products, tiled_smem, transposed,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
 STAGES = 2          # TMA buffering depth of the per-chunk tiles
 HEAD_DIMS = (64, 128)
+WARP_SPECIALIZED = False  # the forward's two-warpgroup form (mosaic_gpu_ws): not yet GPU-checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,20 +101,6 @@ class Tiles:
     stage: tuple = (None, None, None)  # interpret mode: the forward's register operands' tiles
 
 
-def _t(ref):
-    return ref.transpose((1, 0))
-
-
-def _rows(x: jax.Array, shape) -> jax.Array:
-    """A per-row [C] factor broadcast over the columns of ``shape``."""
-    return jax.lax.broadcast_in_dim(x, shape, [0])
-
-
-def _cols(x: jax.Array, shape) -> jax.Array:
-    """A per-column [C] factor broadcast over the rows of ``shape``."""
-    return jax.lax.broadcast_in_dim(x, shape, [1])
-
-
 def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
     """One forward chunk (module docstring) on the transposed state S^T [64, K] (float32
     registers, also the bf16 left operand of the tensor-core products, so the sequential path
@@ -122,14 +110,14 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
     dtype = t.k.dtype
     s_lo = Registers(state_t.astype(dtype), t.stage[0])
     if cfg.maps:
-        (ks_t,) = products((wgmma_zeros((Vb, C)),), ((s_lo, _t(t.k)),), cfg.interpret)
+        (ks_t,) = products((wgmma_zeros((Vb, C)),), ((s_lo, transposed(t.k)),), cfg.interpret)
     else:
         ks_t, qs_t, scores = products(
             (wgmma_zeros((Vb, C)), wgmma_zeros((Vb, C)), wgmma_zeros((C, C))),
-            ((s_lo, _t(t.k)), (s_lo, _t(t.q)), (t.q, _t(t.k))), cfg.interpret)
+            ((s_lo, transposed(t.k)), (s_lo, transposed(t.q)), (t.q, transposed(t.k))), cfg.interpret)
     causal = gate.row >= gate.col
     if cfg.gated:
-        ks_t = ks_t * _cols(jnp.exp(gate.b_row), (Vb, C))
+        ks_t = ks_t * per_col(jnp.exp(gate.b_row), (Vb, C))
     v_t = load_transposed(t.x).astype(jnp.float32)
     y_t = (v_t if keep is None else v_t * keep) - ks_t
 
@@ -139,21 +127,21 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
         plgpu.commit_smem()
 
     (delta_t,) = products((wgmma_zeros((Vb, C)),),
-                          ((Registers(y_t.astype(dtype), t.stage[1]), _t(t.m)),), cfg.interpret,
+                          ((Registers(y_t.astype(dtype), t.stage[1]), transposed(t.m)),), cfg.interpret,
                           during=None if cfg.maps else store_scores)
     delta_last = delta_t
     if cfg.gated:
-        delta_last = delta_t * _cols(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
+        delta_last = delta_t * per_col(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
         state_t = state_t * jnp.exp(gate.b_last)
     if cfg.maps:
         (state_t,) = products((state_t,), ((Registers(delta_last.astype(dtype), t.stage[1]),
                                              t.k),), cfg.interpret)
         return state_t, None
-    qs_t = qs_t * (_cols(cfg.scale * jnp.exp(gate.b_row), (Vb, C)) if cfg.gated else cfg.scale)
+    qs_t = qs_t * (per_col(cfg.scale * jnp.exp(gate.b_row), (Vb, C)) if cfg.gated else cfg.scale)
     state_t, o_t = products(
         (state_t, qs_t),
         ((Registers(delta_last.astype(dtype), t.stage[1]), t.k),
-         (Registers(delta_t.astype(dtype), t.stage[2]), _t(t.a))), cfg.interpret)
+         (Registers(delta_t.astype(dtype), t.stage[2]), transposed(t.a))), cfg.interpret)
     return state_t, o_t
 
 
@@ -163,13 +151,13 @@ def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate, keep):
     C, Vb = t.a.shape[0], t.y1.shape[-1]
     layout = plgpu.Layout.WGMMA
     kq, kr = products((wgmma_zeros((C, C)), wgmma_zeros((C, Vb))),
-                      ((t.k, _t(t.q)), (t.k, t.state)), cfg.interpret)
+                      ((t.k, transposed(t.q)), (t.k, t.state)), cfg.interpret)
     do = plgpu.layout_cast(t.x[...], layout).astype(jnp.float32)
     anti_causal = gate.row <= gate.col
     if cfg.gated:
         kq = kq * jnp.exp(jnp.where(anti_causal, -gate.diff(), 0.0))
-        kr = kr * _rows(jnp.exp(gate.b_last - gate.b_col), (C, Vb))
-        gdo = do * _rows(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
+        kr = kr * per_row(jnp.exp(gate.b_last - gate.b_col), (C, Vb))
+        gdo = do * per_row(cfg.scale * jnp.exp(gate.b_col), (C, Vb))
         carry = carry * jnp.exp(gate.b_last)
     else:
         gdo = do * cfg.scale
@@ -178,10 +166,10 @@ def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate, keep):
     t.a[...] = jnp.where(anti_causal, kq * scale, 0.0).astype(t.a.dtype)
     t.y1[...] = gdo.astype(t.y1.dtype)
     plgpu.commit_smem()
-    d_delta, carry = products((kr, carry), ((t.a, t.x), (_t(t.q), t.y1)), cfg.interpret)
+    d_delta, carry = products((kr, carry), ((t.a, t.x), (transposed(t.q), t.y1)), cfg.interpret)
     t.y2[...] = (-d_delta).astype(t.y2.dtype)
     plgpu.commit_smem()
-    (carry,) = products((carry,), ((_t(t.m), t.y2),), cfg.interpret)
+    (carry,) = products((carry,), ((transposed(t.m), t.y2),), cfg.interpret)
     return carry, None
 
 
@@ -268,7 +256,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
         if cfg.reverse:
             s_smem[w] = state.astype(s_smem.dtype)
         elif cfg.save_states:
-            _t(s_smem.at[w])[...] = state.astype(s_smem.dtype)
+            transposed(s_smem.at[w])[...] = state.astype(s_smem.dtype)
 
     ring = TileRing(issue_loads, stages=STAGES, num_chunks=N, groups=G, w=w, consumed=consumed)
     ring.prefill()
@@ -299,7 +287,7 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved state has left s_smem
         store_state(state)
         if o is not None:  # o^T [64, C] into the [C, 64] tile
-            _t(y1_smem.at[w])[...] = o.astype(y1_smem.dtype)
+            transposed(y1_smem.at[w])[...] = o.astype(y1_smem.dtype)
         plgpu.commit_smem()
         if o is not None:
             plgpu.copy_smem_to_gmem(y1_smem.at[w], o_ref.at[bi, pl.ds(chunk * C, C), h, cols])
@@ -364,7 +352,8 @@ def piece_maps(q: jax.Array, k: jax.Array, m: jax.Array, x: jax.Array, b: jax.Ar
 def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool,
             groups: int | None, interpret: Any, maps: bool = False) -> tuple[jax.Array, ...]:
     """``walk``'s kernel launch, on the carry as the kernel holds it (forward: S^T, s0 and the
-    final state [B, H, V', K]; reverse: [B, H, K, V']) with V' = V, or V + K for ``maps``."""
+    final state [B, H, V', K]; reverse: [B, H, K, V']) with V' = V, or V + K for ``maps``.
+    With ``WARP_SPECIALIZED``, a forward at one V block per CTA runs ``mosaic_gpu_ws``."""
     B, Tp, H, K = k.shape
     V = x.shape[-1]
     Vc = V + K if maps else V  # carried value columns
@@ -387,6 +376,9 @@ def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
     out_type.append(jax.ShapeDtypeStruct(state_shape, jnp.float32))
+    if WARP_SPECIALIZED and groups == 1 and not (reverse or maps):
+        from pallas_kernels.delta import mosaic_gpu_ws  # it builds on this module
+        return mosaic_gpu_ws.launch(cfg, (q, k, m, x, b, s0), out_type, interpret)
     copies = 3 + groups + (2 if cfg.gated else 0) - (1 if maps and not reverse else 0)
     return launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
