@@ -60,8 +60,9 @@ def attnlab_fn(case: str, impl: str):
 
 
 def attnlab_ws_fn(case: str):
-    """The Hopper path with the two-warpgroup forward walk (``mosaic_gpu_ws``) switched on
-    while the function is traced (the switch is read at trace time)."""
+    """The Hopper path with every forward walk as ``mosaic_gpu_ws`` (two warpgroups per V
+    block, one V block per CTA), switched on while the function is traced (the switch is read
+    at trace time)."""
     from pallas_kernels.delta import mosaic_gpu_kernel
 
     fn = attnlab_fn(case, "mosaic_gpu")

@@ -22,8 +22,8 @@ writes ``check_mosaic_delta.json`` into ``--out``.
         [--no-xla-timing] [--warp-specialized]
 
 ``--warp-specialized`` checks the two-warpgroup forward walk (``mosaic_gpu_ws``, off by
-default until this check and ``bench_delta``'s "attnlab mosaic_gpu ws" have run on a GPU); it
-runs where one V block per CTA is the launch (B·H·V/64 within the SM count: cases 8-10).
+default until this check and ``bench_delta``'s "attnlab mosaic_gpu ws" have run on a GPU) in
+every case.
 """
 from __future__ import annotations
 
@@ -212,8 +212,7 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--quick", action="store_true", help="small cases only")
     ap.add_argument("--warp-specialized", action="store_true",
-                    help="the forward walk as mosaic_gpu_ws (two warpgroups per V block) where "
-                         "one V block per CTA is the launch")
+                    help="every forward walk as mosaic_gpu_ws (two warpgroups per V block)")
     bc.add_check_args(ap)
     args = ap.parse_args()
     mosaic_gpu_kernel.WARP_SPECIALIZED = args.warp_specialized

@@ -353,12 +353,13 @@ def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool
             groups: int | None, interpret: Any, maps: bool = False) -> tuple[jax.Array, ...]:
     """``walk``'s kernel launch, on the carry as the kernel holds it (forward: S^T, s0 and the
     final state [B, H, V', K]; reverse: [B, H, K, V']) with V' = V, or V + K for ``maps``.
-    With ``WARP_SPECIALIZED``, a forward at one V block per CTA runs ``mosaic_gpu_ws``."""
+    With ``WARP_SPECIALIZED`` the forward runs ``mosaic_gpu_ws`` (one V block per CTA)."""
     B, Tp, H, K = k.shape
     V = x.shape[-1]
     Vc = V + K if maps else V  # carried value columns
     N = Tp // CHUNK
-    groups = default_groups(B * H, Vc) if groups is None else groups
+    specialized = WARP_SPECIALIZED and not (reverse or maps)
+    groups = 1 if specialized else default_groups(B * H, Vc) if groups is None else groups
     if Tp % CHUNK or Vc % (V_BLOCK * groups) or K not in HEAD_DIMS:
         raise ValueError(f"walk: T={Tp} must be a multiple of {CHUNK}, V={Vc} of "
                          f"{V_BLOCK}*groups={V_BLOCK * groups}, K={K} in {HEAD_DIMS}")
@@ -376,7 +377,7 @@ def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype))
     out_type.append(jax.ShapeDtypeStruct(state_shape, jnp.float32))
-    if WARP_SPECIALIZED and groups == 1 and not (reverse or maps):
+    if specialized:
         from pallas_kernels.delta import mosaic_gpu_ws  # it builds on this module
         return mosaic_gpu_ws.launch(cfg, (q, k, m, x, b, s0), out_type, interpret)
     copies = 3 + groups + (2 if cfg.gated else 0) - (1 if maps and not reverse else 0)

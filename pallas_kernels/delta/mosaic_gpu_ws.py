@@ -26,9 +26,10 @@ T_β, v 32 KB, the two handover slots 48 KB, A and the o tile 16 KB, the float32
 staging 32 KB, vectors ~3 KB: ~195 KB, one CTA per SM.
 
 Scope: the plain and the vjp forward (``save_states``) at one V block per CTA; the piece-map
-pass and the reverse walk stay in ``mosaic_gpu_kernel``. ``walk`` runs it only where
-``mosaic_gpu_kernel.WARP_SPECIALIZED`` is set (it is not yet timed or checked on a GPU) and
-one V block per CTA is the launch (``default_groups``: small B·H).
+pass and the reverse walk stay in ``mosaic_gpu_kernel``. ``walk`` runs it for every forward
+while ``mosaic_gpu_kernel.WARP_SPECIALIZED`` is set (it is off: not yet timed or checked on a
+GPU; where it wins, latency-bound small B·H or also the throughput-bound large B·H that
+``default_groups`` gives two V blocks per CTA, is for the benchmark to say).
 """
 from __future__ import annotations
 
