@@ -17,7 +17,9 @@ CTAs, latency-bound) the gated forward took 2.9 µs a chunk on the H100, jax-lin
     output warpgroup (w = 0), one chunk behind at most, also the TMA producer:
         A = scale (q k^T ⊙ D) masked (before the handover arrives),
         o = scale Γ ⊙ (q S) + A Δ                                      (shared-memory operands)
-        o -> HBM; with ``save_states`` the handed-over S is also the saved state of the chunk.
+        o -> HBM.
+    With ``save_states`` the state warpgroup also stores the handed-over S (TMA) as the saved
+    state of the chunk.
 
 The output side reads S and Δ rounded to bf16, as the one-warpgroup walk's products do
 (there its register operands are rounded too), so both walks give the same results up to the
@@ -55,8 +57,9 @@ def _gate(bc_smem, br_smem, slot, C: int):
             plgpu.layout_cast(br_smem[slot], layout.reduce(0)), bc_smem[slot, C - 1])
 
 
-def _state_loop(cfg: Walk, refs, ring, state_t):
-    """The state warpgroup's chunk loop; returns the final S^T."""
+def _state_loop(cfg: Walk, refs, ring, state_t, save):
+    """The state warpgroup's chunk loop; returns the final S^T. ``save(n, hand)``: with
+    ``save_states``, the TMA store of the handed-over S of chunk n (else None)."""
     loaded, ready, free = refs["loaded"], refs["ready"], refs["free"]
     C, Vb, dtype = CHUNK, refs["v"].shape[-1], refs["k"].dtype
 
@@ -71,6 +74,8 @@ def _state_loop(cfg: Walk, refs, ring, state_t):
             ks_t = ks_t * per_col(jnp.exp(b_row), (Vb, C))
         y_t = load_transposed(v).astype(F32) - ks_t
         plgpu.barrier_wait(free.at[hand])  # the output side is done with this slot
+        if save is not None:  # and so is the TMA store of chunk n - 2's saved state
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
 
         def hand_over_state():
             transposed(refs["s_hand"].at[hand])[...] = state_t.astype(dtype)
@@ -81,6 +86,8 @@ def _state_loop(cfg: Walk, refs, ring, state_t):
         transposed(refs["d_hand"].at[hand])[...] = delta_t.astype(dtype)
         plgpu.commit_smem()
         plgpu.barrier_arrive(ready.at[hand])
+        if save is not None:
+            save(n, hand)
         if cfg.gated:
             delta_t = delta_t * per_col(jnp.exp(b_last - b_row), (Vb, C))
             state_t = state_t * jnp.exp(b_last)
@@ -92,7 +99,7 @@ def _state_loop(cfg: Walk, refs, ring, state_t):
     return jax.lax.fori_loop(0, cfg.chunks, chunk_step, state_t)
 
 
-def _output_loop(cfg: Walk, refs, ring, o_ref, states_ref, where) -> None:
+def _output_loop(cfg: Walk, refs, ring, o_ref, where) -> None:
     """The output warpgroup's chunk loop (it also refills the TMA ring)."""
     bi, h, cols = where
     loaded, ready, free = refs["loaded"], refs["ready"], refs["free"]
@@ -120,13 +127,10 @@ def _output_loop(cfg: Walk, refs, ring, o_ref, states_ref, where) -> None:
                          ((q, refs["s_hand"].at[hand]), (refs["a"], refs["d_hand"].at[hand])),
                          cfg.interpret)
         ring.release(n, slot)
+        plgpu.barrier_arrive(free.at[hand])
         factor = per_row(cfg.scale * jnp.exp(b_col), (C, Vb)) if cfg.gated else cfg.scale
         o = o + qs * factor
-        if cfg.save_states:
-            plgpu.copy_smem_to_gmem(refs["s_hand"].at[hand],
-                                    states_ref.at[bi, n, h, :, cols])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last o and the state have left
-        plgpu.barrier_arrive(free.at[hand])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last o has left its tile
         refs["o"][...] = o.astype(refs["o"].dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(refs["o"], o_ref.at[bi, pl.ds(n * C, C), h, cols])
@@ -184,7 +188,11 @@ def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
                 state_t = plgpu.layout_cast(carry[...], plgpu.Layout.WGMMA)
             else:
                 state_t = wgmma_zeros((Vb, K))
-            state_t = _state_loop(cfg, bufs, ring, state_t)
+            save = None
+            if cfg.save_states:
+                save = lambda n, hand: plgpu.copy_smem_to_gmem(
+                    bufs["s_hand"].at[hand], states_ref.at[bi, n, h, :, cols])
+            state_t = _state_loop(cfg, bufs, ring, state_t, save)
             carry[...] = state_t
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(carry, sf_ref.at[bi, h, cols, :])
@@ -192,7 +200,7 @@ def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
 
         @pl.when(w == OUTPUT)
         def _():
-            _output_loop(cfg, bufs, ring, o_ref, states_ref, (bi, h, cols))
+            _output_loop(cfg, bufs, ring, o_ref, (bi, h, cols))
             plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(body, **scratch, collective_axes="wg")
