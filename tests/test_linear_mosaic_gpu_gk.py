@@ -16,6 +16,10 @@
   and its vjp (dq, dk) in float32; the forward's Mosaic GPU prepass kernel
   (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A and the state decays d, bf16 or
   q~, k^ as hi + lo parts) lowers for cuda and, in interpret mode, matches the same oracle;
+* the Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``: dq, dk from the cotangents of q~,
+  k^ and A) lowers for cuda and, in interpret mode, matches float64 autodiff of the oracle and
+  the float32 ``jax.vjp`` of ``decayed_tiles`` (padded chunk, steps of -30 and -80 resets, -5
+  on every step and channel); the op's gradients with ``PULLBACK = "kernel"`` as above;
 * its ``accepts`` takes only calls with gk and declines everything else it does not support,
   and everything off Hopper.
 """
@@ -34,6 +38,7 @@ from pallas_kernels.linear import mosaic_gpu_gk as mg
 from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
 from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
 from pallas_kernels.linear import mosaic_gpu_gk_prepass as mp
+from pallas_kernels.linear import mosaic_gpu_gk_pullback as mpb
 from pallas_kernels.linear.reference import gated_linear_reference
 
 plgpu = mosaic_gpu_common.plgpu
@@ -105,11 +110,14 @@ def test_walk_lowers_for_cuda(Dk, Dv, scores, split, decay_axis, reverse, out_dt
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("K,V,with_g,with_s0,segments", [
-    (128, 128, False, True, False),
-    (64, 128, True, False, True),
+@pytest.mark.parametrize("K,V,with_g,with_s0,segments,pullback", [
+    (128, 128, False, True, False, "xla"),
+    (64, 128, True, False, True, "xla"),
+    (128, 128, True, True, False, "kernel"),
+    (64, 128, False, False, True, "kernel"),
 ])
-def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
+def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments, pullback, monkeypatch):
+    monkeypatch.setattr(mg, "PULLBACK", pullback)
     B, T, H = 1, 200, 2
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
@@ -120,7 +128,9 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     argnums = tuple(i for i, a in enumerate(args) if a is not None)
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 4  # the forward and the three backward walks
+    # the three backward walks (the forward is dead code under grad) and, with the pullback
+    # kernel, that kernel and the prepass (its scores A are a residual)
+    assert text.count("custom_call @mosaic_gpu") == (3 if pullback == "xla" else 5)
 
 
 @needs_interpreter
@@ -146,16 +156,20 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
-    (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, initial state, 2 pieces
-    (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (their dgk is 0), strong
-    (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
+@pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece,pullback", [
+    (1, 150, 2, 64, 128, True, True, False, -1.0, 1, "xla"),     # g and gk, s0, 2 pieces
+    (1, 130, 1, 128, 64, False, False, True, -20.0, 16, "xla"),  # segments (dgk 0), strong
+    (1, 1, 1, 64, 64, False, False, False, -1.0, 16, "xla"),     # T = 1 (dgk is exactly 0)
+    (1, 150, 2, 64, 128, True, True, False, -1.0, 1, "kernel"),  # the pullback kernel
+    (1, 130, 1, 128, 64, False, False, True, -20.0, 16, "kernel"),
 ])
 def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_low,
-                                          min_piece, monkeypatch):
+                                          min_piece, pullback, monkeypatch):
     """dq, dk, dv, dg, dgk, d initial state of the Mosaic GPU backward (output and final-state
-    cotangents) against autodiff of the float64 step-by-step oracle."""
+    cotangents; dq, dk by either pullback) against autodiff of the float64 step-by-step
+    oracle."""
     monkeypatch.setattr(scalar_mg, "MIN_PIECE_CHUNKS", min_piece)
+    monkeypatch.setattr(mg, "PULLBACK", pullback)
     inputs = _inputs(T + 11, B, T, H, K, V, with_g, with_s0, gk_low)
     kd, ks = jax.random.split(jax.random.PRNGKey(T), 2)
     # dO exact in bf16: the op rounds it to bf16, which alone moves dgk by ~1e-3
@@ -272,6 +286,51 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
         assert g.shape == w.shape, name
         assert_close(g, w, tol, name)
     assert a.dtype == jnp.bfloat16 and d.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("K", [128, 64])
+def test_pullback_kernel_lowers_for_cuda(K):
+    sd = jax.ShapeDtypeStruct
+    B, T, H = 2, 128, 3
+    tile = lambda dtype: sd((B, T, H, K), dtype)
+    args = (tile(jnp.bfloat16), tile(jnp.bfloat16), tile(jnp.float32), tile(jnp.float32),
+            tile(jnp.float32), sd((B, H, T, mk.CHUNK), jnp.float32))
+    run = jax.jit(lambda q, k, lg, dq_t, dk_h, da: mpb.gk_pullback(q, k, lg, dq_t, dk_h, da, 0.1))
+    assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,steep", [
+    (1, 150, 2, 128, False),   # padded last chunk, steps of -30, resets of -80, two blocks of K
+    (1, 100, 1, 64, True),     # -5 on every step and channel
+])
+def test_pullback_kernel_matches_vjp(B, T, H, K, steep):
+    """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
+    cotangents of q~, k^ and all of A (its upper triangle must be ignored), against float64
+    autodiff of the oracle and the float32 ``jax.vjp`` of ``decayed_tiles``."""
+    q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
+    if steep:
+        lg = jnp.full(lg.shape, -5.0, jnp.float32)
+    scale = K ** -0.5
+    ks = jax.random.split(jax.random.PRNGKey(T), 3)
+    cots = (normal(ks[0], q.shape), normal(ks[1], k.shape),
+            normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
+    got = mpb.gk_pullback(q, k, lg, *cots, scale,
+                          interpret=plgpu.InterpretGPUParams(detect_races=True))
+    b = chunks.chunk_log_gates(lg, mk.CHUNK)
+    f32 = lambda x: x.astype(jnp.float32)
+    _, pullback = jax.vjp(lambda q, k: chunks.decayed_tiles(q, k, b, scale, mk.CHUNK),
+                          f32(q), f32(k))
+    xla = pullback(cots)
+    with jax.enable_x64(True):
+        b64 = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        _, pullback64 = jax.vjp(lambda q, k: _prepass_oracle(q, k, b64, scale), _f64(q), _f64(k))
+        want = [np.asarray(x) for x in pullback64(tuple(map(_f64, cots)))]
+    for name, g, x, w in zip(("dq", "dk"), got, xla, want):
+        assert g.dtype == jnp.float32 and g.shape == q.shape, name
+        assert np.all(np.isfinite(np.asarray(g))), name
+        assert_close(g, w, TOL_F32, name)
+        assert_close(g, x, TOL_F32, f"{name} against decayed_tiles")
 
 
 def test_prepass_interval_matrices_cover_each_pair_once():

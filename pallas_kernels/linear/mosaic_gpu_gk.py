@@ -28,11 +28,25 @@ the cotangent of that state (dS_N = the final state's cotangent):
     dq~_n = dO_n S_n^T                     walk: x = dO, y = v, z = k^, d on S^T's columns
     dk^_n = v_n dS_{n+1}^T                 reverse walk: x = v, y = dO, z = q~, d on columns
     dv_n  = A_n^T dO_n + k^_n dS_{n+1}     reverse walk: x = k^, y = q~, z = dO, A^T, d on rows
-    dA_n  = dO_n v_n^T (masked by the vjp)                 chunk-parallel, XLA
+    dA_n  = dO_n v_n^T (its upper triangle unused)         chunk-parallel, XLA
 
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
-``jax.vjp`` of the prepass (``decayed_tiles``, float32) at the cotangents (dq~, dk^, dA), with
-the gates held fixed. The gate gradient uses the cumulative-sum identity per channel, with
+the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed, by one
+of two paths (``PULLBACK``):
+
+* "xla" (the default): ``jax.vjp`` of its float32 XLA form (``decayed_tiles``), which also
+  gives q~, k^ and A for the walks. Measured at the B=8, T=4096, H=16, K=V=128 anchor on the
+  H100: that XLA recompute and pullback is ~10 of the backward's ~12 ms.
+* "kernel": the chunk-parallel Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``, the same
+  bisection levels as the prepass, hi + lo operands; its docstring counts the work). The XLA
+  prepass does not run: q~ and k^ for the walks are formed elementwise in float32
+  (``decayed_qk``), and A for the dv walk is the forward prepass kernel's, saved as a
+  residual (bf16 [B, H, Tp, 64]: 128 B per step and head, half of q's size at K = 128;
+  rerunning the prepass instead would cost ~0.73 ms at the anchor).
+
+The default stays "xla" until ``experiments/check_mosaic_linear.py --gk-pullback kernel`` has
+passed on an H100 (interpret-mode tests and cuda lowering pass on CPU); that check decides it.
+The gate gradient uses the cumulative-sum identity per channel, with
 G_t = sum_{u <= t} lg_u:
 
     dL/dG_t = q_t ⊙ dq_t - k_t ⊙ dk_t  (+ rowsum(dS_T ⊙ S_T) at t = T - 1),
@@ -50,7 +64,7 @@ f32 -> bf16 -> f32 round trip of the obvious split and zeroes lo) and read their
 hi + lo (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
 hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
 (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
-q, k, v, lg and the initial state (nothing per chunk; the prepass is recomputed).
+q, k, v, lg and the initial state, with the "kernel" pullback also the forward's scores A.
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
 H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu.pieces_for``
@@ -79,12 +93,15 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
-from pallas_kernels.linear.mosaic_gpu_gk_chunks import chunk_log_gates, decayed_tiles, state_decay
+from pallas_kernels.linear.mosaic_gpu_gk_chunks import (chunk_log_gates, decayed_qk,
+                                                        decayed_tiles, state_decay)
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
+from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import hopper_accepts, piece_starts
 
 F32 = jnp.float32
+PULLBACK = "xla"  # or "kernel": how the backward gets dq, dk (module docstring)
 
 
 def _num_pieces(q: jax.Array) -> int:
@@ -121,25 +138,32 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
 
 
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
-    """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32)."""
+    """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32,
+    the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
     q_t, k_h, a, d = gk_prepass(q, k, lg, scale, interpret=interpret)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
-    return o[:, :T], final
+    return o[:, :T], final, a
 
 
-def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
-    """dq, dk, dv, dlg, ds0 (module docstring)."""
+def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
+    """dq, dk, dv, dlg, ds0 (module docstring); ``a``: the forward's scores for the "kernel"
+    pullback, None for the "xla" one."""
     B, T, H, K = q.shape
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
     b = chunk_log_gates(lgp, CHUNK)
     d = state_decay(b, CHUNK)
-    (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
-                                      qp.astype(F32), kp.astype(F32))
+    if a is None:
+        (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
+                                          qp.astype(F32), kp.astype(F32))
+    else:
+        q_t, k_h = decayed_qk(qp, kp, b, scale, CHUNK)
+        pullback = lambda cotangents: gk_pullback(qp, kp, lgp, *cotangents, scale,
+                                                  interpret=interpret)
     (q_hi, q_lo), (k_hi, k_lo) = common.split_bf16(q_t), common.split_bf16(k_h)
     run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
@@ -167,22 +191,24 @@ def _backward(q, k, v, lg, s0, do, dstate, scale: float, interpret: Any):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _recurrence(q, k, v, lg, s0, scale, interpret):
-    return _forward(q, k, v, lg, s0, scale, interpret)
+    return _forward(q, k, v, lg, s0, scale, interpret)[:2]
 
 
 def _recurrence_fwd(q, k, v, lg, s0, scale, interpret):
     q, k, v, lg, s0 = jax.tree.map(lambda p: p.value, (q, k, v, lg, s0))  # symbolic_zeros
-    o, state = _forward(q, k, v, lg, s0, scale, interpret)
-    return (o, state), (q, k, v, lg, s0)
+    if PULLBACK not in ("xla", "kernel"):
+        raise ValueError(f'PULLBACK must be "xla" or "kernel", got {PULLBACK!r}')
+    o, state, a = _forward(q, k, v, lg, s0, scale, interpret)
+    return (o, state), (q, k, v, lg, s0, a if PULLBACK == "kernel" else None)
 
 
 def _recurrence_bwd(scale, interpret, residuals, cotangents):
     """The Mosaic GPU backward (``_backward``); a final-state cotangent that is a symbolic zero
     costs nothing."""
-    q, k, v, lg, s0 = residuals
+    q, k, v, lg, s0, a = residuals
     do, dstate = cotangents
     do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
-    return _backward(q, k, v, lg, s0, do.astype(q.dtype), dstate, scale, interpret)
+    return _backward(q, k, v, lg, s0, a, do.astype(q.dtype), dstate, scale, interpret)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)

@@ -104,13 +104,18 @@ def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: 
     return (scale * blocks).reshape(B, H, Tp, chunk)
 
 
+def decayed_qk(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """(q~ = scale · q ⊙ e^{b}, k^ = k ⊙ e^{b_last - b}), [B, Tp, H, K] float32."""
+    B, Tp, H, K = q.shape
+    by_chunk = (B, Tp // chunk, chunk, H, K)
+    bc = b.reshape(by_chunk)
+    k_hat = (k.astype(F32).reshape(by_chunk) * jnp.exp(bc[:, :, -1:] - bc)).reshape(q.shape)
+    return scale * q.astype(F32) * jnp.exp(b), k_hat
+
+
 def decayed_tiles(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: int
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(q~, k^ [B, Tp, H, K], A [B, H, Tp, C]) float32 (module docstring) from q, k (float32 or
     bf16, widened); differentiable in q and k."""
-    B, Tp, H, K = q.shape
-    qf, kf = q.astype(F32), k.astype(F32)
-    by_chunk = (B, Tp // chunk, chunk, H, K)
-    bc = b.reshape(by_chunk)
-    k_hat = (kf.reshape(by_chunk) * jnp.exp(bc[:, :, -1:] - bc)).reshape(q.shape)
-    return scale * qf * jnp.exp(b), k_hat, intra_scores(q, k, b, scale, chunk)
+    return (*decayed_qk(q, k, b, scale, chunk), intra_scores(q, k, b, scale, chunk))

@@ -27,7 +27,7 @@ With F_h[r] = e^{-|b_r - b_{m_h(r)}|} (one exponent tile: E: min(r, m) < u <= ma
 
 with M_h the pairs of level h: h <= (i XOR j) < 2h and i > j. S_h is right on those pairs and
 finite elsewhere (every factor is <= 1), so the operands need no masks; the [C, C] select does
-it (``_level_code``).
+it (``level_mask``).
 
 Work per chunk (K = 128), against the kernel this replaces (same math, same products):
 
@@ -91,30 +91,50 @@ def _iota(shape, dim: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _level_code(C: int) -> jax.Array:
-    """[C, C] int32: i XOR j below the diagonal, 0 on and above it; level h owns the pairs with
-    h <= code < 2h."""
+def diagonal_mask(C: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs i == j."""
+    return _iota((C, C), 0) == _iota((C, C), 1)
+
+
+def level_mask(C: int, h: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs (i, j) of level h, i > j and
+    h <= i XOR j < 2h (i in the second half, j in the first half of one 2h block)."""
     row, col = _iota((C, C), 0), _iota((C, C), 1)
-    return jnp.where(row > col, row ^ col, 0)
+    code = jnp.where(row > col, row ^ col, 0)
+    return (code >= h) & (code < 2 * h)
+
+
+def load_wgmma(ref: Any) -> jax.Array:
+    """An SMEM tile read into registers (WGMMA layout) as float32."""
+    return plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA).astype(F32)
+
+
+class ExponentTiles:
+    """The exponent tiles x_t = E_t @ lg of one chunk on the tensor cores (module docstring):
+    ``fetch(t)`` starts the TMA load of E_t (from ``e_ref``, [tiles, C, C]) into ``e_smem``,
+    free once the products of E_{t-1} are done; ``products(t)`` waits for it and returns the
+    operand pairs of x_t, E_t times each part of lg in ``lg_parts`` (bf16 hi, lo [C, W])."""
+
+    def __init__(self, e_ref: Any, e_smem: Any, e_loaded: Any, lg_parts: tuple[Any, ...]):
+        self.e_ref, self.e_smem, self.e_loaded, self.lg_parts = e_ref, e_smem, e_loaded, lg_parts
+        self.count = e_ref.shape[0]
+
+    def fetch(self, t: int) -> None:
+        plgpu.copy_gmem_to_smem(self.e_ref.at[t], self.e_smem, self.e_loaded)
+
+    def products(self, t: int) -> list:
+        plgpu.barrier_wait(self.e_loaded)
+        return [(self.e_smem, part) for part in self.lg_parts]
 
 
 def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
             d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
-    tiles = e_ref.shape[0]
+    exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
+    tiles, load = exponents.count, load_wgmma
     rows = pl.ds(n * C, C)
-    load = lambda ref: plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA).astype(F32)
-
-    def fetch_interval(t: int):
-        """E_t into e_smem (free once the products of E_{t-1} are done)."""
-        plgpu.copy_gmem_to_smem(e_ref.at[t], e_smem, e_loaded)
-
-    def exponent_products(t: int) -> list:
-        plgpu.barrier_wait(e_loaded)
-        return [(e_smem, part) for part in (lg_hi, lg_lo)]
-
-    fetch_interval(0)
+    exponents.fetch(0)
 
     def split_gates(lg_smem):
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hd], q_smem, loaded)
@@ -130,8 +150,8 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
     pl.run_scoped(split_gates, tiled_smem((C, K), F32))
 
     def tiles_and_scores(x_smem, y_smem):
-        (x,) = summed_products((wgmma_zeros((C, K)),), (exponent_products(0),), interpret)
-        fetch_interval(1)   # loads while this tile's exponentials and stores run
+        (x,) = summed_products((wgmma_zeros((C, K)),), (exponents.products(0),), interpret)
+        exponents.fetch(1)   # loads while this tile's exponentials and stores run
         a = None
         for t in range(tiles):
             f = jnp.exp(x)
@@ -156,19 +176,16 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
                 operands.append([(pair[0], pair[1].transpose((1, 0)))])
             if t + 1 < tiles:
                 inits.append(wgmma_zeros((C, K)))
-                operands.append(exponent_products(t + 1))
+                operands.append(exponents.products(t + 1))
             outs = summed_products(tuple(inits), tuple(operands), interpret)
             if t + 1 < tiles:
                 x = outs[-1]
             if t + 2 < tiles:
-                fetch_interval(t + 2)
+                exponents.fetch(t + 2)
             if t == 1:
-                row, col = _iota((C, C), 0), _iota((C, C), 1)
-                a = jnp.where(row == col, outs[0], 0.0)
+                a = jnp.where(diagonal_mask(C), outs[0], 0.0)
             elif t >= 2:
-                h = LEVELS[t - 2]
-                code = _level_code(C)
-                a = a + jnp.where((code >= h) & (code < 2 * h), outs[0], 0.0)
+                a = a + jnp.where(level_mask(C, LEVELS[t - 2]), outs[0], 0.0)
         a_smem = e_smem   # every interval product is done
         a_smem[...] = (scale * a).astype(a_smem.dtype)
         plgpu.commit_smem()

@@ -1,0 +1,189 @@
+"""The pullback of the GLA prepass as a Mosaic GPU kernel: dq, dk from the cotangents of q~, k^
+and the intra-chunk scores A, with the gates held fixed (``mosaic_gpu_gk._backward``'s kernel
+path; it equals ``jax.vjp`` of ``mosaic_gpu_gk_chunks.decayed_tiles``). One CTA (one
+warpgroup) per (chunk, head, batch row, block of W = 64 key channels).
+
+Per chunk of C = 64 rows, with b the chunk-local cumulative log gates, q, k [C, K] bf16, the
+cotangents dq~, dk^ [C, K] and dA [C, C] float32 (entries above the diagonal are ignored: A is
+zero there), and dA' = scale · dA:
+
+    dq_ic = scale · dq~_ic e^{b_ic} + dA'_ii k_ic + sum_{j < i} dA'_ij k_jc e^{b_ic - b_jc}
+    dk_jc = dk^_jc e^{b_last,c - b_jc} + dA'_jj q_jc + sum_{i > j} dA'_ij q_ic e^{b_ic - b_jc}
+
+The pairs i > j by the prepass's bisection levels (``mosaic_gpu_gk_prepass``: the same interval
+matrices, anchors and level masks M_h; e^{b_i - b_j} = F_h[i] F_h[j], every factor <= 1, so
+nothing overflows whatever the gates), with dA'_h = M_h ⊙ dA':
+
+    dq += F_h ⊙ (dA'_h (k ⊙ F_h)),      dk += F_h ⊙ (dA'_h^T (q ⊙ F_h))
+
+(rows outside a level's pairs get zero rows of dA'_h, so the operands need no masks). The first
+two exponent tiles of the prepass give e^{b} and e^{b_last - b}; the diagonal is elementwise.
+
+Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
+(``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
+its float32 operands as bf16 hi + lo parts (``store_split``) and sums hi·hi + hi·lo + lo·hi
+in float32 (3 wgmmas where one would do in bf16; the dropped lo·lo is ~2^-16 of the product);
+the exponents are the prepass's (E_t @ lg on lg's hi + lo parts, ~2^-17 of the interval's sum
+of |lg|), and the exponentials ``ex2.approx`` (~2^-22). Measured in interpret mode (tests' inputs):
+dq, dk within 1.2e-6..3.3e-6 of float64 autodiff (the float32 XLA ``jax.vjp``: 2.9e-6..4.5e-6);
+the op's dgk, dg 4.7e-5, 6.3e-5 from the float64 oracle (with the XLA pullback 3.8e-5, 4.9e-5).
+Fewer products miss the gate-gradient bound (3e-4): without lo·hi dgk was off by 1.2e-3,
+without hi·lo by 8.8e-3.
+
+Why 64 channels per CTA. Everything but dA is per channel, so the channels split freely. With
+all K = 128 channels in one warpgroup, dq, dk, F and the three accumulators in flight would
+take 64 registers a thread each (384 > 255); with 64 channels, 32 each. The price: each of the
+two CTAs of a chunk and head reads dA and masks and splits it (per level, 32 elements a thread).
+
+Work per CTA (W = 64 channels; a chunk and head with K = 128 takes two CTAs, adjacent in the
+grid so the second read of dA hits L2):
+
+    exponent tiles       8 (e^{b}, e^{b_last - b}, six levels): 2 wgmmas [64, 64] x [64, 64]
+    exponentials         8 · C · W = 32 Ki (``approx_math``)
+    level wgmmas         6 levels x (3 for dq + 3 for dk), [64, 64] x [64, 64] each, issued
+                         with the next exponent tile's 2: 9 waits on the tensor cores per CTA
+                         (the first three exponent tiles alone); 52 wgmmas in all, 13.6 M
+                         multiply-adds (4.5e11 flop at the B = 8, T = 4096, H = 16, K = 128
+                         anchor: ~0.6 ms at the bf16 peak)
+    CUDA-core work       per level: q, k, dA reloaded from SMEM; q ⊙ F, k ⊙ F, dA'_h split into
+                         hi + lo and stored (3 tiles, 32 elements per thread each); dq, dk
+                         updated (2 x 32 FMAs); the diagonal once (a row sum of dA')
+    HBM per CTA          reads q, k (bf16, 16 KB), lg, dq~, dk^ (float32, 48 KB), dA (16 KB),
+                         writes dq, dk (float32, 32 KB); 112 KB, 224 KB per chunk and head at
+                         K = 128 (1.8 GB at the anchor: ~0.7 ms at 2.7 TB/s); plus 64 KB of
+                         interval matrices from L2
+    SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
+                         then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (six
+                         bf16 tiles, 48 KB) and dq, dk on their way out (32 KB): two CTAs an SM
+
+Not done yet: at levels 32 and 16 the pairs fill one [32, 32] or two [16, 16] blocks, so a
+product over only the 32 contributing columns of dA'_h (K = 32) would halve those wgmmas.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
+                                                         diagonal_mask, interval_matrices,
+                                                         level_mask, load_wgmma)
+from pallas_kernels.mosaic_gpu_common import (pl, plgpu, store_split, summed_products,
+                                              tiled_smem, wgmma_zeros)
+
+W = 64  # key channels per CTA
+F32 = jnp.float32
+
+
+def _level_products(da_parts, x_parts, transpose: bool) -> list:
+    """The operand pairs of dA'_h @ x (dA'_h^T @ x if ``transpose``): hi·hi + hi·lo + lo·hi."""
+    (a_hi, a_lo), (x_hi, x_lo) = da_parts, x_parts
+    if transpose:
+        a_hi, a_lo = a_hi.transpose((1, 0)), a_lo.transpose((1, 0))
+    return [(a_hi, x_hi), (a_hi, x_lo), (a_lo, x_hi)]
+
+
+def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, da_ref,
+            dq_out, dk_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem, loaded, e_loaded):
+    nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
+    C = q_smem.shape[0]
+    per_chunk = q_ref.shape[-1] // W
+    n, cb = jax.lax.div(nb, per_chunk), jax.lax.rem(nb, per_chunk)
+    rows, cols = pl.ds(n * C, C), pl.ds(cb * W, W)
+    exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
+    exponents.fetch(0)
+    tile = lambda: tiled_smem((C, W), q_smem.dtype)
+    zeros = lambda: wgmma_zeros((C, W))
+
+    def exponent(t: int) -> jax.Array:
+        """x_t alone; starts loading E_{t+1}."""
+        (x,) = summed_products((zeros(),), (exponents.products(t),), interpret)
+        exponents.fetch(t + 1)
+        return x
+
+    def scaled_scores() -> jax.Array:
+        return scale * load_wgmma(da_smem)
+
+    def direct_terms(lg_smem, dqt_smem, dkh_smem):
+        """dq, dk from dq~, dk^ and the diagonal; returns them and x_2."""
+        for src, dst in ((q_ref, q_smem), (k_ref, k_smem), (lg_ref, lg_smem),
+                         (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
+            plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
+        plgpu.copy_gmem_to_smem(da_ref.at[bi, hd, rows], da_smem, loaded)
+        plgpu.barrier_wait(loaded)
+        store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
+        plgpu.commit_smem()
+        diag = jnp.sum(jnp.where(diagonal_mask(C), scaled_scores(), 0.0), axis=1)
+        diag = jax.lax.broadcast_in_dim(diag, (C, W), [0])
+        dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0)) + diag * load_wgmma(k_smem)
+        dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1)) + diag * load_wgmma(q_smem)
+        return dq, dk, exponent(2)
+
+    dq, dk, x = pl.run_scoped(direct_terms, tiled_smem((C, W), F32), tiled_smem((C, W), F32),
+                              tiled_smem((C, W), F32))
+
+    def levels(dq, dk, x, da_hi, da_lo, kf_hi, kf_lo, qf_hi, qf_lo):
+        """The six levels, each level's products issued with the next exponent tile's."""
+        for t, h in enumerate(LEVELS, start=2):
+            f = jnp.exp(x)
+            store_split((kf_hi, kf_lo), load_wgmma(k_smem) * f)
+            store_split((qf_hi, qf_lo), load_wgmma(q_smem) * f)
+            store_split((da_hi, da_lo), jnp.where(level_mask(C, h), scaled_scores(), 0.0))
+            plgpu.commit_smem()
+            da_parts = (da_hi, da_lo)
+            inits = [zeros(), zeros()]
+            operands = [_level_products(da_parts, (kf_hi, kf_lo), False),
+                        _level_products(da_parts, (qf_hi, qf_lo), True)]
+            if t + 1 < exponents.count:
+                inits.append(zeros())
+                operands.append(exponents.products(t + 1))
+            outs = summed_products(tuple(inits), tuple(operands), interpret)
+            if t + 2 < exponents.count:
+                exponents.fetch(t + 2)
+            dq, dk = dq + f * outs[0], dk + f * outs[1]
+            if t + 1 < exponents.count:
+                x = outs[2]
+        return dq, dk
+
+    dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x), *[tile() for _ in range(6)])
+
+    def write_out(dq_smem, dk_smem):
+        dq_smem[...] = dq
+        dk_smem[...] = dk
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_smem, dq_out.at[bi, rows, hd, cols])
+        plgpu.copy_smem_to_gmem(dk_smem, dk_out.at[bi, rows, hd, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(write_out, tiled_smem((C, W), F32), tiled_smem((C, W), F32))
+
+
+def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
+                da: jax.Array, scale: float, *, interpret: Any = None
+                ) -> tuple[jax.Array, jax.Array]:
+    """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
+    the total log gates, dq~, dk^ [B, Tp, H, K] and dA [B, H, Tp, CHUNK] (row i of chunk n at
+    time n C + i, as ``decayed_tiles``' A) float32 -> (dq, dk) [B, Tp, H, K] float32, the
+    pullback of ``decayed_tiles`` at (dq~, dk^, dA) with the gates held fixed."""
+    B, Tp, H, K = q.shape
+    C, dtype = CHUNK, q.dtype
+    grad = jax.ShapeDtypeStruct(q.shape, F32)
+    return plgpu.kernel(
+        functools.partial(_kernel, float(scale), interpret is not None),
+        out_type=(grad, grad),
+        scratch_types=[
+            tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # q, k
+            tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # lg hi, lo
+            tiled_smem((C, C), dtype),                                  # E_t
+            tiled_smem((C, C), F32),                                    # dA
+            plgpu.Barrier(num_arrivals=6),
+            plgpu.Barrier(num_arrivals=1),
+        ],
+        grid=(Tp // C * (K // W), H, B),
+        grid_names=("blocks", "heads", "rows"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C), dtype), dq_t.astype(F32),
+      dk_h.astype(F32), da.astype(F32))
