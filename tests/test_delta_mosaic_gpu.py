@@ -317,11 +317,16 @@ def test_interpret_sequence_split_matches_oracle(K, V, gated, init, segments, tw
         args = args[:4] + (args[4] * 0.05,) + args[5:]
     kd, ks = jax.random.split(jax.random.PRNGKey(K + V), 2)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
+    _assert_op_and_gradients(_kernel_op(0.125, seg, plgpu.InterpretGPUParams(), pieces=4),
+                             _oracle_op(0.125, seg), args, do, dstate)
+
+
+def _assert_op_and_gradients(op, oracle, args, do, dstate):
+    """op's output, final state and gradients of every given input (cotangents do, dstate)
+    against the float64 oracle's."""
     argnums = tuple(i for i, x in enumerate(args) if x is not None)
-    op = _kernel_op(0.125, seg, plgpu.InterpretGPUParams(), pieces=4)
     (o, s), got = op(*args), jax.grad(_loss(op, do, dstate), argnums)(*args)
     with jax.enable_x64(True):
-        oracle = _oracle_op(0.125, seg)
         ro, rs = oracle(*map(_f64, args))
         want = jax.grad(_loss(oracle, _f64(do), _f64(dstate)), argnums)(*map(_f64, args))
     assert_close(o, np.asarray(ro), TOL_BF16, "o")
@@ -360,18 +365,9 @@ def test_interpret_warp_specialized_matches_oracle(K, V, gated, init, segments, 
     args, seg = _inputs(T + V, B, T, H, K, V, gated, init, segments)
     kd, ks = jax.random.split(jax.random.PRNGKey(K), 2)
     do, dstate = normal(kd, (B, T, H, V)), normal(ks, (B, H, K, V))
-    argnums = tuple(i for i, x in enumerate(args) if x is not None)
-    op = _kernel_op(0.125, seg, plgpu.InterpretGPUParams(detect_races=True))
-    (o, s), got = op(*args), jax.grad(_loss(op, do, dstate), argnums)(*args)
+    _assert_op_and_gradients(_kernel_op(0.125, seg, plgpu.InterpretGPUParams(detect_races=True)),
+                             _oracle_op(0.125, seg), args, do, dstate)
     assert [c.save_states for c in launches] == [False, True]  # both forwards ran it
-    with jax.enable_x64(True):
-        oracle = _oracle_op(0.125, seg)
-        ro, rs = oracle(*map(_f64, args))
-        want = jax.grad(_loss(oracle, _f64(do), _f64(dstate)), argnums)(*map(_f64, args))
-    assert_close(o, np.asarray(ro), TOL_BF16, "o")
-    assert_close(s, np.asarray(rs), TOL_BF16, "final state")
-    for i, a, b in zip(argnums, got, want):
-        assert_close(a, np.asarray(b), TOL_BF16, f"d{NAMES[i]}")
 
 
 def test_accepts_declines_unsupported_calls():

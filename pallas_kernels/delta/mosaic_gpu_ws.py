@@ -10,7 +10,7 @@ CTAs, latency-bound) the gated forward took 2.9 µs a chunk on the H100, jax-lin
 ``mosaic_gpu_kernel``):
 
     state warpgroup (w = 1), the sequential path, S^T [64, K] float32 in registers:
-        Y^T = v^T - (S^T k^T) ⊙ Γ,   Δ^T = Y^T T_β^T                  (left operands: registers)
+        Y^T = v^T - (S^T k^T) ⊙ Γ,   Δ^T = Y^T T_β^T             (left operands: registers)
         hand S (bf16 [K, 64]) and Δ (bf16 [C, 64]) over in shared memory (two slots, barriers
         ``ready`` / ``free``),
         S_next^T = γ S^T + (Δ^T ⊙ λ) k
