@@ -86,6 +86,19 @@ def _schedule(one_call_s: float) -> tuple[int, int]:
     return inner, reps
 
 
+def traced_with(module: Any, name: str, value: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with ``module.name`` set to ``value`` (restored after): for a kernel switch
+    read at trace time, since ``time_jax``'s jit traces on the first call."""
+    def run(*args):
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn(*args)
+        finally:
+            setattr(module, name, saved)
+    return run
+
+
 def time_jax(fn: Callable[..., Any], arg_sets: Sequence[tuple], warmup: int = 3) -> float:
     """Median milliseconds of one call of ``fn`` (jitted) over rotating ``arg_sets``."""
     import jax

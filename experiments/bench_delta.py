@@ -65,15 +65,8 @@ def attnlab_ws_fn(case: str):
     at trace time)."""
     from pallas_kernels.delta import mosaic_gpu_kernel
 
-    fn = attnlab_fn(case, "mosaic_gpu")
-
-    def run(*args):
-        previous, mosaic_gpu_kernel.WARP_SPECIALIZED = mosaic_gpu_kernel.WARP_SPECIALIZED, True
-        try:
-            return fn(*args)
-        finally:
-            mosaic_gpu_kernel.WARP_SPECIALIZED = previous
-    return run
+    return bc.traced_with(mosaic_gpu_kernel, "WARP_SPECIALIZED", True,
+                          attnlab_fn(case, "mosaic_gpu"))
 
 
 def jla_fn(case: str):

@@ -70,15 +70,7 @@ def attnlab_one_warpgroup_fn(gate: str):
     the next GPU run settles."""
     from pallas_kernels.linear import mosaic_gpu
 
-    fn = attnlab_scalar_fn(gate)
-
-    def run(*args):
-        saved, mosaic_gpu.WARPGROUPS_PER_CTA = mosaic_gpu.WARPGROUPS_PER_CTA, 1
-        try:
-            return fn(*args)
-        finally:
-            mosaic_gpu.WARPGROUPS_PER_CTA = saved
-    return run
+    return bc.traced_with(mosaic_gpu, "WARPGROUPS_PER_CTA", 1, attnlab_scalar_fn(gate))
 
 
 def attnlab_scalar_fn(gate: str):
@@ -95,6 +87,14 @@ def attnlab_gk_fn(gate: str):
     if gate != "gk":
         raise ValueError("mosaic_gpu_gk runs per-channel gates (gk) only")
     return attnlab_fn(gate, "mosaic_gpu_gk")
+
+
+def attnlab_gk_pullback_fn(gate: str):
+    """The Hopper GLA kernel with its backward's pullback as the Mosaic GPU kernel
+    (``mosaic_gpu_gk.PULLBACK = "kernel"``, read while the call is traced)."""
+    from pallas_kernels.linear import mosaic_gpu_gk
+
+    return bc.traced_with(mosaic_gpu_gk, "PULLBACK", "kernel", attnlab_gk_fn(gate))
 
 
 def jla_fn(gate: str):
@@ -129,6 +129,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu": ("jax", attnlab_scalar_fn),
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
+    "attnlab mosaic_gpu_gk pullback": ("jax", attnlab_gk_pullback_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }
