@@ -42,7 +42,9 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # 0, 2-6 passed on the H100 (experiments/results/h100_2026-11-24_s7_call1, _s7_call2); with the
 # sequence split and exp as ex2.approx (d685502) cases 3 and 8-10 (split into 4 and 8 pieces:
 # gate, none, initial state, segments) passed (h100_2026-12-06_s8_call1), and so did every
-# bench_delta case's built-in check (T = 4k .. 64k, _s8_call1, _s8_call2).
+# bench_delta case's built-in check (T = 4k .. 64k, _s8_call1, _s8_call2). Since then the delta
+# kernels only take their transpose / broadcast / gate-reading helpers from shared code (the
+# same operations; interpret-checked) and gained the off-by-default mosaic_gpu_ws forward.
 # "linear" (scalar gate / no gate): all ten of check_mosaic_linear's none / g cases passed on the
 # H100 at commit d04e928 (experiments/results/h100_2026-11-23_s4_call1; T = 512 .. 65536,
 # padding, initial state, segments, the anchor), 0.22 vs 3.4-3.7 ms (XLA) forward at the anchor.

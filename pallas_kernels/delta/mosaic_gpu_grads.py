@@ -60,8 +60,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.delta.mosaic_gpu_prepass import CHUNK
-from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, products, summed_products,
-                                              tiled_smem, transposed, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (per_col, per_row, pl, plgpu, products,
+                                              summed_products, tiled_smem, transposed,
+                                              wgmma_zeros)
 
 F32 = jnp.float32
 FIRST_TILES = ("q", "k", "v", "w", "c1", "s")  # TMA group the first round waits for (T_β in c1)
@@ -117,7 +118,7 @@ def _terms(buf, gated: bool) -> _Terms:
     b = plgpu.layout_cast(buf["b_col"][...], layout.reduce(1))
     b_row = plgpu.layout_cast(buf["b_row"][...], layout.reduce(0))
     b_last = buf["b_col"][C - 1]
-    diff = per_row(b, (C, C)) - jax.lax.broadcast_in_dim(b_row, (C, C), [1])
+    diff = per_row(b, (C, C)) - per_col(b_row, (C, C))
     decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
     return _Terms(beta, jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), decay, row, col)
 
@@ -125,7 +126,7 @@ def _terms(buf, gated: bool) -> _Terms:
 def _times_beta_cols(x: jax.Array, buf) -> jax.Array:
     """x diag(β) for a [C, C] x."""
     beta_row = plgpu.layout_cast(buf["beta_row"][...], plgpu.Layout.WGMMA.reduce(0))
-    return x * jax.lax.broadcast_in_dim(beta_row, x.shape, [1])
+    return x * per_col(beta_row, x.shape)
 
 
 def _state_dot(buf) -> jax.Array:
@@ -214,7 +215,8 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     state_dot = _state_dot(buf) if cfg.gated else None
     dp, d_delta, delta_ds = summed_products(
         (zcc, _zeros(c1, do), _zeros(xd, k)),
-        (((do, transposed(xd)),), ((transposed(c1), do), (xk, ds)), ((xd, transposed(ds)),)), interp)
+        (((do, transposed(xd)),), ((transposed(c1), do), (xk, ds)), ((xd, transposed(ds)),)),
+        interp)
     dpd = dp * f.decay * s
     c2[...] = dpd.astype(bf16)
     xa[...] = d_delta.astype(bf16)
@@ -227,7 +229,8 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     commit()
 
     # dWn = dΔ S^T; dO S^T starts dq.
-    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)), ((xa, transposed(st)), (do, transposed(st))), interp)
+    dwn, do_s = products((_zeros(xa, k), _zeros(do, k)),
+                         ((xa, transposed(st)), (do, transposed(st))), interp)
     if cfg.gated:
         d_gamma = s * _row_sum(_load(q) * do_s)
     xk[...] = dwn.astype(bf16)
@@ -236,7 +239,8 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
 
     # dRu, dRwn, dv, dβ's first two terms.
     dru, drwn, y = products((_zeros(t_s, xa), _zeros(t_s, xk), zcc),
-                            ((transposed(t_s), xa), (transposed(t_s), xk), (xa, transposed(v))), interp)
+                            ((transposed(t_s), xa), (transposed(t_s), xk), (xa, transposed(v))),
+                            interp)
     k_drwn = _row_sum(_load(k) * drwn)
     dbeta = _row_sum(dru * _load(v)) - (k_drwn if f.gamma is None else f.gamma * k_drwn)
     if cfg.gated:
@@ -265,7 +269,8 @@ def _gradients(cfg: _Config, buf, rest_loaded) -> dict[str, jax.Array]:
     dk_init = _load(buf["dk"]) - _scale_rows(_load(xk), beta_gamma)
     commit()
     dq, dk = summed_products((_load(buf["dq"]), dk_init),
-                             (((c2, k),), ((transposed(c2), q), (c1, k), (transposed(c1), k))), interp)
+                             (((c2, k),), ((transposed(c2), q), (c1, k), (transposed(c1), k))),
+                             interp)
     buf["dq"][...] = dq.astype(bf16)
     buf["dk"][...] = dk.astype(bf16)
     out["dbeta"] = dbeta

@@ -114,7 +114,8 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
     else:
         ks_t, qs_t, scores = products(
             (wgmma_zeros((Vb, C)), wgmma_zeros((Vb, C)), wgmma_zeros((C, C))),
-            ((s_lo, transposed(t.k)), (s_lo, transposed(t.q)), (t.q, transposed(t.k))), cfg.interpret)
+            ((s_lo, transposed(t.k)), (s_lo, transposed(t.q)), (t.q, transposed(t.k))),
+            cfg.interpret)
     causal = gate.row >= gate.col
     if cfg.gated:
         ks_t = ks_t * per_col(jnp.exp(gate.b_row), (Vb, C))
@@ -127,8 +128,8 @@ def _forward_chunk(cfg: Walk, t: Tiles, state_t, gate, keep):
         plgpu.commit_smem()
 
     (delta_t,) = products((wgmma_zeros((Vb, C)),),
-                          ((Registers(y_t.astype(dtype), t.stage[1]), transposed(t.m)),), cfg.interpret,
-                          during=None if cfg.maps else store_scores)
+                          ((Registers(y_t.astype(dtype), t.stage[1]), transposed(t.m)),),
+                          cfg.interpret, during=None if cfg.maps else store_scores)
     delta_last = delta_t
     if cfg.gated:
         delta_last = delta_t * per_col(jnp.exp(gate.b_last - gate.b_row), (Vb, C))
@@ -174,7 +175,7 @@ def _reverse_chunk(cfg: Walk, t: Tiles, carry, gate, keep):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Gate:
+class Gate:
     """The chunk's b in the two register layouts it is read in, its last value, and iotas."""
     b_col: Any
     b_row: Any
@@ -182,11 +183,19 @@ class _Gate:
     row: Any
     col: Any
 
+    @classmethod
+    def read(cls, bc_smem: Any, br_smem: Any, slot: jax.Array, row: Any, col: Any) -> Gate:
+        """The gate of the chunk in ring ``slot`` from b's two SMEM copies ([STAGES, C] each,
+        one per register layout)."""
+        layout = plgpu.Layout.WGMMA
+        return cls(plgpu.layout_cast(bc_smem[slot], layout.reduce(1)),
+                   plgpu.layout_cast(br_smem[slot], layout.reduce(0)),
+                   bc_smem[slot, row.shape[0] - 1], row, col)
+
     def diff(self):
         """[C, C] b_i - b_j."""
-        C = self.row.shape[0]
-        return (jax.lax.broadcast_in_dim(self.b_col, (C, C), [0])
-                - jax.lax.broadcast_in_dim(self.b_row, (C, C), [1]))
+        shape = self.row.shape
+        return per_row(self.b_col, shape) - per_col(self.b_row, shape)
 
 
 def _kernel(cfg: Walk, q_ref, k_ref, m_ref, x_ref, b_ref, s0_ref, *refs):
@@ -271,12 +280,8 @@ def _walk(cfg: Walk, in_refs, o_ref, states_ref, loaded, consumed, where, state,
         plgpu.barrier_wait(loaded.at[slot])
         if cfg.save_states:
             plgpu.copy_smem_to_gmem(s_smem.at[w], states_ref.at[bi, chunk, h, :, cols])
-        if cfg.gated:
-            b_col = plgpu.layout_cast(bc_smem[slot], layout.reduce(1))
-            b_row = plgpu.layout_cast(br_smem[slot], layout.reduce(0))
-            gate = _Gate(b_col, b_row, bc_smem[slot, C - 1], row, col)
-        else:
-            gate = _Gate(None, None, None, row, col)
+        gate = (Gate.read(bc_smem, br_smem, slot, row, col) if cfg.gated
+                else Gate(None, None, None, row, col))
         stage = ((stage_smem[0].at[w], stage_smem[1].at[w, 0], stage_smem[1].at[w, 1])
                  if stage_smem else (None,) * 3)
         tiles = Tiles(q_smem.at[slot], k_smem.at[slot], m_smem.at[slot], x_smem.at[w, slot],

@@ -36,7 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import (per_col, per_row, pl, plgpu, products, tiled_smem,
+                                              wgmma_zeros)
 
 CHUNK = 64
 
@@ -87,21 +88,19 @@ def _kernel(gated: bool, for_backward: bool, interpret: bool, k_ref, beta_ref, b
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
     beta = plgpu.layout_cast(beta_smem[...], layout.reduce(1))
-    rows_of = lambda x, shape: jax.lax.broadcast_in_dim(x, shape, [0])
-    a = kk * rows_of(beta, (C, C))
+    a = kk * per_row(beta, (C, C))
     if gated:
         b_col = plgpu.layout_cast(bc_smem[...], layout.reduce(1))
         b_row = plgpu.layout_cast(br_smem[...], layout.reduce(0))
-        diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
-                - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
+        diff = per_row(b_col, (C, C)) - per_col(b_row, (C, C))
         a = a * jnp.exp(jnp.where(row > col, diff, 0.0))
     t = invert_unit_lower(jnp.where(row > col, a, 0.0), row, col, (t_smem, l_smem, p_smem),
                           interpret)
     beta_row = plgpu.layout_cast(beta_row_smem[...], layout.reduce(0))
-    l_smem[...] = (t * jax.lax.broadcast_in_dim(beta_row, (C, C), [1])).astype(l_smem.dtype)
+    l_smem[...] = (t * per_col(beta_row, (C, C))).astype(l_smem.dtype)
     if for_backward:
         row_scale_k = beta * jnp.exp(b_col) if gated else beta  # β Γ, the row factor of W
-        k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * rows_of(
+        k_scaled = plgpu.layout_cast(k_smem[...], layout).astype(jnp.float32) * per_row(
             row_scale_k, k_smem.shape)
         t_smem[...] = t.astype(t_smem.dtype)
         k_smem[...] = k_scaled.astype(k_smem.dtype)

@@ -41,20 +41,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, STAGES, V_BLOCK, Walk
+from pallas_kernels.delta.mosaic_gpu_kernel import CHUNK, STAGES, V_BLOCK, Gate, Walk
 from pallas_kernels.mosaic_gpu_common import (SWIZZLE, Registers, TileRing, launch_walk,
                                               load_transposed, per_col, per_row, pl, plgpu,
                                               products, tiled_smem, transposed, wgmma_zeros)
 
 F32 = jnp.float32
 OUTPUT, STATE = 0, 1  # warpgroup roles (warpgroup 0 issues the TMA ring's copies)
-
-
-def _gate(bc_smem, br_smem, slot, C: int):
-    """(b as a column vector [C], b as a row vector [C], b_last) of the chunk in ``slot``."""
-    layout = plgpu.Layout.WGMMA
-    return (plgpu.layout_cast(bc_smem[slot], layout.reduce(1)),
-            plgpu.layout_cast(br_smem[slot], layout.reduce(0)), bc_smem[slot, C - 1])
 
 
 def _state_loop(cfg: Walk, refs, ring, state_t, save):
@@ -69,8 +62,9 @@ def _state_loop(cfg: Walk, refs, ring, state_t, save):
         k, tb, v = refs["k"].at[slot], refs["m"].at[slot], refs["v"].at[slot]
         s_lo = Registers(state_t.astype(dtype), refs["stage"][0])
         (ks_t,) = products((wgmma_zeros((Vb, C)),), ((s_lo, transposed(k)),), cfg.interpret)
-        if cfg.gated:
-            _, b_row, b_last = _gate(refs["bc"], refs["br"], slot, C)
+        if cfg.gated:  # b along the columns and its last value only (no [C, C] decay here)
+            b_row = plgpu.layout_cast(refs["br"][slot], plgpu.Layout.WGMMA.reduce(0))
+            b_last = refs["bc"][slot, C - 1]
             ks_t = ks_t * per_col(jnp.exp(b_row), (Vb, C))
         y_t = load_transposed(v).astype(F32) - ks_t
         plgpu.barrier_wait(free.at[hand])  # the output side is done with this slot
@@ -117,9 +111,8 @@ def _output_loop(cfg: Walk, refs, ring, o_ref, where) -> None:
         q, k = refs["q"].at[slot], refs["k"].at[slot]
         (scores,) = products((wgmma_zeros((C, C)),), ((q, transposed(k)),), cfg.interpret)
         if cfg.gated:
-            b_col, b_row, _ = _gate(refs["bc"], refs["br"], slot, C)
-            diff = per_row(b_col, (C, C)) - per_col(b_row, (C, C))
-            scores = scores * jnp.exp(jnp.where(causal, diff, 0.0))
+            gate = Gate.read(refs["bc"], refs["br"], slot, row, col)
+            scores = scores * jnp.exp(jnp.where(causal, gate.diff(), 0.0))
         refs["a"][...] = jnp.where(causal, scores * cfg.scale, 0.0).astype(refs["a"].dtype)
         plgpu.commit_smem()
         plgpu.barrier_wait(ready.at[hand])
@@ -128,7 +121,7 @@ def _output_loop(cfg: Walk, refs, ring, o_ref, where) -> None:
                          cfg.interpret)
         ring.release(n, slot)
         plgpu.barrier_arrive(free.at[hand])
-        factor = per_row(cfg.scale * jnp.exp(b_col), (C, Vb)) if cfg.gated else cfg.scale
+        factor = per_row(cfg.scale * jnp.exp(gate.b_col), (C, Vb)) if cfg.gated else cfg.scale
         o = o + qs * factor
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last o has left its tile
         refs["o"][...] = o.astype(refs["o"].dtype)
