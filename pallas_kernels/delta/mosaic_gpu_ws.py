@@ -5,8 +5,9 @@ only the state recurrence is on the sequential path.
 With one warpgroup per V block (``mosaic_gpu_kernel``) every chunk costs the state's three
 rounds of products plus the output's (S^T q^T, q k^T, the masked decayed scores A, Δ^T A^T)
 and their elementwise work, all in one instruction stream: at T = 16k, B = 2, H = 16 (64
-CTAs, latency-bound) the gated forward took 2.9 µs a chunk on the H100, jax-linear-attention
-2.2 µs (it splits the work the same way as below). Here, per chunk n (C = 64, notation of
+CTAs, latency-bound) the gated forward took 0.743 ms for 256 chunks on the H100 (2.9 µs a
+chunk), jax-linear-attention 0.555 ms (2.2 µs; it splits the work the same way as below; run
+h100_2026-11-24_s7_call2). Here, per chunk n (C = 64, notation of
 ``mosaic_gpu_kernel``):
 
     state warpgroup (w = 1), the sequential path, S^T [64, K] float32 in registers:

@@ -35,8 +35,10 @@ the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates hel
 of two paths (``PULLBACK``):
 
 * "xla" (the default): ``jax.vjp`` of its float32 XLA form (``decayed_tiles``), which also
-  gives q~, k^ and A for the walks. Measured at the B=8, T=4096, H=16, K=V=128 anchor on the
-  H100: that XLA recompute and pullback is ~10 of the backward's ~12 ms.
+  gives q~, k^ and A for the walks. At the B=8, T=4096, H=16, K=V=128 anchor on the H100 the
+  XLA prepass alone measured 4.88 ms (h100_2026-11-23_s3_call3) and the whole backward about
+  10.9 ms (fwd+bwd 11.9 minus fwd 1.03, h100_2026-12-06_s8_call1); with its pullback it is
+  most of that (not timed apart).
 * "kernel": the chunk-parallel Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``, the same
   bisection levels as the prepass, hi + lo operands; its docstring counts the work). The XLA
   prepass does not run: q~ and k^ for the walks are formed elementwise in float32
