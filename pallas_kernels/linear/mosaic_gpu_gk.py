@@ -178,8 +178,9 @@ def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
     Tp = qp.shape[1]
     by_chunk = lambda x: x.reshape(B, Tp // CHUNK, CHUNK, H, -1)
-    da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop.astype(F32)), by_chunk(vp.astype(F32)),
-                    precision=jax.lax.Precision.HIGHEST).reshape(B, H, Tp, CHUNK)
+    # bf16 operands, float32 accumulation: their products are exact in float32
+    da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop), by_chunk(vp),
+                    preferred_element_type=F32).reshape(B, H, Tp, CHUNK)
     dq, dk = (x[:, :T] for x in pullback((dq_t, dk_h, da)))
     dG = q.astype(F32) * dq - k.astype(F32) * dk
     if with_state:
