@@ -66,7 +66,10 @@ f32 -> bf16 -> f32 round trip of the obvious split and zeroes lo) and read their
 hi + lo (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
 hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
 (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
-q, k, v, lg and the initial state, with the "kernel" pullback also the forward's scores A.
+q, k, v, lg and the initial state, with the "kernel" pullback also the forward's scores A
+(bf16); fla 0.6.0's chunk_gla saves q, k, v, its gates and, in float32, their chunk-local
+cumulative sums [B, T, H, K] and A [B, T, H, 64] (``ctx.save_for_backward``): more than
+either path here.
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
 H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu.pieces_for``
