@@ -40,9 +40,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, pl, plgpu,
-                                              store_split, summed_products, tiled_smem,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, per_col,
+                                              per_row, pl, plgpu, store_split, summed_products,
+                                              tiled_smem, transposed, warpgroup_index,
+                                              wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -114,7 +115,6 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
     wgmma_layout = plgpu.Layout.WGMMA
     chunk_at = ((lambda n: piece * N + N - 1 - n) if cfg.reverse
                 else (lambda n: piece * N + n))
-    transposed = lambda ref: ref.transpose((1, 0))
 
     def issue_loads(n, slot):
         c = chunk_at(n)
@@ -144,9 +144,9 @@ def _walk(cfg: GkWalk, x_ref, y_ref, z_ref, z_lo_ref, a_ref, d_ref, out_ref, loa
         """d of this chunk broadcast to the state block's shape [Dk, Vb]."""
         if cfg.decay_axis == 0:
             d = plgpu.layout_cast(d_smem[slot], wgmma_layout.reduce(1))
-            return jax.lax.broadcast_in_dim(d, (Dk, Vb), [0])
+            return per_row(d, (Dk, Vb))
         d = plgpu.layout_cast(d_smem[slot, pl.ds(w * Vb, Vb)], wgmma_layout.reduce(0))
-        return jax.lax.broadcast_in_dim(d, (Dk, Vb), [1])
+        return per_col(d, (Dk, Vb))
 
     def chunk_step(n, state):
         slot = jax.lax.rem(n, STAGES)

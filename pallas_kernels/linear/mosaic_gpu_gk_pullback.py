@@ -70,8 +70,8 @@ import jax.numpy as jnp
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
                                                          diagonal_mask, interval_matrices,
                                                          level_mask, load_wgmma)
-from pallas_kernels.mosaic_gpu_common import (pl, plgpu, store_split, summed_products,
-                                              tiled_smem, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
+                                              summed_products, tiled_smem, wgmma_zeros)
 
 W = 64  # key channels per CTA
 F32 = jnp.float32
@@ -116,7 +116,7 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
         store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
         plgpu.commit_smem()
         diag = jnp.sum(jnp.where(diagonal_mask(C), scaled_scores(), 0.0), axis=1)
-        diag = jax.lax.broadcast_in_dim(diag, (C, W), [0])
+        diag = per_row(diag, (C, W))
         dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0)) + diag * load_wgmma(k_smem)
         dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1)) + diag * load_wgmma(q_smem)
         return dq, dk, exponent(2)

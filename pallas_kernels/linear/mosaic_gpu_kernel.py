@@ -54,9 +54,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, pl, plgpu,
-                                              store_split, summed_products, tiled_smem,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, per_col,
+                                              per_row, pl, plgpu, store_split, summed_products,
+                                              tiled_smem, transposed, warpgroup_index,
+                                              wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -169,7 +170,6 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=wgmma_layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=wgmma_layout)
     causal = row <= col if cfg.reverse else row >= col
-    transposed = lambda ref: ref.transpose((1, 0))
 
     def chunk_step(n, state):
         slot = jax.lax.rem(n, STAGES)
@@ -187,14 +187,13 @@ def _walk(cfg: Walk, q_ref, k_ref, v_ref, b_ref, o_ref, loaded, consumed, bi, pi
             reads, writes = jnp.exp(b_col), jnp.exp(b_last - b_col)  # e^{b}, e^{beta - b}
             if cfg.reverse:
                 reads, writes = writes, reads
-            v_val = v_val * jax.lax.broadcast_in_dim(writes, (C, Vb), [0])
+            v_val = v_val * per_row(writes, (C, Vb))
             state = state * jnp.exp(b_last)
             if not cfg.states_only:
                 b_row = plgpu.layout_cast(br_smem[slot], wgmma_layout.reduce(0))
-                diff = (jax.lax.broadcast_in_dim(b_col, (C, C), [0])
-                        - jax.lax.broadcast_in_dim(b_row, (C, C), [1]))
+                diff = per_row(b_col, (C, C)) - per_col(b_row, (C, C))
                 scores = scores * jnp.exp(jnp.where(causal, -diff if cfg.reverse else diff, 0.0))
-                o = o * jax.lax.broadcast_in_dim(cfg.scale * reads, (C, Vb), [0])
+                o = o * per_row(cfg.scale * reads, (C, Vb))
         elif not cfg.states_only:
             o = o * cfg.scale
         store_split(vd_parts, v_val)

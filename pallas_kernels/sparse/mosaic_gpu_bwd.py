@@ -48,7 +48,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import (per_col, per_row, pl, plgpu, tiled_smem,
+                                              wgmma_zeros)
 from pallas_kernels.sparse.mosaic_gpu_fwd import (BLOCK_K, BLOCK_Q, CONSUMER_REGISTERS, CONSUMERS,
                                                   PRODUCER_REGISTERS, STAGES, WG_ROWS)
 from pallas_kernels.sparse.mosaic_gpu_util import (L2_BYTES, Schedule, Walk, for_each_item,
@@ -164,8 +165,8 @@ def _dq_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref,
                                  else None)
                         s = mask_logits(cfg, s * cfg.log2_scale, kind, first,
                                         k_block * BLOCK_K + half * HALF, q_seg, k_seg)
-                        p = jnp.exp2(s - jax.lax.broadcast_in_dim(lse, s.shape, [0]))
-                        ds = p * (dp - jax.lax.broadcast_in_dim(delta, s.shape, [0]))
+                        p = jnp.exp2(s - per_row(lse, s.shape))
+                        ds = p * (dp - per_row(delta, s.shape))
                         dq = product(dq, ds.astype(dtype), k_tile,
                                      None if stage is None else stage.at[wg], cfg.interpreted)
                     plgpu.barrier_arrive(consumed.at[slot])
@@ -267,8 +268,8 @@ def _dkv_kernel(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, do_ref, lse_ref
                         st = mask_logits(cfg, st * cfg.log2_scale, kind,
                                          q_block * BLOCK_Q + half * HALF, first, q_seg, k_seg,
                                          transposed=True)
-                        pt = jnp.exp2(st - jax.lax.broadcast_in_dim(lse, st.shape, [1]))
-                        dst = pt * (dpt - jax.lax.broadcast_in_dim(delta, st.shape, [1]))
+                        pt = jnp.exp2(st - per_col(lse, st.shape))
+                        dst = pt * (dpt - per_col(delta, st.shape))
                         wg_stage = None if stage is None else stage.at[wg]
                         dv = product(dv, pt.astype(dtype), do_tile, wg_stage, cfg.interpreted)
                         dk = product(dk, dst.astype(dtype), q_tile, wg_stage, cfg.interpreted)

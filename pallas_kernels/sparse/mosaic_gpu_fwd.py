@@ -56,7 +56,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, tiled_smem, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import per_row, pl, plgpu, tiled_smem, wgmma_zeros
 from pallas_kernels.sparse.mosaic_gpu_util import (L2_BYTES, LOG2E, Schedule, Walk, for_each_item,
                                                    mask_logits, product, refill_wait, scores,
                                                    unpack, walk_visits)
@@ -166,10 +166,10 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
                                 k_seg)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
-                p = jnp.exp2(s - jax.lax.broadcast_in_dim(base, s.shape, [0]))
+                p = jnp.exp2(s - per_row(base, s.shape))
                 alpha = jnp.exp2(m - base)
                 l = l * alpha + jnp.sum(p, axis=1)
-                acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+                acc = acc * per_row(alpha, acc.shape)
                 if PINGPONG:
                     plgpu.barrier_arrive(turns)
                 plgpu.barrier_wait(v_loaded.at[slot])
@@ -192,7 +192,7 @@ def _body(cfg: Walk, sched: Schedule, q_ref, k_ref, v_ref, rows_ref, seg_ref, o_
 
             seen = l > 0.0
             l_safe = jnp.where(seen, l, 1.0)
-            o = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape, [0])
+            o = acc * per_row(jnp.where(seen, 1.0 / l_safe, 0.0), acc.shape)
             lse_smem[wg] = jnp.where(seen & _real_rows(cfg, first, row_layout),
                                      m + jnp.log(l_safe) * LOG2E, jnp.inf)
             o_tile = q_smem.at[tile] if o_smem is None else o_smem.at[wg]
