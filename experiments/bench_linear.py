@@ -89,14 +89,6 @@ def attnlab_gk_fn(gate: str):
     return attnlab_fn(gate, "mosaic_gpu_gk")
 
 
-def attnlab_gk_pullback_fn(gate: str):
-    """The Hopper GLA kernel with its backward's pullback as the Mosaic GPU kernel
-    (``mosaic_gpu_gk.PULLBACK = "kernel"``, read while the call is traced)."""
-    from pallas_kernels.linear import mosaic_gpu_gk
-
-    return bc.traced_with(mosaic_gpu_gk, "PULLBACK", "kernel", attnlab_gk_fn(gate))
-
-
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -129,7 +121,6 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu": ("jax", attnlab_scalar_fn),
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
-    "attnlab mosaic_gpu_gk pullback": ("jax", attnlab_gk_pullback_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

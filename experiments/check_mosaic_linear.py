@@ -17,13 +17,11 @@ says which); then forward+backward times at the anchor shapes. Each case runs on
 failure is printed and the next case goes on. Prints a table; writes
 ``check_mosaic_linear.json`` into ``--out``.
 
-``--gk-pullback kernel`` runs the GLA backward's dq, dk through the Mosaic GPU pullback kernel
-(``mosaic_gpu_gk.PULLBACK``; default "xla", the ``jax.vjp`` of the XLA prepass); the table's
-``gk_pullback`` column says which path ran, and at the fwd+bwd shapes ``gk_pullback_ms`` times
-that kernel alone.
+At the GLA fwd+bwd shapes ``gk_prepass_ms`` and ``gk_pullback_ms`` time the forward's prepass
+kernel and the backward's pullback kernel alone.
 
     python -m experiments.check_mosaic_linear --out experiments/results [--quick] [--interpret]
-        [--cases I ...] [--no-xla-timing] [--gk-pullback {xla,kernel}]
+        [--cases I ...] [--no-xla-timing]
 """
 from __future__ import annotations
 
@@ -126,8 +124,6 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
     q, k, v, g, s0, seg, do = make_inputs(B * T + D, B, T, H, D, gate)
     scale = D ** -0.5
     pc = _per_channel(gate)
-    if pc:
-        row["gk_pullback"] = mosaic_gpu_gk.PULLBACK
     reason = _module(pc)[1](q, k, v, **_gates(g, pc), initial_state=s0, segment_ids=seg,
                             chunk_size=None)
     if reason is not None and INTERPRET is None:
@@ -162,7 +158,7 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
         if pc:  # the GLA forward's prepass kernel alone, to split its forward time
             row["gk_prepass_ms"] = bc.time_jax(
                 jax.jit(functools.partial(gk_prepass, scale=scale)), [(q, k, g)])
-        if pc and mosaic_gpu_gk.PULLBACK == "kernel" and T % mosaic_gpu_gk.CHUNK == 0:
+        if pc and T % mosaic_gpu_gk.CHUNK == 0:
             # the backward's pullback kernel alone (dq~, dk^, dA: any values of their shapes)
             f32 = lambda x: x.astype(jnp.float32)
             da = jnp.ones((B, H, T, mosaic_gpu_gk.CHUNK), jnp.float32)
@@ -211,17 +207,13 @@ def main() -> None:
     ap.add_argument("--interpret", action="store_true",
                     help="dry run on CPU in GPU interpret mode (jax >= 0.12; small shapes)")
     bc.add_check_args(ap)
-    ap.add_argument("--gk-pullback", choices=("xla", "kernel"), default="xla",
-                    help="how the GLA backward gets dq, dk (mosaic_gpu_gk.PULLBACK)")
     args = ap.parse_args()
-    mosaic_gpu_gk.PULLBACK = args.gk_pullback
     if args.interpret:
         global INTERPRET
         from pallas_kernels.mosaic_gpu_common import plgpu
         INTERPRET = plgpu.InterpretGPUParams()
-    env = {**bc.environment(), "gk_pullback": mosaic_gpu_gk.PULLBACK}
+    env = bc.environment()
     print(env, flush=True)
-    print(f"GLA (gk) backward pullback: {mosaic_gpu_gk.PULLBACK}", flush=True)
     cases = CASES
     if args.interpret:  # every gate kind once, at a size the CPU interpreter gets through
         cases = [(1, 200, 1) + case[3:5] + (False,) for case in CASES if case[1] <= 2048]
@@ -238,7 +230,7 @@ def main() -> None:
     cols = ["B", "T", "H", "D", "gate", "status", "err_o", "err_state", "nan_o", "grad_ref",
             "err_dq", "err_dk", "err_dv", "err_dg",
             "mosaic_fwd_ms", "xla_fwd_ms", "mosaic_fwdbwd_ms", "xla_fwdbwd_ms", "gk_prepass_ms",
-            "gk_pullback", "gk_pullback_ms", "auto_impl"]
+            "gk_pullback_ms", "auto_impl"]
     bc.print_table(rows, cols)
 
 

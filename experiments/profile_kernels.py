@@ -2,7 +2,7 @@
 forward+backward, from a jax.profiler trace (XLA glue included, one line per kernel name).
 
     python -m experiments.profile_kernels --bench linear --case gk \
-        --impl "attnlab mosaic_gpu_gk pullback" --T 4096 --out /tmp/profile
+        --impl "attnlab mosaic_gpu_gk" --T 4096 --out /tmp/profile
 
 Inputs, B = tokens // T and the implementations are those of ``bench_linear`` / ``bench_delta``
 (their ``make_inputs`` and ``IMPLS``); forward+backward is the same vjp as ``bench_common``'s.

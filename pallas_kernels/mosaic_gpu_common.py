@@ -261,15 +261,22 @@ class TileRing:
             self._in_producer(refill)
 
 
+def kernel_name(family: str, **flags: bool) -> str:
+    """The name a kernel launch shows in profiles: ``family`` and the flags that are set, e.g.
+    ``kernel_name("gla_walk", reverse=True, states=False)`` -> "gla_walk_reverse"."""
+    return "_".join([family] + [flag for flag, on in flags.items() if on])
+
+
 def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_type: Sequence[Any],
                 copies: int, stages: int, groups: int, grid: tuple[int, int, int],
-                interpret: Any, approx_math: bool = False,
+                interpret: Any, name: str, approx_math: bool = False,
                 barriers: Sequence[Any] = ()) -> tuple[jax.Array, ...]:
     """Run a walk kernel ``body(*in_refs, *out_refs, loaded, consumed, s0_loaded, *barriers)``
     over the grid (V blocks, heads, rows) with one thread per warpgroup and the walk frame's
     barriers: ``loaded`` (per ring slot, ``copies`` TMA arrivals), ``consumed`` (per slot, one
     arrival per warpgroup: ``TileRing``) and ``s0_loaded`` (per warpgroup, its initial-state
     block: ``carry_state``), then the kernel's own ``barriers`` (``plgpu.Barrier`` types).
+    ``name``: the kernel's name in profiles (``kernel_name``).
     ``approx_math``: exp as ``ex2.approx`` of x log2(e) (relative error ~2^-22) instead of the
     accurate library call (tens of instructions a value, fully exposed with one warp per
     scheduler). Returns the outputs as a tuple."""
@@ -284,6 +291,7 @@ def launch_walk(body: Callable[..., None], args: Sequence[jax.Array], *, out_typ
         ],
         grid=grid,
         grid_names=("vblocks", "heads", "rows"),
+        kernel_name=name,
         **({"num_threads": groups, "thread_name": "wg"} if groups > 1 else {}),
         compiler_params=plgpu.CompilerParams(approx_math=approx_math),
         **({} if interpret is None else {"interpret": interpret}),

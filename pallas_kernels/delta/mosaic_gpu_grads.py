@@ -323,6 +323,7 @@ def _launch(kernel, args, out_type, buffers: dict[str, Any], copies: tuple[int, 
 
     return tuple(plgpu.kernel(
         body,
+        kernel_name="delta_chunk_grads",
         out_type=tuple(out_type),
         scratch_types=[plgpu.Barrier(num_arrivals=n) for n in copies],
         grid=(Tp // CHUNK, H, B),

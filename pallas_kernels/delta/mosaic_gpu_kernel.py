@@ -61,10 +61,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (Registers, TileRing, carry_state, launch_walk,
-                                              load_transposed, num_sms, per_col, per_row, pl,
-                                              plgpu, products, tiled_smem, transposed,
-                                              warpgroup_index, wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (Registers, TileRing, carry_state, kernel_name,
+                                              launch_walk, load_transposed, num_sms, per_col,
+                                              per_row, pl, plgpu, products, tiled_smem,
+                                              transposed, warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup
@@ -389,4 +389,5 @@ def _launch(q, k, m, x, b, s0, *, scale: float, reverse: bool, save_states: bool
     return launch_walk(functools.partial(_kernel, cfg), (q, k, m, x, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=groups,
                        grid=(Vc // (V_BLOCK * groups), H, B), interpret=interpret,
-                       approx_math=True)
+                       approx_math=True, name=kernel_name("delta_walk", reverse=reverse,
+                                                          maps=maps, saves=save_states))

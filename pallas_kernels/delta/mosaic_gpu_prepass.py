@@ -130,6 +130,7 @@ def prepass(k: jax.Array, beta: jax.Array, b: jax.Array | None, *, for_backward:
     vector = lambda: plgpu.SMEM((C,), jnp.float32)
     return plgpu.kernel(
         functools.partial(_kernel, gated, for_backward, interpret is not None),
+        kernel_name="delta_prepass",
         out_type=(tile,) + ((jax.ShapeDtypeStruct(k.shape, dtype), tile) if for_backward else ()),
         scratch_types=[tiled_smem((C, K), dtype)] + [vector() for _ in range(4)] + [
             tiled_smem((C, C), dtype) for _ in range(3)] + [

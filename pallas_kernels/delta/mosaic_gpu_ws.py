@@ -209,6 +209,6 @@ def launch(cfg: Walk, args: tuple[jax.Array, ...], out_type: list[Any],
     copies = 4 + (2 if cfg.gated else 0)
     return launch_walk(functools.partial(_kernel, cfg), args, out_type=out_type,
                        copies=copies, stages=STAGES, groups=2, grid=(V // V_BLOCK, H, B),
-                       interpret=interpret, approx_math=True,
+                       interpret=interpret, approx_math=True, name="delta_walk_ws",
                        barriers=[plgpu.Barrier(num_arrivals=1, num_barriers=2),    # ready
                                  plgpu.Barrier(num_arrivals=1, num_barriers=2)])   # free

@@ -31,45 +31,39 @@ the cotangent of that state (dS_N = the final state's cotangent):
     dA_n  = dO_n v_n^T (its upper triangle unused)         chunk-parallel, XLA
 
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
-the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed, by one
-of two paths (``PULLBACK``):
+the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a
+chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_pullback``, the same bisection levels as the
+prepass, hi + lo operands; its docstring counts the work). The walks take q~ and k^ formed
+elementwise in float32 (``decayed_qk``), and the dv walk the forward prepass kernel's A, saved
+as a residual (bf16 [B, H, Tp, 64]: 128 B per step and head, half of q's size at K = 128;
+rerunning the prepass instead would cost ~0.73 ms at the anchor). The pullback used to be
+``jax.vjp`` of the prepass's float32 XLA form (``decayed_tiles``): on the H100 at the B=8,
+T=4096, H=16, K=V=128 anchor the kernel took the op's forward+backward from 12.85 to 8.67 ms
+(h100_2026-12-06_s9_call1, same run, jla 4.18).
 
-* "xla" (the default): ``jax.vjp`` of its float32 XLA form (``decayed_tiles``), which also
-  gives q~, k^ and A for the walks. At the B=8, T=4096, H=16, K=V=128 anchor on the H100 the
-  XLA prepass alone measured 4.88 ms (h100_2026-11-23_s3_call3) and the whole backward about
-  10.9 ms (fwd+bwd 11.9 minus fwd 1.03, h100_2026-12-06_s8_call1); with its pullback it is
-  most of that (not timed apart).
-* "kernel": the chunk-parallel Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``, the same
-  bisection levels as the prepass, hi + lo operands; its docstring counts the work). The XLA
-  prepass does not run: q~ and k^ for the walks are formed elementwise in float32
-  (``decayed_qk``), and A for the dv walk is the forward prepass kernel's, saved as a
-  residual (bf16 [B, H, Tp, 64]: 128 B per step and head, half of q's size at K = 128;
-  rerunning the prepass instead would cost ~0.73 ms at the anchor).
-
-The default stays "xla" until ``experiments/check_mosaic_linear.py --gk-pullback kernel`` has
-passed on an H100 (interpret-mode tests and cuda lowering pass on CPU); that check decides it.
 The gate gradient uses the cumulative-sum identity per channel, with
 G_t = sum_{u <= t} lg_u:
 
     dL/dG_t = q_t ⊙ dq_t - k_t ⊙ dk_t  (+ rowsum(dS_T ⊙ S_T) at t = T - 1),
     dlg_s   = sum_{t >= s} dL/dG_t,    dlg_0 = 0 exactly without an initial state,
 
-and dgk = dlg, dg = sum_K dlg through XLA's autodiff of lg = gk + g.
+the sums within each chunk in the pullback kernel (L, from float32 dq and dk), the suffix of
+later chunks' totals in XLA (``_gate_gradient``), and dgk = dlg, dg = sum_K dlg through XLA's
+autodiff of lg = gk + g.
 
 Accuracy of the gate gradient. The identity subtracts nearly equal terms and sums them over the
-whole sequence, so dq and dk (in float32 until the end) must be close to float32-exact. With
-the dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was
-off by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2
-(emulated in float32 outside the kernel); so these two walks get the rounded operand as
-hi + lo bf16 parts (``z_lo``, from ``common.split_bf16``: a bit mask, since XLA on GPU folds the
-f32 -> bf16 -> f32 round trip of the obvious split and zeroes lo) and read their state as
-hi + lo (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final state (accumulated from
-hi + lo k^), not the forward's. Then dg and dgk match the oracle to ~1e-5 in the tests
-(dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward and backward:
-q, k, v, lg and the initial state, with the "kernel" pullback also the forward's scores A
-(bf16); fla 0.6.0's chunk_gla saves q, k, v, its gates and, in float32, their chunk-local
-cumulative sums [B, T, H, K] and A [B, T, H, 64] (``ctx.save_for_backward``): more than
-either path here.
+whole sequence, so dq and dk (in float32 until the end) must be close to float32-exact. With the
+dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was off
+by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2 (emulated
+in float32 outside the kernel); so these two walks get the rounded operand as hi + lo bf16 parts
+(``z_lo``, from ``common.split_bf16``: a bit mask, since XLA on GPU folds the f32 -> bf16 -> f32
+round trip of the obvious split and zeroes lo) and read their state as hi + lo
+(``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final
+state (accumulated from hi + lo k^), not the forward's. Then dg and dgk match the oracle to
+~1e-5 in the tests (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward
+and backward: q, k, v, lg, the initial state and the forward's scores A (bf16); fla 0.6.0's
+chunk_gla saves q, k, v, its gates and, in float32, their chunk-local cumulative sums [B, T, H,
+K] and A [B, T, H, 64] (``ctx.save_for_backward``): more than here.
 
 Sequence split. One CTA walks its chunks in order, so B · H CTAs would leave most of an
 H100's 132 SMs idle at long T and small B; as in the scalar-gate kernel (``mosaic_gpu.pieces_for``
@@ -99,14 +93,13 @@ from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_chunks import (chunk_log_gates, decayed_qk,
-                                                        decayed_tiles, state_decay)
+                                                        state_decay)
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import hopper_accepts, piece_starts
 
 F32 = jnp.float32
-PULLBACK = "xla"  # or "kernel": how the backward gets dq, dk (module docstring)
 
 
 def _num_pieces(q: jax.Array) -> int:
@@ -154,21 +147,30 @@ def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     return o[:, :T], final, a
 
 
+def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
+                   with_s0: bool) -> jax.Array:
+    """dlg [B, T, H, K] float32 from the pullback kernel's chunk-local suffix sums ``local``
+    [B, Tp, H, K] (module docstring): each chunk adds the totals of the chunks after it (a
+    chunk's total is its first row); ``last_term`` (the final state's share at t = T - 1)
+    reaches every s <= T - 1; dlg_0 = 0 without an initial state."""
+    B, Tp, H, K = local.shape
+    by_chunk = local.reshape(B, Tp // CHUNK, CHUNK, H, K)
+    totals = by_chunk[:, :, 0]
+    later = jax.lax.cumsum(totals, axis=1, reverse=True) - totals
+    dlg = (by_chunk + later[:, :, None]).reshape(B, Tp, H, K)[:, :T]
+    if last_term is not None:
+        dlg = dlg + last_term[:, None]
+    return dlg if with_s0 else dlg.at[:, 0].set(0.0)  # lg_0 only decays the zero state
+
+
 def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
-    """dq, dk, dv, dlg, ds0 (module docstring); ``a``: the forward's scores for the "kernel"
-    pullback, None for the "xla" one."""
+    """dq, dk, dv, dlg, ds0 (module docstring); ``a``: the forward's scores."""
     B, T, H, K = q.shape
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
     b = chunk_log_gates(lgp, CHUNK)
     d = state_decay(b, CHUNK)
-    if a is None:
-        (q_t, k_h, a), pullback = jax.vjp(lambda q, k: decayed_tiles(q, k, b, scale, CHUNK),
-                                          qp.astype(F32), kp.astype(F32))
-    else:
-        q_t, k_h = decayed_qk(qp, kp, b, scale, CHUNK)
-        pullback = lambda cotangents: gk_pullback(qp, kp, lgp, *cotangents, scale,
-                                                  interpret=interpret)
+    q_t, k_h = decayed_qk(qp, kp, b, scale, CHUNK)
     (q_hi, q_lo), (k_hi, k_lo) = common.split_bf16(q_t), common.split_bf16(k_h)
     run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
@@ -184,15 +186,11 @@ def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     # bf16 operands, float32 accumulation: their products are exact in float32
     da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop), by_chunk(vp),
                     preferred_element_type=F32).reshape(B, H, Tp, CHUNK)
-    dq, dk = (x[:, :T] for x in pullback((dq_t, dk_h, da)))
-    dG = q.astype(F32) * dq - k.astype(F32) * dk
-    if with_state:
-        dG = dG.at[:, -1].add(jnp.sum(dstate * swap(final_t), axis=-1))
-    dlg = jnp.flip(jnp.cumsum(jnp.flip(dG, 1), axis=1), 1)
-    if s0 is None:
-        dlg = dlg.at[:, 0].set(0.0)  # lg_0 only decays the zero initial state
+    dq, dk, local = gk_pullback(qp, kp, lgp, dq_t, dk_h, da, scale, interpret=interpret)
+    last_term = jnp.sum(dstate * swap(final_t), axis=-1) if with_state else None
+    dlg = _gate_gradient(local, T, last_term, s0 is not None)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv[:, :T], dlg.astype(lg.dtype), ds0)
+    return dq[:, :T], dk[:, :T], dv[:, :T], dlg.astype(lg.dtype), ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -202,10 +200,8 @@ def _recurrence(q, k, v, lg, s0, scale, interpret):
 
 def _recurrence_fwd(q, k, v, lg, s0, scale, interpret):
     q, k, v, lg, s0 = jax.tree.map(lambda p: p.value, (q, k, v, lg, s0))  # symbolic_zeros
-    if PULLBACK not in ("xla", "kernel"):
-        raise ValueError(f'PULLBACK must be "xla" or "kernel", got {PULLBACK!r}')
     o, state, a = _forward(q, k, v, lg, s0, scale, interpret)
-    return (o, state), (q, k, v, lg, s0, a if PULLBACK == "kernel" else None)
+    return (o, state), (q, k, v, lg, s0, a)
 
 
 def _recurrence_bwd(scale, interpret, residuals, cotangents):

@@ -40,10 +40,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, per_col,
-                                              per_row, pl, plgpu, store_split, summed_products,
-                                              tiled_smem, transposed, warpgroup_index,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, kernel_name, launch_walk,
+                                              per_col, per_row, pl, plgpu, store_split,
+                                              summed_products, tiled_smem, transposed,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # state columns per warpgroup
@@ -220,5 +220,7 @@ def gk_walk(x: jax.Array | None, y: jax.Array, z: jax.Array, a: jax.Array | None
                 else (jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype), state_type))
     outs = launch_walk(functools.partial(_kernel, cfg), (x, y, z, z_lo, a, d, s0),
                        out_type=out_type, copies=copies, stages=STAGES, groups=cfg.groups,
-                       grid=(Dv // (V_BLOCK * groups), H, B * pieces), interpret=interpret)
+                       grid=(Dv // (V_BLOCK * groups), H, B * pieces), interpret=interpret,
+                       name=kernel_name("gla_walk", reverse=reverse, states=states_only,
+                                        split=split_state))
     return (None, outs[0]) if states_only else tuple(outs)

@@ -104,6 +104,11 @@ def level_mask(C: int, h: int) -> jax.Array:
     return (code >= h) & (code < 2 * h)
 
 
+def suffix_sums(C: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: U_ij = [j >= i], so (U @ x)_i = sum_{j >= i} x_j."""
+    return _iota((C, C), 1) >= _iota((C, C), 0)
+
+
 def load_wgmma(ref: Any) -> jax.Array:
     """An SMEM tile read into registers (WGMMA layout) as float32."""
     return plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA).astype(F32)
@@ -208,6 +213,7 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
                 jax.ShapeDtypeStruct((B, H, Tp // C, K), F32))
     return plgpu.kernel(
         functools.partial(_kernel, float(scale), interpret is not None),
+        kernel_name="gla_prepass",
         out_type=out_type,
         scratch_types=[
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # q, k

@@ -1,6 +1,7 @@
 """The pullback of the GLA prepass as a Mosaic GPU kernel: dq, dk from the cotangents of q~, k^
-and the intra-chunk scores A, with the gates held fixed (``mosaic_gpu_gk._backward``'s kernel
-path; it equals ``jax.vjp`` of ``mosaic_gpu_gk_chunks.decayed_tiles``). One CTA (one
+and the intra-chunk scores A, with the gates held fixed (in ``mosaic_gpu_gk._backward``; it
+equals ``jax.vjp`` of ``mosaic_gpu_gk_chunks.decayed_tiles``), and the chunk-local part of
+the gate gradient. One CTA (one
 warpgroup) per (chunk, head, batch row, block of W = 64 key channels).
 
 Per chunk of C = 64 rows, with b the chunk-local cumulative log gates, q, k [C, K] bf16, the
@@ -9,6 +10,14 @@ zero there), and dA' = scale · dA:
 
     dq_ic = scale · dq~_ic e^{b_ic} + dA'_ii k_ic + sum_{j < i} dA'_ij k_jc e^{b_ic - b_jc}
     dk_jc = dk^_jc e^{b_last,c - b_jc} + dA'_jj q_jc + sum_{i > j} dA'_ij q_ic e^{b_ic - b_jc}
+
+and, for the gate gradient (``mosaic_gpu_gk``: dlg_s = sum_{t >= s} (q ⊙ dq - k ⊙ dk)_t over
+the whole sequence), its chunk-local part
+
+    L_ic = sum_{t >= i in the chunk} (q_tc dq_tc - k_tc dk_tc) = (U @ dG)_ic,   U_it = [t >= i]
+
+on the tensor cores (U exact in bf16, dG as hi + lo parts), so dq, dk leave the kernel in q's
+dtype and XLA only adds each chunk's suffix of later chunks' totals L_0 (1/64 of the data).
 
 The pairs i > j by the prepass's bisection levels (``mosaic_gpu_gk_prepass``: the same interval
 matrices, anchors and level masks M_h; e^{b_i - b_j} = F_h[i] F_h[j], every factor <= 1, so
@@ -49,12 +58,14 @@ grid so the second read of dA hits L2):
                          hi + lo and stored (3 tiles, 32 elements per thread each); dq, dk
                          updated (2 x 32 FMAs); the diagonal once (a row sum of dA')
     HBM per CTA          reads q, k (bf16, 16 KB), lg, dq~, dk^ (float32, 48 KB), dA (16 KB),
-                         writes dq, dk (float32, 32 KB); 112 KB, 224 KB per chunk and head at
-                         K = 128 (1.8 GB at the anchor: ~0.7 ms at 2.7 TB/s); plus 64 KB of
+                         writes dq, dk (bf16, 16 KB) and L (float32, 16 KB); 112 KB,
+                         224 KB per chunk and head at K = 128 (1.8 GB at the anchor: ~0.7 ms
+                         at 2.7 TB/s); plus 64 KB of
                          interval matrices from L2
     SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
                          then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (six
-                         bf16 tiles, 48 KB) and dq, dk on their way out (32 KB): two CTAs an SM
+                         bf16 tiles, 48 KB) and the outputs with dG's hi + lo parts (48 KB;
+                         U goes into E_t's tile, free by then): two CTAs an SM
 
 Not done yet: at levels 32 and 16 the pairs fill one [32, 32] or two [16, 16] blocks, so a
 product over only the 32 contributing columns of dA'_h (K = 32) would halve those wgmmas.
@@ -69,7 +80,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
                                                          diagonal_mask, interval_matrices,
-                                                         level_mask, load_wgmma)
+                                                         level_mask, load_wgmma, suffix_sums)
 from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
                                               summed_products, tiled_smem, wgmma_zeros)
 
@@ -86,7 +97,8 @@ def _level_products(da_parts, x_parts, transpose: bool) -> list:
 
 
 def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, da_ref,
-            dq_out, dk_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem, loaded, e_loaded):
+            dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem, loaded,
+            e_loaded):
     nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
     C = q_smem.shape[0]
     per_chunk = q_ref.shape[-1] // W
@@ -149,30 +161,40 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
 
     dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x), *[tile() for _ in range(6)])
 
-    def write_out(dq_smem, dk_smem):
-        dq_smem[...] = dq
-        dk_smem[...] = dk
+    def write_out(dq_smem, dk_smem, dg_hi, dg_lo, dlg_smem):
+        """dq, dk in q's dtype; the gate gradient's chunk-local suffix sums (docstring)."""
+        dq_smem[...] = dq.astype(dq_smem.dtype)
+        dk_smem[...] = dk.astype(dk_smem.dtype)
+        store_split((dg_hi, dg_lo), load_wgmma(q_smem) * dq - load_wgmma(k_smem) * dk)
+        exponents.e_smem[...] = suffix_sums(C).astype(exponents.e_smem.dtype)  # E is done
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_smem, dq_out.at[bi, rows, hd, cols])
         plgpu.copy_smem_to_gmem(dk_smem, dk_out.at[bi, rows, hd, cols])
+        (dlg,) = summed_products((zeros(),), ([(exponents.e_smem, dg_hi),
+                                               (exponents.e_smem, dg_lo)],), interpret)
+        dlg_smem[...] = dlg
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dlg_smem, dlg_out.at[bi, rows, hd, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(write_out, tiled_smem((C, W), F32), tiled_smem((C, W), F32))
+    pl.run_scoped(write_out, tile(), tile(), tile(), tile(), tiled_smem((C, W), F32))
 
 
 def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
                 da: jax.Array, scale: float, *, interpret: Any = None
-                ) -> tuple[jax.Array, jax.Array]:
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
     the total log gates, dq~, dk^ [B, Tp, H, K] and dA [B, H, Tp, CHUNK] (row i of chunk n at
-    time n C + i, as ``decayed_tiles``' A) float32 -> (dq, dk) [B, Tp, H, K] float32, the
-    pullback of ``decayed_tiles`` at (dq~, dk^, dA) with the gates held fixed."""
+    time n C + i, as ``decayed_tiles``' A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
+    pullback of ``decayed_tiles`` at (dq~, dk^, dA) with the gates held fixed, and the
+    chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring)."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
-    grad = jax.ShapeDtypeStruct(q.shape, F32)
+    grad = jax.ShapeDtypeStruct(q.shape, dtype)
     return plgpu.kernel(
         functools.partial(_kernel, float(scale), interpret is not None),
-        out_type=(grad, grad),
+        out_type=(grad, grad, jax.ShapeDtypeStruct(q.shape, F32)),
+        kernel_name="gla_pullback",
         scratch_types=[
             tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # q, k
             tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # lg hi, lo

@@ -54,10 +54,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, launch_walk, per_col,
-                                              per_row, pl, plgpu, store_split, summed_products,
-                                              tiled_smem, transposed, warpgroup_index,
-                                              wgmma_zeros)
+from pallas_kernels.mosaic_gpu_common import (TileRing, carry_state, kernel_name, launch_walk,
+                                              per_col, per_row, pl, plgpu, store_split,
+                                              summed_products, tiled_smem, transposed,
+                                              warpgroup_index, wgmma_zeros)
 
 CHUNK = 64          # steps per chunk (the wgmma M of one warpgroup)
 V_BLOCK = 64        # value columns per warpgroup: the S block [K, 64] f32 is 32-64 registers a thread
@@ -255,5 +255,7 @@ def walk(q: jax.Array | None, k: jax.Array, v: jax.Array, b: jax.Array | None,
     copies = (0 if states_only else 1) + 1 + cfg.groups + (2 if cfg.gated else 0)
     outs = launch_walk(functools.partial(_kernel, cfg), (q, k, v, b, s0), out_type=out_type,
                        copies=copies, stages=STAGES, groups=cfg.groups,
-                       grid=(V // (V_BLOCK * groups), H, B * pieces), interpret=interpret)
+                       grid=(V // (V_BLOCK * groups), H, B * pieces), interpret=interpret,
+                       name=kernel_name("linear_walk", reverse=reverse, states=states_only,
+                                        precise=precise))
     return (None, outs[0]) if states_only else tuple(outs)

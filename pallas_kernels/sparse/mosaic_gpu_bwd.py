@@ -82,7 +82,8 @@ def _roles(cfg: Walk, consumer, producer) -> None:
 
 def _launch(cfg: Walk, kernel, sched: Schedule, out_type, *args):
     return plgpu.kernel(
-        functools.partial(kernel, cfg, sched), out_type=out_type, grid=(sched.ctas,),
+        functools.partial(kernel, cfg, sched), kernel_name="sparse_bwd", out_type=out_type,
+        grid=(sched.ctas,),
         grid_names=("cta",), num_threads=CONSUMERS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({"interpret": cfg.interpret} if cfg.interpreted else {}),

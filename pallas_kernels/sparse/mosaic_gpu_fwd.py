@@ -255,6 +255,7 @@ def forward(cfg: Walk, q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array
     sched = schedule(cfg, Tp // BLOCK_Q, Hq, B, Tp * (q.shape[-1] + Dv) * q.dtype.itemsize)
     return plgpu.kernel(
         functools.partial(_kernel, cfg, sched),
+        kernel_name="sparse_fwd",
         out_type=(jax.ShapeDtypeStruct((B, Tp, Hq, Dv), q.dtype),
                   jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)),
         grid=(sched.ctas,),
