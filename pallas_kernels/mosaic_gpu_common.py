@@ -55,9 +55,11 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # "linear_gk" (GLA): with the rebuilt prepass kernel (ae29792) check_mosaic_linear's gk anchor case
 # (h100_2026-12-06_s8_call1) and its three small gk cases (padding, K = 64 + initial state,
 # segments; _s8_call2, at f192c93) passed; forward 0.94 ms, fwd+bwd 13.1 ms at the anchor, against
-# the XLA path's 6.0 / 24.0 ms (h100_2026-11-23_s3_call4), so auto takes it for gk calls. Since
-# then (5bbb0a1) the prepass kernel's exponent tiles and masks moved into helpers it shares with
-# the opt-in pullback kernel: the same operations, checked since only in interpret mode.
+# the XLA path's 6.0 / 24.0 ms (h100_2026-11-23_s3_call4), so auto takes it for gk calls. Its
+# backward's pullback kernel (with the gate gradient's chunk-local sums, 6f26316) passed the same
+# three cases (dg <= 5e-5) and the bench_linear checks at 4k and 16k (h100_2026-12-06_s9_call2);
+# since then only the first step's zero gate gradient is written as a select (interpret-checked).
+# Every kernel launch now carries a profile name (kernel_name): no change to what it computes.
 GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 

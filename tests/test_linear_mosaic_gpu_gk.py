@@ -14,8 +14,8 @@
   scores, q~ and k^ against a float64 oracle with strong gates (steps of -30, segment resets of
   -80, mild gates on other channels), in the forward's bf16 operands and the backward's float32,
   and its vjp (dq, dk) in float32; the forward's Mosaic GPU prepass kernel
-  (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A and the state decays d, bf16 or
-  q~, k^ as hi + lo parts) lowers for cuda and, in interpret mode, matches the same oracle;
+  (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A in bf16 and the state decays d
+  in float32) lowers for cuda and, in interpret mode, matches the same oracle;
 * the Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``: dq, dk from the cotangents of q~,
   k^ and A, and the chunk-local suffix sums of q ⊙ dq - k ⊙ dk) lowers for cuda and, in
   interpret mode, matches float64 autodiff of the oracle and the float32 ``jax.vjp`` of
