@@ -7,7 +7,9 @@ forward+backward, from a jax.profiler trace (XLA glue included, one line per ker
 Inputs, B = tokens // T and the implementations are those of ``bench_linear`` / ``bench_delta``
 (their ``make_inputs`` and ``IMPLS``); forward+backward is the same vjp as ``bench_common``'s.
 Times are GPU busy time per iteration (sum of kernel durations; gaps between kernels are not
-counted), so the lines add up to less than the benchmark's wall-clock median.
+counted), so the lines add up to less than the benchmark's wall-clock median. With
+``MOSAIC_GPU_DUMP_PTXAS=1`` in the environment, jaxlib also prints ptxas' report for every Mosaic
+GPU kernel it compiles (registers per thread, spill stores and loads, shared memory).
 """
 from __future__ import annotations
 
