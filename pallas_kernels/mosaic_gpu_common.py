@@ -63,12 +63,13 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 
-def tiled_smem(shape: Sequence[int], dtype: Any) -> Any:
-    """SMEM tile laid out for TMA and wgmma: (8, 128 bytes) tiles ((8, 64) of bf16, (8, 32) of
-    float32) with a 128-byte swizzle."""
-    tile = (8, SWIZZLE // jnp.dtype(dtype).itemsize)
+def tiled_smem(shape: Sequence[int], dtype: Any, swizzle: int = SWIZZLE) -> Any:
+    """SMEM tile laid out for TMA and wgmma: (8, ``swizzle`` bytes) tiles ((8, 64) of bf16,
+    (8, 32) of float32 at the default 128) with that swizzle; rows narrower than 128 bytes
+    (a [64, 32] bf16 operand) take the 64- or 32-byte one."""
+    tile = (8, swizzle // jnp.dtype(dtype).itemsize)
     return plgpu.SMEM(tuple(shape), dtype,
-                      transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(SWIZZLE)))
+                      transforms=(plgpu.TilingTransform(tile), plgpu.SwizzleTransform(swizzle)))
 
 
 def wgmma_zeros(shape: Sequence[int]) -> jax.Array:

@@ -281,23 +281,25 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
     assert a.dtype == jnp.bfloat16 and d.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("K", [128, 64])
-def test_pullback_kernel_lowers_for_cuda(K):
+@pytest.mark.parametrize("K,channels", [(128, 64), (64, 64), (128, 32), (64, 32)])
+def test_pullback_kernel_lowers_for_cuda(K, channels):
     sd = jax.ShapeDtypeStruct
     B, T, H = 2, 128, 3
     tile = lambda dtype: sd((B, T, H, K), dtype)
     args = (tile(jnp.bfloat16), tile(jnp.bfloat16), tile(jnp.float32), tile(jnp.float32),
             tile(jnp.float32), sd((B, H, T, mk.CHUNK), jnp.float32))
-    run = jax.jit(lambda q, k, lg, dq_t, dk_h, da: mpb.gk_pullback(q, k, lg, dq_t, dk_h, da, 0.1))
+    run = jax.jit(lambda q, k, lg, dq_t, dk_h, da: mpb.gk_pullback(q, k, lg, dq_t, dk_h, da, 0.1,
+                                                                   channels=channels))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,steep", [
-    (1, 150, 2, 128, False),   # padded last chunk, steps of -30, resets of -80, two blocks of K
-    (1, 100, 1, 64, True),     # -5 on every step and channel
+@pytest.mark.parametrize("B,T,H,K,steep,channels", [
+    (1, 150, 2, 128, False, 64),  # padded last chunk, steps of -30, resets of -80, two blocks of K
+    (1, 100, 1, 64, True, 64),    # -5 on every step and channel
+    (1, 100, 1, 64, False, 32),   # 32 channels per CTA
 ])
-def test_pullback_kernel_matches_vjp(B, T, H, K, steep):
+def test_pullback_kernel_matches_vjp(B, T, H, K, steep, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
     cotangents of q~, k^ and all of A (its upper triangle must be ignored), against float64
     autodiff of the oracle and the float32 ``jax.vjp`` of ``decayed_tiles``; its chunk-local
@@ -310,7 +312,7 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, steep):
     ks = jax.random.split(jax.random.PRNGKey(T), 3)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape),
             normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
-    got = mpb.gk_pullback(q, k, lg, *cots, scale,
+    got = mpb.gk_pullback(q, k, lg, *cots, scale, channels=channels,
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = chunks.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)

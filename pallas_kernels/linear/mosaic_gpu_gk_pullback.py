@@ -43,6 +43,13 @@ Why 64 channels per CTA. Everything but dA is per channel, so the channels split
 all K = 128 channels in one warpgroup, dq, dk, F and the three accumulators in flight would
 take 64 registers a thread each (384 > 255); with 64 channels, 32 each. The price: each of the
 two CTAs of a chunk and head reads dA and masks and splits it (per level, 32 elements a thread).
+Measured on the H100 (h100_2026-12-06_s9_call2) this kernel took 5.1 ms at the anchor below,
+7x its bandwidth estimate: with 7 x 32 live registers a thread plus temporaries it may spill,
+and one warpgroup per CTA leaves every wait exposed. ``CHANNELS = 32`` (``gk_pullback``'s
+``channels``) halves every per-channel array (16 registers each) and the SMEM (72 KB: three
+CTAs an SM), for twice the CTAs and four reads of dA per chunk and head; its bf16 operand
+tiles take the 64-byte swizzle (rows of 32 bf16; a wgmma's two operands share one). It lowers
+and passes the interpret tests; the next GPU run decides between 64 and 32.
 
 Work per CTA (W = 64 channels; a chunk and head with K = 128 takes two CTAs, adjacent in the
 grid so the second read of dA hits L2):
@@ -84,7 +91,7 @@ from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, Exponent
 from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
                                               summed_products, tiled_smem, wgmma_zeros)
 
-W = 64  # key channels per CTA
+CHANNELS = 64  # key channels per CTA, W below (or 32: module docstring)
 F32 = jnp.float32
 
 
@@ -101,12 +108,13 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
             e_loaded):
     nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
     C = q_smem.shape[0]
+    W = q_smem.shape[1]
     per_chunk = q_ref.shape[-1] // W
     n, cb = jax.lax.div(nb, per_chunk), jax.lax.rem(nb, per_chunk)
     rows, cols = pl.ds(n * C, C), pl.ds(cb * W, W)
     exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
     exponents.fetch(0)
-    tile = lambda: tiled_smem((C, W), q_smem.dtype)
+    tile = lambda: _operand((C, W), q_smem.dtype, W)
     zeros = lambda: wgmma_zeros((C, W))
 
     def exponent(t: int) -> jax.Array:
@@ -159,7 +167,9 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
                 x = outs[2]
         return dq, dk
 
-    dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x), *[tile() for _ in range(6)])
+    dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x),
+                           *[_operand((C, C), q_smem.dtype, W) for _ in range(2)],
+                           *[tile() for _ in range(4)])
 
     def write_out(dq_smem, dk_smem, dg_hi, dg_lo, dlg_smem):
         """dq, dk in q's dtype; the gate gradient's chunk-local suffix sums (docstring)."""
@@ -180,25 +190,36 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
     pl.run_scoped(write_out, tile(), tile(), tile(), tile(), tiled_smem((C, W), F32))
 
 
+def _operand(shape: tuple[int, int], dtype: Any, W: int) -> Any:
+    """A bf16 tensor-core operand tile: with W = 32 channels the [C, W] rows are 64 bytes, and
+    both operands of a wgmma must share a swizzle, so every operand tile then takes 64."""
+    return tiled_smem(shape, dtype, swizzle=min(128, W * jnp.dtype(dtype).itemsize))
+
+
 def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
-                da: jax.Array, scale: float, *, interpret: Any = None
+                da: jax.Array, scale: float, *, channels: int | None = None,
+                interpret: Any = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
     the total log gates, dq~, dk^ [B, Tp, H, K] and dA [B, H, Tp, CHUNK] (row i of chunk n at
     time n C + i, as ``decayed_tiles``' A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
     pullback of ``decayed_tiles`` at (dq~, dk^, dA) with the gates held fixed, and the
-    chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring)."""
+    chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring).
+    ``channels``: W, the key channels per CTA (64 or 32; K a multiple of it), default
+    ``CHANNELS`` (read at trace time)."""
     B, Tp, H, K = q.shape
-    C, dtype = CHUNK, q.dtype
+    C, dtype, W = CHUNK, q.dtype, CHANNELS if channels is None else channels
+    if W not in (32, 64) or K % W:
+        raise ValueError(f"gk_pullback: channels={W} must be 32 or 64 and divide K={K}")
     grad = jax.ShapeDtypeStruct(q.shape, dtype)
     return plgpu.kernel(
         functools.partial(_kernel, float(scale), interpret is not None),
         out_type=(grad, grad, jax.ShapeDtypeStruct(q.shape, F32)),
         kernel_name="gla_pullback",
         scratch_types=[
-            tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # q, k
-            tiled_smem((C, W), dtype), tiled_smem((C, W), dtype),       # lg hi, lo
-            tiled_smem((C, C), dtype),                                  # E_t
+            _operand((C, W), dtype, W), _operand((C, W), dtype, W),     # q, k
+            _operand((C, W), dtype, W), _operand((C, W), dtype, W),     # lg hi, lo
+            _operand((C, C), dtype, W),                                 # E_t
             tiled_smem((C, C), F32),                                    # dA
             plgpu.Barrier(num_arrivals=6),
             plgpu.Barrier(num_arrivals=1),
