@@ -42,7 +42,8 @@ def kernel_times(fn, args: tuple, trace_dir: str) -> collections.Counter:
     times = collections.Counter()
     for e in events:
         process = processes.get(e.get("pid"), "").lower()
-        if e.get("ph") == "X" and ("gpu" in process or "device" in process) and "host" not in process:
+        on_device = ("gpu" in process or "device" in process) and "host" not in process
+        if e.get("ph") == "X" and on_device:
             times[e["name"]] += e["dur"] / ITERS / 1000
     return times
 
