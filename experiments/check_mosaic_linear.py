@@ -160,7 +160,6 @@ def check_case(B: int, T: int, H: int, D: int, gate: str, with_bwd: bool) -> dic
                 jax.jit(functools.partial(gk_prepass, scale=scale)), [(q, k, g)])
         if pc and T % mosaic_gpu_gk.CHUNK == 0:
             # the backward's pullback kernel alone (dq~, dk^, dA: any values of their shapes)
-            f32 = lambda x: x.astype(jnp.float32)
             da = jnp.ones((B, H, T, mosaic_gpu_gk.CHUNK), jnp.float32)
             row["gk_pullback_ms"] = bc.time_jax(
                 jax.jit(functools.partial(gk_pullback, scale=scale)),

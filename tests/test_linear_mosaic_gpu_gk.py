@@ -10,12 +10,12 @@
 * the backward (three more walks, see ``mosaic_gpu_gk._backward``): dq, dk, dv, dgk, dg and the
   initial state's gradient against autodiff of the oracle, with output and final-state
   cotangents; the gate gradients to a tighter bound than the bf16 one (the hi + lo walks);
-* the chunk-parallel prepass (``mosaic_gpu_gk_chunks``): the bisection-anchored intra-chunk
-  scores, q~ and k^ against a float64 oracle with strong gates (steps of -30, segment resets of
-  -80, mild gates on other channels), in the forward's bf16 operands and the backward's float32,
-  and its vjp (dq, dk) in float32; the forward's Mosaic GPU prepass kernel
-  (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A in bf16 and the state decays d
-  in float32) lowers for cuda and, in interpret mode, matches the same oracle;
+* the prepass's bisection in float32 XLA (``gla_prepass_xla``, the kernels' reference): the
+  bisection-anchored intra-chunk scores, q~ and k^ against a float64 oracle with strong gates
+  (steps of -30, segment resets of -80, mild gates on other channels), from bf16 and float32
+  inputs, and its vjp (dq, dk) in float32; the forward's Mosaic GPU
+  prepass kernel (``mosaic_gpu_gk_prepass``, from the raw log gates: q~, k^, A in bf16 and the
+  state decays d in float32) lowers for cuda and, in interpret mode, matches the same oracle;
 * the Mosaic GPU pullback kernel (``mosaic_gpu_gk_pullback``: dq, dk from the cotangents of q~,
   k^ and A, and the chunk-local suffix sums of q ⊙ dq - k ⊙ dk) lowers for cuda and, in
   interpret mode, matches float64 autodiff of the oracle and the float32 ``jax.vjp`` of
@@ -30,6 +30,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import gla_prepass_xla as xla_prepass
 from kernel_utils import TOL_BF16, TOL_F32, assert_close, log_gate, normal
 from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.linear import mosaic_gpu as scalar_mg
@@ -215,12 +216,12 @@ def _prepass_oracle(q, k, b, scale):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, TOL_BF16), (jnp.float32, TOL_F32)])
 def test_prepass_matches_oracle_with_strong_gates(dtype, tol):
-    """q~, k^ and the bisection-anchored scores A of the backward's XLA form: finite and accurate
-    for any gate strength, from bf16 inputs (widened to float32) and float32 ones."""
+    """q~, k^ and the bisection-anchored scores A of the float32 XLA reference: finite and
+    accurate for any gate strength, from bf16 inputs (widened to float32) and float32 ones."""
     B, T, H, K = 2, 150, 2, 64
     q, k, b = _prepass_inputs(1, B, T, H, K, dtype)
     scale = K ** -0.5
-    got = chunks.decayed_tiles(q, k, b, scale, mk.CHUNK)
+    got = xla_prepass.decayed_tiles(q, k, b, scale, mk.CHUNK)
     with jax.enable_x64(True):
         want = [np.asarray(x) for x in _prepass_oracle(*map(_f64, (q, k, b)), scale)]
     for name, g, w in zip(("q~", "k^", "A"), got, want):
@@ -232,7 +233,7 @@ def test_prepass_matches_oracle_with_strong_gates(dtype, tol):
 
 
 def test_prepass_vjp_matches_oracle_with_strong_gates():
-    """dq, dk of the float32 prepass (the backward's ``jax.vjp``) at random cotangents of q~, k^
+    """dq, dk of the float32 XLA reference's ``jax.vjp`` at random cotangents of q~, k^
     and all of A (the masked part included) against float64 autodiff of the oracle."""
     B, T, H, K = 1, 150, 2, 64
     q, k, b = _prepass_inputs(2, B, T, H, K, jnp.float32)
@@ -240,7 +241,7 @@ def test_prepass_vjp_matches_oracle_with_strong_gates():
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape),
             normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
-    _, pullback = jax.vjp(lambda q, k: chunks.decayed_tiles(q, k, b, scale, mk.CHUNK), q, k)
+    _, pullback = jax.vjp(lambda q, k: xla_prepass.decayed_tiles(q, k, b, scale, mk.CHUNK), q, k)
     got = pullback(cots)
     with jax.enable_x64(True):
         b64 = _f64(b)
@@ -316,7 +317,7 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, steep, channels):
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = chunks.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)
-    _, pullback = jax.vjp(lambda q, k: chunks.decayed_tiles(q, k, b, scale, mk.CHUNK),
+    _, pullback = jax.vjp(lambda q, k: xla_prepass.decayed_tiles(q, k, b, scale, mk.CHUNK),
                           f32(q), f32(k))
     xla = pullback(cots)
     with jax.enable_x64(True):

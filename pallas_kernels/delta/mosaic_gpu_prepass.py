@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu_common import (per_col, per_row, pl, plgpu, products, tiled_smem,
-                                              wgmma_zeros)
+                                              transposed, wgmma_zeros)
 
 CHUNK = 64
 
@@ -84,7 +84,7 @@ def _kernel(gated: bool, for_backward: bool, interpret: bool, k_ref, beta_ref, b
         for buf in (bc_smem, br_smem):
             plgpu.copy_gmem_to_smem(b_ref.at[bi, h, rows], buf, loaded)
     plgpu.barrier_wait(loaded)
-    (kk,) = products((wgmma_zeros((C, C)),), ((k_smem, k_smem.transpose((1, 0))),), interpret)
+    (kk,) = products((wgmma_zeros((C, C)),), ((k_smem, transposed(k_smem)),), interpret)
     row = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
     col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
     beta = plgpu.layout_cast(beta_smem[...], layout.reduce(1))

@@ -1,7 +1,7 @@
 """The per-channel-gate (GLA) linear recurrence on Hopper: forward and backward around the Mosaic
-GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``) and the chunk-parallel prepass (the Mosaic GPU
-kernel ``mosaic_gpu_gk_prepass`` in the forward, its XLA form ``mosaic_gpu_gk_chunks`` in the
-backward; that docstring has the per-chunk math).
+GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``), the chunk-parallel prepass kernel of the
+forward (``mosaic_gpu_gk_prepass``) and its pullback kernel in the backward
+(``mosaic_gpu_gk_pullback``); ``mosaic_gpu_gk_chunks`` has the per-chunk math.
 
     S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
 
@@ -37,7 +37,7 @@ prepass, hi + lo operands; its docstring counts the work). The walks take q~ and
 elementwise in float32 (``decayed_qk``), and the dv walk the forward prepass kernel's A, saved
 as a residual (bf16 [B, H, Tp, 64]: 128 B per step and head, half of q's size at K = 128;
 rerunning the prepass instead would cost ~0.73 ms at the anchor). The pullback used to be
-``jax.vjp`` of the prepass's float32 XLA form (``decayed_tiles``): on the H100 at the B=8,
+``jax.vjp`` of the prepass's float32 XLA form (now the tests' reference): on the H100 at the B=8,
 T=4096, H=16, K=V=128 anchor the kernel took the op's forward+backward from 12.85 to 8.67 ms
 (h100_2026-12-06_s9_call1, same run, jla 4.18).
 

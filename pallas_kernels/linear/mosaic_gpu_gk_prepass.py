@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.mosaic_gpu_common import (pl, plgpu, store_split, summed_products,
-                                              tiled_smem, wgmma_zeros)
+                                              tiled_smem, transposed, wgmma_zeros)
 
 CHUNK = 64
 LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16, ..., 1
@@ -178,7 +178,7 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
             if t >= 1:
                 pair = (q_smem, k_smem) if t == 1 else (x_smem, y_smem)
                 inits.append(wgmma_zeros((C, C)))
-                operands.append([(pair[0], pair[1].transpose((1, 0)))])
+                operands.append([(pair[0], transposed(pair[1]))])
             if t + 1 < tiles:
                 inits.append(wgmma_zeros((C, K)))
                 operands.append(exponents.products(t + 1))

@@ -1,8 +1,8 @@
 """The pullback of the GLA prepass as a Mosaic GPU kernel: dq, dk from the cotangents of q~, k^
 and the intra-chunk scores A, with the gates held fixed (in ``mosaic_gpu_gk._backward``; it
-equals ``jax.vjp`` of ``mosaic_gpu_gk_chunks.decayed_tiles``), and the chunk-local part of
-the gate gradient. One CTA (one
-warpgroup) per (chunk, head, batch row, block of W = 64 key channels).
+equals ``jax.vjp`` of the prepass's math, ``mosaic_gpu_gk_chunks``), and the chunk-local part of
+the gate gradient. One CTA (one warpgroup) per (chunk, head, batch row, block of W = 64 key
+channels).
 
 Per chunk of C = 64 rows, with b the chunk-local cumulative log gates, q, k [C, K] bf16, the
 cotangents dq~, dk^ [C, K] and dA [C, C] float32 (entries above the diagonal are ignored: A is
@@ -89,7 +89,8 @@ from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, Exponent
                                                          diagonal_mask, interval_matrices,
                                                          level_mask, load_wgmma, suffix_sums)
 from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
-                                              summed_products, tiled_smem, wgmma_zeros)
+                                              summed_products, tiled_smem, transposed,
+                                              wgmma_zeros)
 
 CHANNELS = 64  # key channels per CTA, W below (or 32: module docstring)
 F32 = jnp.float32
@@ -99,7 +100,7 @@ def _level_products(da_parts, x_parts, transpose: bool) -> list:
     """The operand pairs of dA'_h @ x (dA'_h^T @ x if ``transpose``): hi·hi + hi·lo + lo·hi."""
     (a_hi, a_lo), (x_hi, x_lo) = da_parts, x_parts
     if transpose:
-        a_hi, a_lo = a_hi.transpose((1, 0)), a_lo.transpose((1, 0))
+        a_hi, a_lo = transposed(a_hi), transposed(a_lo)
     return [(a_hi, x_hi), (a_hi, x_lo), (a_lo, x_hi)]
 
 
@@ -202,8 +203,8 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
     the total log gates, dq~, dk^ [B, Tp, H, K] and dA [B, H, Tp, CHUNK] (row i of chunk n at
-    time n C + i, as ``decayed_tiles``' A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
-    pullback of ``decayed_tiles`` at (dq~, dk^, dA) with the gates held fixed, and the
+    time n C + i, as the prepass's A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
+    pullback of the prepass (q~, k^, A) at (dq~, dk^, dA) with the gates held fixed, and the
     chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring).
     ``channels``: W, the key channels per CTA (64 or 32; K a multiple of it), default
     ``CHANNELS`` (read at trace time)."""

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, wgmma_zeros
+from pallas_kernels.mosaic_gpu_common import pl, plgpu, products, transposed, wgmma_zeros
 from pallas_kernels.sparse.mask_info import PAD_ONLY, MapMeta
 from pallas_kernels.sparse.masks import EMPTY, FULL, PARTIAL
 
@@ -140,7 +140,7 @@ def scores(cfg: Walk, *pairs: tuple[Any, Any],
     issued back to back; ``after_issue()`` runs once they are issued, before their results are
     awaited (compiled; after them under the interpreter)."""
     zeros = tuple(wgmma_zeros((a.shape[0], b.shape[0])) for a, b in pairs)
-    operands = tuple((a, b.transpose((1, 0))) for a, b in pairs)
+    operands = tuple((a, transposed(b)) for a, b in pairs)
     if after_issue is None or cfg.interpreted:
         out = products(zeros, operands, cfg.interpreted)
         if after_issue is not None:
