@@ -127,8 +127,8 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # the prepass (its scores A are a residual; the forward walk is dead code under grad), the
-    # three backward walks and the pullback kernel
-    assert text.count("custom_call @mosaic_gpu") == 5
+    # backward's decays kernel, its three walks and the pullback kernel
+    assert text.count("custom_call @mosaic_gpu") == 6
 
 
 @needs_interpreter
@@ -252,11 +252,12 @@ def test_prepass_vjp_matches_oracle_with_strong_gates():
 
 
 @pytest.mark.parametrize("K", [128, 64])
-def test_prepass_kernel_lowers_for_cuda(K):
+@pytest.mark.parametrize("kernel", ["gk_prepass", "gk_decays"])
+def test_prepass_kernels_lower_for_cuda(K, kernel):
     sd = jax.ShapeDtypeStruct
     args = (sd((2, 128, 3, K), jnp.bfloat16), sd((2, 128, 3, K), jnp.bfloat16),
             sd((2, 128, 3, K), jnp.float32))
-    run = jax.jit(lambda q, k, lg: mp.gk_prepass(q, k, lg, 0.1))
+    run = jax.jit(lambda q, k, lg: getattr(mp, kernel)(q, k, lg, 0.1))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -280,6 +281,26 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
         assert g.shape == w.shape, name
         assert_close(g, w, tol, name)
     assert a.dtype == jnp.bfloat16 and d.dtype == jnp.float32
+
+
+@needs_interpreter
+def test_decays_kernel_matches_oracle_with_strong_gates():
+    """The backward's q~, k^ (hi + lo bf16 parts) and d of the Mosaic GPU decays kernel (race
+    detection on) against the float64 oracle, to float32 accuracy: hi alone is bf16-rounded."""
+    B, T, H, K = 1, 150, 2, 128
+    q, k, lg = _prepass_inputs(T, B, T, H, K, jnp.bfloat16, cumsum=False)
+    scale = K ** -0.5
+    q_parts, k_parts, d = mp.gk_decays(q, k, lg, scale,
+                                       interpret=plgpu.InterpretGPUParams(detect_races=True))
+    with jax.enable_x64(True):
+        b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        q_t, k_h, _ = (np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale))
+        last = np.asarray(b).reshape(B, -1, mk.CHUNK, H, K)[:, :, -1]
+    for name, (hi, lo), want in (("q~", q_parts, q_t), ("k^", k_parts, k_h)):
+        assert hi.dtype == lo.dtype == jnp.bfloat16, name
+        assert_close(hi.astype(jnp.float32) + lo.astype(jnp.float32), want, TOL_F32, name)
+        assert_close(hi, want, TOL_BF16, f"{name} hi")
+    assert_close(d, np.exp(last.transpose(0, 2, 1, 3)), TOL_F32, "d")
 
 
 @pytest.mark.parametrize("K,channels", [(128, 64), (64, 64), (128, 32), (64, 32)])

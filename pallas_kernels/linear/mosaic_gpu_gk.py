@@ -92,10 +92,8 @@ from jax.custom_derivatives import SymbolicZero
 from pallas_kernels import chunk_common as cc
 from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
-from pallas_kernels.linear.mosaic_gpu_gk_chunks import (chunk_log_gates, decayed_qk,
-                                                        state_decay)
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
-from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_prepass
+from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_decays, gk_prepass
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import hopper_accepts, piece_starts
 
@@ -173,10 +171,7 @@ def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     B, T, H, K = q.shape
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
-    b = chunk_log_gates(lgp, CHUNK)
-    d = state_decay(b, CHUNK)
-    q_t, k_h = decayed_qk(qp, kp, b, scale, CHUNK)
-    (q_hi, q_lo), (k_hi, k_lo) = common.split_bf16(q_t), common.split_bf16(k_h)
+    (q_hi, q_lo), (k_hi, k_lo), d = gk_decays(qp, kp, lgp, scale, interpret=interpret)
     run = functools.partial(_walk_pieces, pieces=P, interpret=interpret)
     swap = lambda s: None if s is None else jnp.swapaxes(s, -1, -2).astype(F32)
     with_state = not isinstance(dstate, SymbolicZero)

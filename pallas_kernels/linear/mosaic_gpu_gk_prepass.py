@@ -132,12 +132,14 @@ class ExponentTiles:
         return [(self.e_smem, part) for part in self.lg_parts]
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
-            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
+def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem,
+                d_smem, loaded, e_loaded) -> tuple[ExponentTiles, Any, Any, Any]:
+    """The first steps of both kernels here: q, k and lg of this CTA's chunk into SMEM, lg split
+    into bf16 hi + lo for the exponent tiles, d = e^{b_last} written out; E_0 on its way.
+    Returns the exponent tiles and the chunk's (batch row, rows, head) indices."""
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
     exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
-    tiles, load = exponents.count, load_wgmma
     rows = pl.ds(n * C, C)
     exponents.fetch(0)
 
@@ -146,13 +148,22 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
         plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hd], k_smem, loaded)
         plgpu.copy_gmem_to_smem(lg_ref.at[bi, rows, hd], lg_smem, loaded)
         plgpu.barrier_wait(loaded)
-        lg = load(lg_smem)
+        lg = load_wgmma(lg_smem)
         d_smem[...] = jnp.exp(jnp.sum(lg, axis=0))
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
 
     pl.run_scoped(split_gates, tiled_smem((C, K), F32))
+    return exponents, bi, rows, hd
+
+
+def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
+            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
+    C, K = q_smem.shape
+    exponents, bi, rows, hd = _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem,
+                                          lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded)
+    tiles, load = exponents.count, load_wgmma
 
     def tiles_and_scores(x_smem, y_smem):
         (x,) = summed_products((wgmma_zeros((C, K)),), (exponents.products(0),), interpret)
@@ -200,25 +211,44 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
     pl.run_scoped(tiles_and_scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
 
-def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
-               interpret: Any = None):
-    """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
-    gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
-    and A in q's dtype."""
+def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q_hi_out,
+                   q_lo_out, k_hi_out, k_lo_out, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem,
+                   d_smem, loaded, e_loaded):
+    """q~ and k^ as bf16 hi + lo parts (``store_split``) and d, for the backward's walks."""
+    C, K = q_smem.shape
+    exponents, bi, rows, hd = _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem,
+                                          lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded)
+
+    def decayed(hi_smem, lo_smem):
+        for t, (x_smem, factor, hi_out, lo_out) in enumerate(
+                ((q_smem, scale, q_hi_out, q_lo_out), (k_smem, 1.0, k_hi_out, k_lo_out))):
+            (x,) = summed_products((wgmma_zeros((C, K)),), (exponents.products(t),), interpret)
+            if t == 0:
+                exponents.fetch(1)
+            else:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~'s parts have left
+            store_split((hi_smem, lo_smem), factor * load_wgmma(x_smem) * jnp.exp(x))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(hi_smem, hi_out.at[bi, rows, hd])
+            plgpu.copy_smem_to_gmem(lo_smem, lo_out.at[bi, rows, hd])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(decayed, *[tiled_smem((C, K), q_smem.dtype)] * 2)
+
+
+def _launch(body, name: str, tiles: int, out_type: tuple, q: jax.Array, k: jax.Array,
+            lg: jax.Array, interpret: Any) -> Any:
+    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk``; E_0 .. E_{tiles-1}."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
-    intervals = jnp.asarray(interval_matrices(C), dtype)
-    tile = jax.ShapeDtypeStruct(q.shape, dtype)
-    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, C), dtype),
-                jax.ShapeDtypeStruct((B, H, Tp // C, K), F32))
     return plgpu.kernel(
-        functools.partial(_kernel, float(scale), interpret is not None),
-        kernel_name="gla_prepass",
+        functools.partial(body, interpret is not None),
+        kernel_name=name,
         out_type=out_type,
         scratch_types=[
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # q, k
             tiled_smem((C, K), dtype), tiled_smem((C, K), dtype),       # lg hi, lo
-            tiled_smem((C, C), dtype),                                  # E_t, then A
+            tiled_smem((C, C), dtype),                                  # E_t (then A)
             plgpu.SMEM((K,), F32),                                      # d
             plgpu.Barrier(num_arrivals=3),
             plgpu.Barrier(num_arrivals=1),
@@ -227,4 +257,33 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
         grid_names=("chunks", "heads", "rows"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, lg.astype(F32), intervals)
+    )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C)[:tiles], dtype))
+
+
+def _decays_type(q: jax.Array) -> jax.ShapeDtypeStruct:
+    B, Tp, H, K = q.shape
+    return jax.ShapeDtypeStruct((B, H, Tp // CHUNK, K), F32)
+
+
+def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
+               interpret: Any = None):
+    """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
+    gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
+    and A in q's dtype."""
+    B, Tp, H, K = q.shape
+    tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q))
+    return _launch(functools.partial(_kernel, float(scale)), "gla_prepass",
+                   2 + len(LEVELS), out_type, q, k, lg, interpret)
+
+
+def gk_decays(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
+              interpret: Any = None):
+    """The backward's form of the prepass: q~ and k^ to float32 accuracy as bf16 (hi, lo)
+    pairs (hi + lo within ~2^-16 of the float32 value; the exponents as in ``gk_prepass``), and
+    d, from the same inputs -> ((q~ hi, q~ lo), (k^ hi, k^ lo), d); no scores."""
+    tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    q_hi, q_lo, k_hi, k_lo, d = _launch(functools.partial(_decays_kernel, float(scale)),
+                                        "gla_decays", 2, (tile,) * 4 + (_decays_type(q),),
+                                        q, k, lg, interpret)
+    return (q_hi, q_lo), (k_hi, k_lo), d
