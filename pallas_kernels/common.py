@@ -48,18 +48,6 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 x as bf16 (hi, lo) with hi + lo = x to a relative error of ~2^-16: hi keeps x's
-    top 16 bits (sign, exponent, 7 mantissa bits: exactly a bf16), lo = bf16(x - hi).
-
-    The truncation is a bit mask on purpose: with ``lo = bf16(x - f32(bf16(x)))`` XLA's GPU
-    pipeline (``SimplifyFPConversions``, on under the default ``xla_allow_excess_precision``)
-    removes the f32 -> bf16 -> f32 round trip, so lo silently becomes 0 there."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
-    return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
-
-
 def pad_axis(x: jax.Array, size: int, axis: int, value: float | int = 0) -> jax.Array:
     """Pad ``x`` along ``axis`` at the end up to ``size`` with ``value`` (no-op if already there)."""
     extra = size - x.shape[axis]

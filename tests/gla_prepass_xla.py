@@ -1,7 +1,7 @@
 """The GLA prepass's scores by bisection anchoring in plain jnp (XLA), float32: the reference the
 prepass and pullback kernels (``mosaic_gpu_gk_prepass``, ``mosaic_gpu_gk_pullback``) are checked
 against beside the float64 oracle, since it computes their math (the levels and anchors of
-``mosaic_gpu_gk_chunks``' docstring) rather than the dense form. The op's backward used to
+``mosaic_gpu_gk_prepass``' docstring) rather than the dense form. The op's backward used to
 differentiate it through ``jax.vjp``; the pullback kernel replaced that.
 
 Cost per (chunk, head): level h computes C·h·K multiply-adds, all levels (C - 1)·C·K, about half
@@ -14,13 +14,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear.mosaic_gpu_gk_chunks import decayed_qk
+from pallas_kernels import chunk_common as cc
 
 F32 = jnp.float32
 
 
+def chunk_log_gates(lg: jax.Array, chunk: int) -> jax.Array:
+    """[B, Tp, H, K] total log gates -> b, their chunk-local inclusive cumulative sums (f32)."""
+    return cc.chunk_cumsum(lg.astype(F32), chunk, axis=1)
+
+
+def decayed_qk(q: jax.Array, k: jax.Array, b: jax.Array, scale: float, chunk: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """(q~ = scale · q ⊙ e^{b}, k^ = k ⊙ e^{b_last - b}), [B, Tp, H, K] float32."""
+    B, Tp, H, K = q.shape
+    by_chunk = (B, Tp // chunk, chunk, H, K)
+    bc = b.reshape(by_chunk)
+    k_hat = (k.astype(F32).reshape(by_chunk) * jnp.exp(bc[:, :, -1:] - bc)).reshape(q.shape)
+    return scale * q.astype(F32) * jnp.exp(b), k_hat
+
+
 def _level_scores(q, k, b, h: int) -> jax.Array:
-    """Level h of the bisection (``mosaic_gpu_gk_chunks``): [B, H, N, C / 2h, h, h] float32, the scores
+    """Level h of the bisection (``mosaic_gpu_gk_prepass``): [B, H, N, C / 2h, h, h] float32, the scores
     of rows in the second half of each 2h block against columns in its first half (unscaled).
     Inputs [B, N, C, H, K] float32."""
     B, N, C, H, K = q.shape

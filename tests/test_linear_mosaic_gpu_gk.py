@@ -36,7 +36,6 @@ from pallas_kernels import mosaic_gpu_common
 from pallas_kernels.linear import mosaic_gpu as scalar_mg
 from pallas_kernels import chunk_common as cc
 from pallas_kernels.linear import mosaic_gpu_gk as mg
-from pallas_kernels.linear import mosaic_gpu_gk_chunks as chunks
 from pallas_kernels.linear import mosaic_gpu_gk_kernel as mk
 from pallas_kernels.linear import mosaic_gpu_gk_prepass as mp
 from pallas_kernels.linear import mosaic_gpu_gk_pullback as mpb
@@ -198,11 +197,11 @@ def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     lg = jnp.where(step < 0.1, -30.0, jnp.where(step > 0.95, -80.0, lg)).at[..., :8].set(-20.0)
     Tp = -(-T // mk.CHUNK) * mk.CHUNK
     q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
-    return q, k, chunks.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
+    return q, k, xla_prepass.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
 
 
 def _prepass_oracle(q, k, b, scale):
-    """(q~, k^, A) of ``mosaic_gpu_gk_chunks`` elementwise per channel, in the inputs' dtype
+    """(q~, k^, A) of ``mosaic_gpu_gk_prepass`` elementwise per channel, in the inputs' dtype
     (float64 here): A_ij = scale sum_c q_ic k_jc e^{b_ic - b_jc}, j <= i."""
     B, Tp, H, K = q.shape
     C = mk.CHUNK
@@ -336,7 +335,7 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, steep, channels):
             normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
     got = mpb.gk_pullback(q, k, lg, *cots, scale, channels=channels,
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
-    b = chunks.chunk_log_gates(lg, mk.CHUNK)
+    b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)
     _, pullback = jax.vjp(lambda q, k: xla_prepass.decayed_tiles(q, k, b, scale, mk.CHUNK),
                           f32(q), f32(k))

@@ -1,7 +1,7 @@
 """The per-channel-gate (GLA) linear recurrence on Hopper: forward and backward around the Mosaic
 GPU walk kernel (``mosaic_gpu_gk_kernel.gk_walk``), the chunk-parallel prepass kernel of the
 forward (``mosaic_gpu_gk_prepass``) and its pullback kernel in the backward
-(``mosaic_gpu_gk_pullback``); ``mosaic_gpu_gk_chunks`` has the per-chunk math.
+(``mosaic_gpu_gk_pullback``); the prepass's docstring states the per-chunk math.
 
     S_t = diag(e^{lg_t}) S_{t-1} + k_t^T v_t,   o_t = scale · q_t S_t,   lg = gk (+ g per head)
 
@@ -14,7 +14,7 @@ tensor cores); one walk gives o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_row
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
 exponentials per element of q and k and more small products per chunk;
-``mosaic_gpu_gk_chunks``), which would sit on the walk's sequential critical path, while the
+``mosaic_gpu_gk_prepass``), which would sit on the walk's sequential critical path, while the
 prepass is chunk-parallel. Its cost is HBM traffic; per token and head (K = V = 128): the
 prepass reads q, k (512 B) and lg (512 B) and writes q~, k^ (512 B) and A (128 B); the walk
 reads q~, k^, v, A (896 B) and writes o (256 B): about 2.8 KB, 1.5 GB at the B=8, T=4096, H=16
@@ -33,8 +33,10 @@ the cotangent of that state (dS_N = the final state's cotangent):
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
 the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a
 chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_pullback``, the same bisection levels as the
-prepass, hi + lo operands; its docstring counts the work). The walks take q~ and k^ formed
-elementwise in float32 (``decayed_qk``), and the dv walk the forward prepass kernel's A, saved
+prepass, hi + lo operands; its docstring counts the work). The walks take q~ and k^ as bf16
+hi + lo parts from the prepass's first two exponent tiles (``gk_decays``, a Mosaic GPU kernel:
+XLA's chunk-local cumsum, exponentials and split of them took ~0.9 ms at the anchor below,
+h200_2026-12-06_s10_call1), and the dv walk the forward prepass kernel's A, saved
 as a residual (bf16 [B, H, Tp, 64]: 128 B per step and head, half of q's size at K = 128;
 rerunning the prepass instead would cost ~0.73 ms at the anchor). The pullback used to be
 ``jax.vjp`` of the prepass's float32 XLA form (now the tests' reference): on the H100 at the B=8,
@@ -56,8 +58,7 @@ whole sequence, so dq and dk (in float32 until the end) must be close to float32
 dq and dk walks in plain bf16 (q~ / k^ and the state rounded for the tensor cores), dgk was off
 by 1.5e-2 (T = 100) to 2.9e-2 (T = 1000) relative to the float64 oracle, dg by 1.8e-2 (emulated
 in float32 outside the kernel); so these two walks get the rounded operand as hi + lo bf16 parts
-(``z_lo``, from ``common.split_bf16``: a bit mask, since XLA on GPU folds the f32 -> bf16 -> f32
-round trip of the obvious split and zeroes lo) and read their state as hi + lo
+(``z_lo``, from ``gk_decays``) and read their state as hi + lo
 (``split_state``): two more wgmmas per chunk. S_T in the dL/dG_{T-1} term is the dq walk's final
 state (accumulated from hi + lo k^), not the forward's. Then dg and dgk match the oracle to
 ~1e-5 in the tests (dq, dk, dv ~2e-3, the bf16 rounding of the outputs). Saved between forward

@@ -1,7 +1,7 @@
 """The Hopper (Mosaic GPU) walk kernel of the per-channel-gate (GLA) linear recurrence.
 
 The gates, the intra-chunk scores and every exponential arrive precomputed
-(``mosaic_gpu_gk_chunks``); the kernel is the sequential part only. Per batch row and head it
+(``mosaic_gpu_gk_prepass``); the kernel is the sequential part only. Per batch row and head it
 carries a float32 state S [Dk, Dv] through the chunks of C = 64 steps (in order, or last to
 first with ``reverse``) and, for chunk n with tiles x_n, y_n [C, Dk], z_n [C, Dv], intra scores
 A_n [C, C] and decay d_n (a vector over S's rows or over its columns):

@@ -1,6 +1,7 @@
 """The chunk-parallel prepass of the per-channel-gate (GLA) Hopper path as a Mosaic GPU kernel:
-from the raw log gates, q~, k^, the intra-chunk scores A and the state decays d of
-``mosaic_gpu_gk_chunks``, one CTA (one warpgroup) per (chunk, head, batch row).
+from the raw log gates, q~, k^, the intra-chunk scores A and the state decays d below, one CTA
+(one warpgroup) per (chunk, head, batch row) (``gk_prepass``, the forward's); and its first
+steps alone for the backward's walks (``gk_decays``: q~, k^ as bf16 hi + lo parts, and d).
 
 Per chunk of C = 64 rows, with lg the total log gates [C, K] (float32, <= 0), b their
 chunk-local inclusive cumulative sums (non-increasing along the chunk) and q, k [C, K] bf16:

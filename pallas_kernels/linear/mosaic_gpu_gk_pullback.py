@@ -1,6 +1,6 @@
 """The pullback of the GLA prepass as a Mosaic GPU kernel: dq, dk from the cotangents of q~, k^
 and the intra-chunk scores A, with the gates held fixed (in ``mosaic_gpu_gk._backward``; it
-equals ``jax.vjp`` of the prepass's math, ``mosaic_gpu_gk_chunks``), and the chunk-local part of
+equals ``jax.vjp`` of the prepass's math, ``mosaic_gpu_gk_prepass``), and the chunk-local part of
 the gate gradient. One CTA (one warpgroup) per (chunk, head, batch row, block of W = 64 key
 channels).
 
