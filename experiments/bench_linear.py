@@ -89,12 +89,12 @@ def attnlab_gk_fn(gate: str):
     return attnlab_fn(gate, "mosaic_gpu_gk")
 
 
-def attnlab_gk_w32_fn(gate: str):
-    """The Hopper GLA kernel with 32 key channels per CTA in its backward's pullback kernel
-    (``mosaic_gpu_gk_pullback.CHANNELS``, read while the call is traced; default 64)."""
+def attnlab_gk_w64_fn(gate: str):
+    """The Hopper GLA kernel with 64 key channels per CTA in its backward's pullback kernel
+    (``mosaic_gpu_gk_pullback.CHANNELS``, read while the call is traced; default 32)."""
     from pallas_kernels.linear import mosaic_gpu_gk_pullback
 
-    return bc.traced_with(mosaic_gpu_gk_pullback, "CHANNELS", 32, attnlab_gk_fn(gate))
+    return bc.traced_with(mosaic_gpu_gk_pullback, "CHANNELS", 64, attnlab_gk_fn(gate))
 
 
 def jla_fn(gate: str):
@@ -129,7 +129,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu": ("jax", attnlab_scalar_fn),
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
-    "attnlab mosaic_gpu_gk w32": ("jax", attnlab_gk_w32_fn),
+    "attnlab mosaic_gpu_gk w64": ("jax", attnlab_gk_w64_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

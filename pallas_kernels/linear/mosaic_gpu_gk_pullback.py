@@ -39,20 +39,24 @@ the op's dgk, dg 4.7e-5, 6.3e-5 from the float64 oracle (with the XLA pullback 3
 Fewer products miss the gate-gradient bound (3e-4): without lo·hi dgk was off by 1.2e-3,
 without hi·lo by 8.8e-3.
 
-Why 64 channels per CTA. Everything but dA is per channel, so the channels split freely. With
-all K = 128 channels in one warpgroup, dq, dk, F and the three accumulators in flight would
-take 64 registers a thread each (384 > 255); with 64 channels, 32 each. The price: each of the
-two CTAs of a chunk and head reads dA and masks and splits it (per level, 32 elements a thread).
-Measured on the H100 (h100_2026-12-06_s9_call2) this kernel took 5.1 ms at the anchor below,
-7x its bandwidth estimate: with 7 x 32 live registers a thread plus temporaries it may spill,
-and one warpgroup per CTA leaves every wait exposed. ``CHANNELS = 32`` (``gk_pullback``'s
-``channels``) halves every per-channel array (16 registers each) and the SMEM (72 KB: three
-CTAs an SM), for twice the CTAs and four reads of dA per chunk and head; its bf16 operand
-tiles take the 64-byte swizzle (rows of 32 bf16; a wgmma's two operands share one). It lowers
-and passes the interpret tests; the next GPU run decides between 64 and 32.
+Channels per CTA (W = ``CHANNELS`` = 32). Everything but dA is per channel, so the channels
+split freely. With all K = 128 channels in one warpgroup, dq, dk, F and the three accumulators
+in flight would take 64 registers a thread each (384 > 255); with W = 64, 32 each, and ptxas
+still spills (255 registers, 1336 B of spill stores and 1980 B of loads a thread:
+h200_2026-12-06_s10_call1's ptxas report); with W = 32, 16 each, and the SMEM halves (72 KB:
+three CTAs an SM), for twice the CTAs and four reads and splits of dA per chunk and head (its
+bf16 operand tiles take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share
+one). Measured in one run on an H200 (s10_call1, B = 8, T = 4096 below): the op's
+forward+backward 8.047 ms with W = 32 against 8.201 with W = 64, so 32 is the default (64 stays
+selectable: ``gk_pullback``'s ``channels``). The kernel took 4.47 ms at W = 64 (the same run's
+profile) and so ~4.3 at W = 32 (the difference of the two benchmark rows), about 6x its
+tensor-core and bandwidth floors (below), at about the same cost per channel with either
+width: neither W = 64's spills nor
+the per-CTA share of dA explains it (W = 32's ptxas report is not read yet). Where the time
+goes is the open question (``experiments/results/README.md``, session 10).
 
-Work per CTA (W = 64 channels; a chunk and head with K = 128 takes two CTAs, adjacent in the
-grid so the second read of dA hits L2):
+Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
+the grid so the second read of dA hits L2; at W = 32 four, and the per-channel rows halve):
 
     exponent tiles       8 (e^{b}, e^{b_last - b}, six levels): 2 wgmmas [64, 64] x [64, 64]
     exponentials         8 · C · W = 32 Ki (``approx_math``)
@@ -92,7 +96,7 @@ from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
                                               summed_products, tiled_smem, transposed,
                                               wgmma_zeros)
 
-CHANNELS = 64  # key channels per CTA, W below (or 32: module docstring)
+CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
 F32 = jnp.float32
 
 
@@ -206,7 +210,7 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
     time n C + i, as the prepass's A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
     pullback of the prepass (q~, k^, A) at (dq~, dk^, dA) with the gates held fixed, and the
     chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring).
-    ``channels``: W, the key channels per CTA (64 or 32; K a multiple of it), default
+    ``channels``: W, the key channels per CTA (32 or 64; K a multiple of it), default
     ``CHANNELS`` (read at trace time)."""
     B, Tp, H, K = q.shape
     C, dtype, W = CHUNK, q.dtype, CHANNELS if channels is None else channels
