@@ -96,7 +96,8 @@ from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_decays, gk_prepass
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
-from pallas_kernels.mosaic_gpu_common import hopper_accepts, piece_starts
+from pallas_kernels.mosaic_gpu_common import (hopper_accepts, piece_starts,
+                                              transposes_swizzled_tiles)
 
 F32 = jnp.float32
 
@@ -241,6 +242,8 @@ def mosaic_gpu_gk_accepts(q, k, v, *, g, gk, initial_state, segment_ids, chunk_s
         return reason
     reasons = [
         (gk is None, "needs per-channel gates gk (the scalar-gate kernel runs the others)"),
+        (not transposes_swizzled_tiles(), "the backward's pullback needs jax >= 0.11 "
+                                          "(transposed shared-memory tiles)"),
         (chunk_size not in (None, CHUNK), f"chunk_size must be None or {CHUNK}"),
         (any(x.dtype != jnp.bfloat16 for x in (q, k, v)), "q, k, v must be bfloat16"),
         (q.shape[-1] not in HEAD_DIMS, f"key dim must be one of {HEAD_DIMS}"),

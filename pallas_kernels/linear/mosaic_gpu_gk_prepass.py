@@ -105,6 +105,24 @@ def level_mask(C: int, h: int) -> jax.Array:
     return (code >= h) & (code < 2 * h)
 
 
+def symmetric_level_mask(C: int, h: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs of level h in either order,
+    h <= i XOR j < 2h (``level_mask`` and its transpose)."""
+    code = _iota((C, C), 0) ^ _iota((C, C), 1)
+    return (code >= h) & (code < 2 * h)
+
+
+def lower_triangle(C: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs i >= j."""
+    return _iota((C, C), 0) >= _iota((C, C), 1)
+
+
+def second_halves(shape: tuple[int, int], h: int) -> jax.Array:
+    """[R, W] bool in the WGMMA layout: the rows r in the second half of their block of 2h
+    rows (bit h of r set), across all columns."""
+    return (_iota(shape, 0) & h) != 0
+
+
 def suffix_sums(C: int) -> jax.Array:
     """[C, C] bool in the WGMMA layout: U_ij = [j >= i], so (U @ x)_i = sum_{j >= i} x_j."""
     return _iota((C, C), 1) >= _iota((C, C), 0)

@@ -1,7 +1,7 @@
 """The pullback of the GLA prepass as a Mosaic GPU kernel: dq, dk from the cotangents of q~, k^
 and the intra-chunk scores A, with the gates held fixed (in ``mosaic_gpu_gk._backward``; it
 equals ``jax.vjp`` of the prepass's math, ``mosaic_gpu_gk_prepass``), and the chunk-local part of
-the gate gradient. One CTA (one warpgroup) per (chunk, head, batch row, block of W = 64 key
+the gate gradient. One CTA (one warpgroup) per (chunk, head, batch row, block of W = 32 key
 channels).
 
 Per chunk of C = 64 rows, with b the chunk-local cumulative log gates, q, k [C, K] bf16, the
@@ -25,29 +25,41 @@ nothing overflows whatever the gates), with dA'_h = M_h ⊙ dA':
 
     dq += F_h ⊙ (dA'_h (k ⊙ F_h)),      dk += F_h ⊙ (dA'_h^T (q ⊙ F_h))
 
-(rows outside a level's pairs get zero rows of dA'_h, so the operands need no masks). The first
-two exponent tiles of the prepass give e^{b} and e^{b_last - b}; the diagonal is elementwise.
+One product per level does both. At level h the rows i that receive dq (i > j) are the second
+halves of the 2h blocks (bit h of i set) and the rows j that receive dk the first halves, and
+dA'_h's columns only read first-half rows, dA'_h^T's only second-half ones. So with the mixed
+operand y_r = (q_r if bit h of r is set, else k_r) ⊙ F_h[r] and the symmetric S_h = dA'_h +
+dA'_h^T (the pairs of level h in either order, h <= i XOR j < 2h, on the symmetrised scores
+D = dA' below the diagonal and dA'^T above it; the [C, C] tile is read once, and again
+transposed, ``load_transposed``),
+
+    z = F_h ⊙ (S_h y):   dq_r += z_r on second-half rows,   dk_r += z_r on first-half rows.
+
+Half the products, half the operand tiles of the two-product form (measured there: 4.47 ms at
+the anchor below, H200 s10_call1, W = 64; this form is not yet timed). The first two exponent
+tiles of the prepass give e^{b} and e^{b_last - b}; the diagonal is elementwise.
 
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
 its float32 operands as bf16 hi + lo parts (``store_split``) and sums hi·hi + hi·lo + lo·hi
 in float32 (3 wgmmas where one would do in bf16; the dropped lo·lo is ~2^-16 of the product);
 the exponents are the prepass's (E_t @ lg on lg's hi + lo parts, ~2^-17 of the interval's sum
-of |lg|), and the exponentials ``ex2.approx`` (~2^-22). Measured in interpret mode (tests' inputs):
-dq, dk within 1.2e-6..3.3e-6 of float64 autodiff (the float32 XLA ``jax.vjp``: 2.9e-6..4.5e-6);
-the op's dgk, dg 4.7e-5, 6.3e-5 from the float64 oracle (with the XLA pullback 3.8e-5, 4.9e-5).
+of |lg|), and the exponentials ``ex2.approx`` (~2^-22). Measured in interpret mode (tests' inputs;
+the two-product form, whose sums are the same terms in another order): dq, dk within
+1.2e-6..3.3e-6 of float64 autodiff (the float32 XLA ``jax.vjp``: 2.9e-6..4.5e-6); the op's dgk,
+dg 4.7e-5, 6.3e-5 from the float64 oracle (with the XLA pullback 3.8e-5, 4.9e-5).
 Fewer products miss the gate-gradient bound (3e-4): without lo·hi dgk was off by 1.2e-3,
 without hi·lo by 8.8e-3.
 
 Channels per CTA (W = ``CHANNELS`` = 32). Everything but dA is per channel, so the channels
-split freely. With all K = 128 channels in one warpgroup, dq, dk, F and the three accumulators
-in flight would take 64 registers a thread each (384 > 255); with W = 64, 32 each, and ptxas
-still spills (255 registers, 1336 B of spill stores and 1980 B of loads a thread:
-h200_2026-12-06_s10_call1's ptxas report); with W = 32, 16 each, and the SMEM halves (72 KB:
-three CTAs an SM), for twice the CTAs and four reads and splits of dA per chunk and head (its
+split freely. In the two-product form, dq, dk, F and three accumulators in flight took 32
+registers a thread each at W = 64, and ptxas spilled (255 registers, 1336 B of spill stores and
+1980 B of loads a thread: h200_2026-12-06_s10_call1's ptxas report); now dq, dk, F and two
+accumulators take W / 2 each and D 32 (at W = 32: 112). With W = 32 the SMEM also shrinks
+(three CTAs an SM), for twice the CTAs and four reads of dA per chunk and head (its
 bf16 operand tiles take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share
-one). Measured in one run on an H200 (s10_call1, B = 8, T = 4096 below): the op's
-forward+backward 8.047 ms with W = 32 against 8.201 with W = 64, so 32 is the default (64 stays
+one). Measured in one run on an H200 (s10_call1, B = 8, T = 4096 below, two-product form): the
+op's forward+backward 8.047 ms with W = 32 against 8.201 with W = 64, so 32 is the default (64 stays
 selectable: ``gk_pullback``'s ``channels``). The kernel took 4.47 ms at W = 64 (the same run's
 profile) and so ~4.3 at W = 32 (the difference of the two benchmark rows), about 6x its
 tensor-core and bandwidth floors (below), at about the same cost per channel with either
@@ -60,26 +72,25 @@ the grid so the second read of dA hits L2; at W = 32 four, and the per-channel r
 
     exponent tiles       8 (e^{b}, e^{b_last - b}, six levels): 2 wgmmas [64, 64] x [64, 64]
     exponentials         8 · C · W = 32 Ki (``approx_math``)
-    level wgmmas         6 levels x (3 for dq + 3 for dk), [64, 64] x [64, 64] each, issued
-                         with the next exponent tile's 2: 9 waits on the tensor cores per CTA
-                         (the first three exponent tiles alone); 52 wgmmas in all, 13.6 M
-                         multiply-adds (4.5e11 flop at the B = 8, T = 4096, H = 16, K = 128
-                         anchor: ~0.6 ms at the bf16 peak)
-    CUDA-core work       per level: q, k, dA reloaded from SMEM; q ⊙ F, k ⊙ F, dA'_h split into
-                         hi + lo and stored (3 tiles, 32 elements per thread each); dq, dk
-                         updated (2 x 32 FMAs); the diagonal once (a row sum of dA')
+    level wgmmas         6 levels x 3 (S_h y as hi·hi + hi·lo + lo·hi), [64, 64] x [64, 64]
+                         each, issued with the next exponent tile's 2: 9 waits on the tensor
+                         cores per CTA (the first three exponent tiles alone); 34 wgmmas in
+                         all, 8.9 M multiply-adds (2.9e11 flop at the B = 8, T = 4096, H = 16,
+                         K = 128 anchor: ~0.4 ms at the bf16 peak)
+    CUDA-core work       per level: q, k reloaded from SMEM; y selected, scaled, split into hi
+                         + lo and stored, S_h masked from D (held in registers), split and
+                         stored (2 tiles); dq, dk updated (2 selects and adds); D and the
+                         diagonal once (a row sum of dA')
     HBM per CTA          reads q, k (bf16, 16 KB), lg, dq~, dk^ (float32, 48 KB), dA (16 KB),
                          writes dq, dk (bf16, 16 KB) and L (float32, 16 KB); 112 KB,
                          224 KB per chunk and head at K = 128 (1.8 GB at the anchor: ~0.7 ms
                          at 2.7 TB/s); plus 64 KB of
                          interval matrices from L2
-    SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
-                         then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (six
-                         bf16 tiles, 48 KB) and the outputs with dG's hi + lo parts (48 KB;
-                         U goes into E_t's tile, free by then): two CTAs an SM
-
-Not done yet: at levels 32 and 16 the pairs fill one [32, 32] or two [16, 16] blocks, so a
-product over only the 32 contributing columns of dA'_h (K = 32) would halve those wgmmas.
+    SMEM                 88 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
+                         then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (S_h,
+                         y hi + lo, 32 KB) and the outputs with dG's hi + lo parts (48 KB;
+                         U goes into E_t's tile, free by then): two CTAs an SM (at W = 32:
+                         64 KB, three)
 """
 from __future__ import annotations
 
@@ -91,21 +102,15 @@ import jax.numpy as jnp
 
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
                                                          diagonal_mask, interval_matrices,
-                                                         level_mask, load_wgmma, suffix_sums)
-from pallas_kernels.mosaic_gpu_common import (per_row, pl, plgpu, store_split,
-                                              summed_products, tiled_smem, transposed,
+                                                         load_wgmma, lower_triangle,
+                                                         second_halves, suffix_sums,
+                                                         symmetric_level_mask)
+from pallas_kernels.mosaic_gpu_common import (load_transposed, per_row, pl, plgpu,
+                                              store_split, summed_products, tiled_smem,
                                               wgmma_zeros)
 
 CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
 F32 = jnp.float32
-
-
-def _level_products(da_parts, x_parts, transpose: bool) -> list:
-    """The operand pairs of dA'_h @ x (dA'_h^T @ x if ``transpose``): hi·hi + hi·lo + lo·hi."""
-    (a_hi, a_lo), (x_hi, x_lo) = da_parts, x_parts
-    if transpose:
-        a_hi, a_lo = transposed(a_hi), transposed(a_lo)
-    return [(a_hi, x_hi), (a_hi, x_lo), (a_lo, x_hi)]
 
 
 def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, da_ref,
@@ -128,11 +133,8 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
         exponents.fetch(t + 1)
         return x
 
-    def scaled_scores() -> jax.Array:
-        return scale * load_wgmma(da_smem)
-
     def direct_terms(lg_smem, dqt_smem, dkh_smem):
-        """dq, dk from dq~, dk^ and the diagonal; returns them and x_2."""
+        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2 and D (docstring)."""
         for src, dst in ((q_ref, q_smem), (k_ref, k_smem), (lg_ref, lg_smem),
                          (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
             plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
@@ -140,41 +142,42 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
         plgpu.barrier_wait(loaded)
         store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
         plgpu.commit_smem()
-        diag = jnp.sum(jnp.where(diagonal_mask(C), scaled_scores(), 0.0), axis=1)
-        diag = per_row(diag, (C, W))
+        sym = scale * jnp.where(lower_triangle(C), load_wgmma(da_smem),
+                                load_transposed(da_smem))
+        diag = per_row(jnp.sum(jnp.where(diagonal_mask(C), sym, 0.0), axis=1), (C, W))
         dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0)) + diag * load_wgmma(k_smem)
         dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1)) + diag * load_wgmma(q_smem)
-        return dq, dk, exponent(2)
+        return dq, dk, exponent(2), sym
 
-    dq, dk, x = pl.run_scoped(direct_terms, tiled_smem((C, W), F32), tiled_smem((C, W), F32),
-                              tiled_smem((C, W), F32))
+    dq, dk, x, sym = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
+                                   tiled_smem((C, W), F32), tiled_smem((C, W), F32))
 
-    def levels(dq, dk, x, da_hi, da_lo, kf_hi, kf_lo, qf_hi, qf_lo):
+    def levels(dq, dk, x, s_hi, s_lo, y_hi, y_lo):
         """The six levels, each level's products issued with the next exponent tile's."""
         for t, h in enumerate(LEVELS, start=2):
             f = jnp.exp(x)
-            store_split((kf_hi, kf_lo), load_wgmma(k_smem) * f)
-            store_split((qf_hi, qf_lo), load_wgmma(q_smem) * f)
-            store_split((da_hi, da_lo), jnp.where(level_mask(C, h), scaled_scores(), 0.0))
+            second = second_halves((C, W), h)
+            y = jnp.where(second, load_wgmma(q_smem), load_wgmma(k_smem)) * f
+            store_split((y_hi, y_lo), y)
+            store_split((s_hi, s_lo), jnp.where(symmetric_level_mask(C, h), sym, 0.0))
             plgpu.commit_smem()
-            da_parts = (da_hi, da_lo)
-            inits = [zeros(), zeros()]
-            operands = [_level_products(da_parts, (kf_hi, kf_lo), False),
-                        _level_products(da_parts, (qf_hi, qf_lo), True)]
+            inits = [zeros()]
+            operands = [[(s_hi, y_hi), (s_hi, y_lo), (s_lo, y_hi)]]
             if t + 1 < exponents.count:
                 inits.append(zeros())
                 operands.append(exponents.products(t + 1))
             outs = summed_products(tuple(inits), tuple(operands), interpret)
             if t + 2 < exponents.count:
                 exponents.fetch(t + 2)
-            dq, dk = dq + f * outs[0], dk + f * outs[1]
+            z = f * outs[0]
+            dq, dk = dq + jnp.where(second, z, 0.0), dk + jnp.where(second, 0.0, z)
             if t + 1 < exponents.count:
-                x = outs[2]
+                x = outs[1]
         return dq, dk
 
     dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x),
                            *[_operand((C, C), q_smem.dtype, W) for _ in range(2)],
-                           *[tile() for _ in range(4)])
+                           *[tile() for _ in range(2)])
 
     def write_out(dq_smem, dk_smem, dg_hi, dg_lo, dlg_smem):
         """dq, dk in q's dtype; the gate gradient's chunk-local suffix sums (docstring)."""
