@@ -48,7 +48,7 @@ needs_interpreter = pytest.mark.skipif(
 needs_transposed_tiles = pytest.mark.skipif(
     plgpu is None or not mosaic_gpu_common.transposes_swizzled_tiles(),
     reason="the pullback kernel reads a swizzled tile transposed: jax >= 0.11")
-GATE_GRAD_TOL = 3e-4  # dg, dgk with a bf16-exact dO (measured 3.6e-5..1.1e-4 here)
+GATE_GRAD_TOL = 3e-4  # dg, dgk with a bf16-exact dO (measured 3.2e-5..1.6e-4 here)
 NAMES = ("q", "k", "v", "g", "gk", "s0")
 
 
