@@ -97,19 +97,17 @@ def diagonal_mask(C: int) -> jax.Array:
     return _iota((C, C), 0) == _iota((C, C), 1)
 
 
-def level_mask(C: int, h: int) -> jax.Array:
-    """[C, C] bool in the WGMMA layout: the pairs (i, j) of level h, i > j and
-    h <= i XOR j < 2h (i in the second half, j in the first half of one 2h block)."""
-    row, col = _iota((C, C), 0), _iota((C, C), 1)
-    code = jnp.where(row > col, row ^ col, 0)
-    return (code >= h) & (code < 2 * h)
-
-
 def symmetric_level_mask(C: int, h: int) -> jax.Array:
     """[C, C] bool in the WGMMA layout: the pairs of level h in either order,
     h <= i XOR j < 2h (``level_mask`` and its transpose)."""
     code = _iota((C, C), 0) ^ _iota((C, C), 1)
     return (code >= h) & (code < 2 * h)
+
+
+def level_mask(C: int, h: int) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs (i, j) of level h with i > j (i in the second
+    half, j in the first half of one 2h block)."""
+    return symmetric_level_mask(C, h) & (_iota((C, C), 0) > _iota((C, C), 1))
 
 
 def lower_triangle(C: int) -> jax.Array:

@@ -62,10 +62,10 @@ one). Measured in one run on an H200 (s10_call1, B = 8, T = 4096 below, two-prod
 op's forward+backward 8.047 ms with W = 32 against 8.201 with W = 64, so 32 is the default (64 stays
 selectable: ``gk_pullback``'s ``channels``). The kernel took 4.47 ms at W = 64 (the same run's
 profile) and so ~4.3 at W = 32 (the difference of the two benchmark rows), about 6x its
-tensor-core and bandwidth floors (below), at about the same cost per channel with either
-width: neither W = 64's spills nor
-the per-CTA share of dA explains it (W = 32's ptxas report is not read yet). Where the time
-goes is the open question (``experiments/results/README.md``, session 10).
+tensor-core and bandwidth floors (below), at about the same cost per channel with either width:
+neither W = 64's spills nor the per-CTA share of dA explains it (W = 32's ptxas report is not
+read yet). Where the time goes is the open question (``experiments/results/README.md``,
+session 10).
 
 Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
 the grid so the second read of dA hits L2; at W = 32 four, and the per-channel rows halve):
@@ -86,7 +86,7 @@ the grid so the second read of dA hits L2; at W = 32 four, and the per-channel r
                          224 KB per chunk and head at K = 128 (1.8 GB at the anchor: ~0.7 ms
                          at 2.7 TB/s); plus 64 KB of
                          interval matrices from L2
-    SMEM                 88 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
+    SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
                          then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (S_h,
                          y hi + lo, 32 KB) and the outputs with dG's hi + lo parts (48 KB;
                          U goes into E_t's tile, free by then): two CTAs an SM (at W = 32:
