@@ -59,12 +59,11 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # backward's pullback kernel (with the gate gradient's chunk-local sums, 6f26316) passed the same
 # three cases (dg <= 5e-5) and the bench_linear checks at 4k and 16k (h100_2026-12-06_s9_call2);
 # since then only the first step's zero gate gradient is written as a select (interpret-checked).
-# Taken out again in session 10: the backward now forms q~, k^ in a new kernel (gk_decays) and
-# the pullback kernel takes one symmetric product per level (a 32-channel default, transposed
-# float32 tile reads); both pass the interpret tests and lower for cuda but have not run on a
-# GPU yet, so GLA calls take impl="mosaic_gpu_gk" explicitly until check_mosaic_linear's gk
-# cases pass on one (session 10's note lists the commands).
-GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "sparse"})
+# Session 10 rebuilt the backward (q~, k^ from a new kernel, gk_decays; the pullback kernel
+# with one symmetric product per level, 32 channels a CTA); at dad7ddf check_mosaic_linear's
+# three small gk cases passed again (dg <= 4.5e-5) and bench_linear's gk check at 4k, on an
+# H100 (h100_2026-12-07_s11_call1): forward 0.900 ms, fwd+bwd 4.467 ms (jla 0.823 / 4.168).
+GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 
 def tiled_smem(shape: Sequence[int], dtype: Any, swizzle: int = SWIZZLE) -> Any:
