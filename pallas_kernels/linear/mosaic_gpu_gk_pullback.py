@@ -55,17 +55,14 @@ Channels per CTA (W = ``CHANNELS`` = 32). Everything but dA is per channel, so t
 split freely. In the two-product form, dq, dk, F and three accumulators in flight took 32
 registers a thread each at W = 64, and ptxas spilled (255 registers, 1336 B of spill stores and
 1980 B of loads a thread: h200_2026-12-06_s10_call1's ptxas report); now dq, dk, F and two
-accumulators take W / 2 each and D 32 (at W = 32: 112). With W = 32 the SMEM also shrinks
-(three CTAs an SM), for twice the CTAs and four reads of dA per chunk and head (its
-bf16 operand tiles take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share
-one). Measured in one run on an H200 (s10_call1, B = 8, T = 4096 below, two-product form): the
-op's forward+backward 8.047 ms with W = 32 against 8.201 with W = 64, so 32 is the default (64 stays
-selectable: ``gk_pullback``'s ``channels``). The kernel took 4.47 ms at W = 64 (the same run's
-profile) and so ~4.3 at W = 32 (the difference of the two benchmark rows), about 6x its
-tensor-core and bandwidth floors (below), at about the same cost per channel with either width:
-neither W = 64's spills nor the per-CTA share of dA explains it (W = 32's ptxas report is not
-read yet). Where the time goes is the open question (``experiments/results/README.md``,
-session 10).
+accumulators take W / 2 each and D 32 (at W = 32: 112), and at W = 32 ptxas still takes 255
+registers and spills 308 B (h100_2026-12-07_s11_call1), so the register file, not the SMEM,
+holds an SM to two CTAs. W = 32 gives twice the CTAs and four reads of dA per chunk and head
+(its bf16 operand tiles take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands
+share one). Measured at the anchor below: the op's forward+backward 8.047 ms with W = 32
+against 8.201 with W = 64 in the two-product form (H200, s10_call1), 4.467 against 4.605 in
+this one (H100, s11_call1), so 32 is the default (64 stays selectable: ``gk_pullback``'s
+``channels``).
 
 Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
 the grid so the second read of dA hits L2; at W = 32 four, and the per-channel rows halve):
@@ -89,8 +86,7 @@ the grid so the second read of dA hits L2; at W = 32 four, and the per-channel r
     SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
                          then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (S_h,
                          y hi + lo, 32 KB) and the outputs with dG's hi + lo parts (48 KB;
-                         U goes into E_t's tile, free by then): two CTAs an SM (at W = 32:
-                         64 KB, three)
+                         U goes into E_t's tile, free by then; at W = 32: 64 KB)
 """
 from __future__ import annotations
 
