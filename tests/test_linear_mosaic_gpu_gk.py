@@ -22,6 +22,11 @@
   ``decayed_tiles`` (padded chunk, steps of -30 and -80 resets, -5 on every step and channel);
 * its ``accepts`` takes only calls with gk and declines everything else it does not support,
   and everything off Hopper.
+
+Race detection sees races between TMA, the tensor cores and the warpgroup's code, not between
+the threads of one warpgroup: the interpreter runs a warpgroup's array code as one step, so a
+missing warpgroup barrier (e.g. between reading an SMEM tile transposed and overwriting it)
+passes here (tried in session 11); those barriers are checked by reading the kernel.
 """
 from __future__ import annotations
 
