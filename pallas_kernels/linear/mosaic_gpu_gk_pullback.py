@@ -35,9 +35,10 @@ transposed, ``load_transposed``),
 
     z = F_h ⊙ (S_h y):   dq_r += z_r on second-half rows,   dk_r += z_r on first-half rows.
 
-Half the products, half the operand tiles of the two-product form (measured there: 4.47 ms at
-the anchor below, H200 s10_call1, W = 64; this form is not yet timed). The first two exponent
-tiles of the prepass give e^{b} and e^{b_last - b}; the diagonal is elementwise.
+Half the products, half the operand tiles of the two-product form: at the anchor below the
+kernel took 4.47 ms in that form (H200 s10_call1, W = 64) and 1.77 ms in this one (H100
+s11_call1, W = 32). The first two exponent tiles of the prepass give e^{b} and e^{b_last - b};
+the diagonal is elementwise.
 
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
