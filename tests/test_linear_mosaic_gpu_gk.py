@@ -311,39 +311,45 @@ def test_decays_kernel_matches_oracle_with_strong_gates():
     assert_close(d, np.exp(last.transpose(0, 2, 1, 3)), TOL_F32, "d")
 
 
-@pytest.mark.parametrize("K,channels", [(128, 64), (64, 64), (128, 32), (64, 32)])
+@pytest.mark.parametrize("K,V,channels", [(128, 64, 64), (64, 128, 64), (128, 128, 32),
+                                           (64, 64, 32)])
 @needs_transposed_tiles
-def test_pullback_kernel_lowers_for_cuda(K, channels):
+def test_pullback_kernel_lowers_for_cuda(K, V, channels):
     sd = jax.ShapeDtypeStruct
     B, T, H = 2, 128, 3
     tile = lambda dtype: sd((B, T, H, K), dtype)
     args = (tile(jnp.bfloat16), tile(jnp.bfloat16), tile(jnp.float32), tile(jnp.float32),
-            tile(jnp.float32), sd((B, H, T, mk.CHUNK), jnp.float32))
-    run = jax.jit(lambda q, k, lg, dq_t, dk_h, da: mpb.gk_pullback(q, k, lg, dq_t, dk_h, da, 0.1,
-                                                                   channels=channels))
+            tile(jnp.float32), sd((B, T, H, V), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16))
+    run = jax.jit(lambda q, k, lg, dq_t, dk_h, do, v: mpb.gk_pullback(
+        q, k, lg, dq_t, dk_h, do, v, 0.1, channels=channels))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,steep,channels", [
-    (1, 150, 2, 128, False, 64),  # padded last chunk, steps of -30, resets of -80, two blocks of K
-    (1, 100, 1, 64, True, 64),    # -5 on every step and channel
-    (1, 100, 1, 64, False, 32),   # 32 channels per CTA (the default; the op tests run it too)
+@pytest.mark.parametrize("B,T,H,K,V,steep,channels", [
+    (1, 150, 2, 128, 64, False, 64),  # padded last chunk, steps of -30, resets of -80, K blocks
+    (1, 100, 1, 64, 128, True, 64),   # -5 on every step and channel
+    (1, 100, 1, 64, 64, False, 32),   # 32 channels per CTA (the default; op tests run it too)
 ])
-def test_pullback_kernel_matches_vjp(B, T, H, K, steep, channels):
+def test_pullback_kernel_matches_vjp(B, T, H, K, V, steep, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
-    cotangents of q~, k^ and all of A (its upper triangle must be ignored), against float64
-    autodiff of the oracle and the float32 ``jax.vjp`` of ``decayed_tiles``; its chunk-local
-    suffix sums L_i = sum_{t >= i in the chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of
-    the float64 dq, dk (float32 inside the kernel: measured 3e-6)."""
+    cotangents of q~, k^ and of A as the kernel forms it, dA = dO v^T per chunk (all of it:
+    its upper triangle must be ignored), against float64 autodiff of the oracle and the float32
+    ``jax.vjp`` of ``decayed_tiles``; its chunk-local suffix sums L_i = sum_{t >= i in the
+    chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of the float64 dq, dk (float32 inside the
+    kernel: measured 3e-6)."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
     if steep:
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
     scale = K ** -0.5
-    ks = jax.random.split(jax.random.PRNGKey(T), 3)
-    cots = (normal(ks[0], q.shape), normal(ks[1], k.shape),
-            normal(ks[2], (B, H, q.shape[1], mk.CHUNK)))
-    got = mpb.gk_pullback(q, k, lg, *cots, scale, channels=channels,
+    ks = jax.random.split(jax.random.PRNGKey(T), 4)
+    do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])
+    by_chunk = lambda x: x.reshape(B, -1, mk.CHUNK, H, V)
+    with jax.enable_x64(True):  # float64: dA's bf16 products are exact
+        da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(_f64(do)), by_chunk(_f64(v)))
+        da = np.asarray(da.reshape(B, H, q.shape[1], mk.CHUNK), np.float32)
+    cots = (normal(ks[0], q.shape), normal(ks[1], k.shape), jnp.asarray(da))
+    got = mpb.gk_pullback(q, k, lg, *cots[:2], do, v, scale, channels=channels,
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)

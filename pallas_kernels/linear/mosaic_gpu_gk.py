@@ -184,12 +184,7 @@ def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
                   reverse=True, decay_axis=1, out_dtype=F32)
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
-    Tp = qp.shape[1]
-    by_chunk = lambda x: x.reshape(B, Tp // CHUNK, CHUNK, H, -1)
-    # bf16 operands, float32 accumulation: their products are exact in float32
-    da = jnp.einsum("bnihv,bnjhv->bhnij", by_chunk(dop), by_chunk(vp),
-                    preferred_element_type=F32).reshape(B, H, Tp, CHUNK)
-    dq, dk, local = gk_pullback(qp, kp, lgp, dq_t, dk_h, da, scale, interpret=interpret)
+    dq, dk, local = gk_pullback(qp, kp, lgp, dq_t, dk_h, dop, vp, scale, interpret=interpret)
     last_term = jnp.sum(dstate * swap(final_t), axis=-1) if with_state else None
     dlg = _gate_gradient(local, T, last_term, s0 is not None)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)

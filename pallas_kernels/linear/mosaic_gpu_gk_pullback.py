@@ -104,15 +104,15 @@ from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, Exponent
                                                          symmetric_level_mask)
 from pallas_kernels.mosaic_gpu_common import (load_transposed, per_row, pl, plgpu,
                                               store_split, summed_products, tiled_smem,
-                                              wgmma_zeros)
+                                              transposed, wgmma_zeros)
 
 CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
 F32 = jnp.float32
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, da_ref,
-            dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem, loaded,
-            e_loaded):
+def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, do_ref,
+            v_ref, dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem,
+            scores_loaded, loaded, e_loaded):
     nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
     C = q_smem.shape[0]
     W = q_smem.shape[1]
@@ -130,12 +130,27 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
         exponents.fetch(t + 1)
         return x
 
+    def score_cotangents(do_smem, v_smem):
+        """dA = dO v^T of this chunk (float32, exact from bf16) into ``da_smem``; q, k arrive
+        with dO and v."""
+        for src, dst in ((q_ref.at[bi, rows, hd, cols], q_smem),
+                         (k_ref.at[bi, rows, hd, cols], k_smem),
+                         (do_ref.at[bi, rows, hd], do_smem), (v_ref.at[bi, rows, hd], v_smem)):
+            plgpu.copy_gmem_to_smem(src, dst, scores_loaded)
+        plgpu.barrier_wait(scores_loaded)
+        (da,) = summed_products((wgmma_zeros((C, C)),), ([(do_smem, transposed(v_smem))],),
+                                interpret)
+        da_smem[...] = da
+        plgpu.commit_smem()
+
+    V = do_ref.shape[-1]
+    pl.run_scoped(score_cotangents, tiled_smem((C, V), q_smem.dtype),
+                  tiled_smem((C, V), q_smem.dtype))
+
     def direct_terms(lg_smem, dqt_smem, dkh_smem):
         """dq, dk from dq~, dk^ and the diagonal; returns them, x_2 and D (docstring)."""
-        for src, dst in ((q_ref, q_smem), (k_ref, k_smem), (lg_ref, lg_smem),
-                         (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
+        for src, dst in ((lg_ref, lg_smem), (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
             plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
-        plgpu.copy_gmem_to_smem(da_ref.at[bi, hd, rows], da_smem, loaded)
         plgpu.barrier_wait(loaded)
         store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
         plgpu.commit_smem()
@@ -202,16 +217,16 @@ def _operand(shape: tuple[int, int], dtype: Any, W: int) -> Any:
 
 
 def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
-                da: jax.Array, scale: float, *, channels: int | None = None,
+                do: jax.Array, v: jax.Array, scale: float, *, channels: int | None = None,
                 interpret: Any = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
-    the total log gates, dq~, dk^ [B, Tp, H, K] and dA [B, H, Tp, CHUNK] (row i of chunk n at
-    time n C + i, as the prepass's A) float32 -> (dq, dk) [B, Tp, H, K] in q's dtype, the
-    pullback of the prepass (q~, k^, A) at (dq~, dk^, dA) with the gates held fixed, and the
-    chunk-local suffix sums of q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring).
-    ``channels``: W, the key channels per CTA (32 or 64; K a multiple of it), default
-    ``CHANNELS`` (read at trace time)."""
+    the total log gates, dq~, dk^ [B, Tp, H, K] float32 and dO, v [B, Tp, H, V] bf16 -> (dq, dk)
+    [B, Tp, H, K] in q's dtype, the pullback of the prepass (q~, k^, A) at (dq~, dk^, dA =
+    dO v^T chunk by chunk) with the gates held fixed, and the chunk-local suffix sums of
+    q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring). ``channels``: W, the key
+    channels per CTA (32 or 64; K a multiple of it), default ``CHANNELS`` (read at trace
+    time)."""
     B, Tp, H, K = q.shape
     C, dtype, W = CHUNK, q.dtype, CHANNELS if channels is None else channels
     if W not in (32, 64) or K % W:
@@ -226,12 +241,13 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
             _operand((C, W), dtype, W), _operand((C, W), dtype, W),     # lg hi, lo
             _operand((C, C), dtype, W),                                 # E_t
             tiled_smem((C, C), F32),                                    # dA
-            plgpu.Barrier(num_arrivals=6),
-            plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=4),                              # q, k, dO, v
+            plgpu.Barrier(num_arrivals=3),                              # lg, dq~, dk^
+            plgpu.Barrier(num_arrivals=1),                              # E_t
         ],
         grid=(Tp // C * (K // W), H, B),
         grid_names=("blocks", "heads", "rows"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
     )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C), dtype), dq_t.astype(F32),
-      dk_h.astype(F32), da.astype(F32))
+      dk_h.astype(F32), do.astype(dtype), v.astype(dtype))
