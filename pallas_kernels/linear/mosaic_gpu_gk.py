@@ -28,7 +28,7 @@ the cotangent of that state (dS_N = the final state's cotangent):
     dq~_n = dO_n S_n^T                     walk: x = dO, y = v, z = k^, d on S^T's columns
     dk^_n = v_n dS_{n+1}^T                 reverse walk: x = v, y = dO, z = q~, d on columns
     dv_n  = A_n^T dO_n + k^_n dS_{n+1}     reverse walk: x = k^, y = q~, z = dO, A^T, d on rows
-    dA_n  = dO_n v_n^T (its upper triangle unused)         chunk-parallel, XLA
+    dA_n  = dO_n v_n^T (its upper triangle unused)         in the pullback kernel
 
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
 the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a

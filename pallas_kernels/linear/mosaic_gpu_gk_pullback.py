@@ -5,8 +5,9 @@ the gate gradient. One CTA (one warpgroup) per (chunk, head, batch row, block of
 channels).
 
 Per chunk of C = 64 rows, with b the chunk-local cumulative log gates, q, k [C, K] bf16, the
-cotangents dq~, dk^ [C, K] and dA [C, C] float32 (entries above the diagonal are ignored: A is
-zero there), and dA' = scale · dA:
+cotangents dq~, dk^ [C, K] float32 and dA = dO v^T [C, C], formed here from the chunk's dO, v
+[C, V] bf16 (one wgmma, exact in float32; entries above the diagonal are ignored: A is zero
+there), and dA' = scale · dA:
 
     dq_ic = scale · dq~_ic e^{b_ic} + dA'_ii k_ic + sum_{j < i} dA'_ij k_jc e^{b_ic - b_jc}
     dk_jc = dk^_jc e^{b_last,c - b_jc} + dA'_jj q_jc + sum_{i > j} dA'_ij q_ic e^{b_ic - b_jc}
@@ -37,8 +38,10 @@ transposed, ``load_transposed``),
 
 Half the products, half the operand tiles of the two-product form: at the anchor below the
 kernel took 4.47 ms in that form (H200 s10_call1, W = 64) and 1.77 ms in this one (H100
-s11_call1, W = 32). The first two exponent tiles of the prepass give e^{b} and e^{b_last - b};
-the diagonal is elementwise.
+s11_call1, W = 32, dA then still an input from XLA). The first two exponent tiles of the
+prepass give e^{b} and e^{b_last - b}; the diagonal is elementwise. Forming dA here saves XLA's
+batched product and the two transposes of dO and v it needs (0.33 ms in s11_call1's profile)
+and dA's float32 round trip through HBM.
 
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
@@ -68,6 +71,7 @@ this one (H100, s11_call1), so 32 is the default (64 stays selectable: ``gk_pull
 Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
 the grid so the second read of dA hits L2; at W = 32 four, and the per-channel rows halve):
 
+    dA                   1 wgmma [64, V] x [V, 64] from bf16 dO, v
     exponent tiles       8 (e^{b}, e^{b_last - b}, six levels): 2 wgmmas [64, 64] x [64, 64]
     exponentials         8 · C · W = 32 Ki (``approx_math``)
     level wgmmas         6 levels x 3 (S_h y as hi·hi + hi·lo + lo·hi), [64, 64] x [64, 64]
@@ -79,15 +83,16 @@ the grid so the second read of dA hits L2; at W = 32 four, and the per-channel r
                          + lo and stored, S_h masked from D (held in registers), split and
                          stored (2 tiles); dq, dk updated (2 selects and adds); D and the
                          diagonal once (a row sum of dA')
-    HBM per CTA          reads q, k (bf16, 16 KB), lg, dq~, dk^ (float32, 48 KB), dA (16 KB),
-                         writes dq, dk (bf16, 16 KB) and L (float32, 16 KB); 112 KB,
-                         224 KB per chunk and head at K = 128 (1.8 GB at the anchor: ~0.7 ms
-                         at 2.7 TB/s); plus 64 KB of
-                         interval matrices from L2
+    HBM per CTA          reads q, k (bf16, 16 KB), lg, dq~, dk^ (float32, 48 KB), dO, v
+                         (bf16, 32 KB at V = 128, once per chunk and head: the chunk's other
+                         CTA reads them from L2), writes dq, dk (bf16, 16 KB) and L (float32,
+                         16 KB); 224 KB per chunk and head at K = V = 128 (1.8 GB at the
+                         anchor: ~0.7 ms at 2.7 TB/s); plus 64 KB of interval matrices from L2
     SMEM                 104 KB: q, k, lg hi / lo, E_t (8 KB each) and dA (16 KB) throughout;
-                         then in turn lg, dq~, dk^ (float32, 48 KB), the level operands (S_h,
-                         y hi + lo, 32 KB) and the outputs with dG's hi + lo parts (48 KB;
-                         U goes into E_t's tile, free by then; at W = 32: 64 KB)
+                         then in turn dO, v (bf16, 32 KB at V = 128), lg, dq~, dk^ (float32,
+                         48 KB), the level operands (S_h, y hi + lo, 32 KB) and the outputs
+                         with dG's hi + lo parts (48 KB; U goes into E_t's tile, free by
+                         then; at W = 32: 72 KB)
 """
 from __future__ import annotations
 
