@@ -56,16 +56,16 @@ two-product form with XLA's q~ / k^ gave up to 1.1e-4 there). Fewer products mis
 gate-gradient bound (3e-4): without lo·hi dgk was off by 1.2e-3, without hi·lo by 8.8e-3.
 
 Channels per CTA (W = ``CHANNELS`` = 32). Everything but dA is per channel, so the channels
-split freely (each CTA forms dA). In the two-product form, dq, dk, F and three accumulators in flight took 32
-registers a thread each at W = 64, and ptxas spilled (255 registers, 1336 B of spill stores and
-1980 B of loads a thread: h200_2026-12-06_s10_call1's ptxas report); now dq, dk, F and two
-accumulators take W / 2 each and D 32 (at W = 32: 112), and at W = 32 ptxas still takes 255
-registers and spills 308 B (h100_2026-12-07_s11_call1), so the register file, not the SMEM,
-holds an SM to two CTAs. W = 32 gives twice the CTAs, each forming the chunk's dA (its bf16 operand tiles take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands
-share one). Measured at the anchor below: the op's forward+backward 8.047 ms with W = 32
-against 8.201 with W = 64 in the two-product form (H200, s10_call1), 4.467 against 4.605 in
-this one (H100, s11_call1), so 32 is the default (64 stays selectable: ``gk_pullback``'s
-``channels``).
+split freely (each CTA forms dA). In the two-product form, dq, dk, F and three accumulators in
+flight took 32 registers a thread each at W = 64, and ptxas spilled (255 registers, 1336 B of
+spill stores and 1980 B of loads a thread: h200_2026-12-06_s10_call1's ptxas report); now dq,
+dk, F and two accumulators take W / 2 each and D 32 (at W = 32: 112), and at W = 32 ptxas
+still takes 255 registers and spills 308 B (h100_2026-12-07_s11_call1), so the register file,
+not the SMEM, holds an SM to two CTAs. W = 32 gives twice the CTAs (its bf16 operand tiles
+take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share one). Measured at
+the anchor below: the op's forward+backward 8.047 ms with W = 32 against 8.201 with W = 64 in
+the two-product form (H200, s10_call1), 4.467 against 4.605 in this one (H100, s11_call1), so
+32 is the default (64 stays selectable: ``gk_pullback``'s ``channels``).
 
 Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
 the grid so the second read of dO and v hits L2; at W = 32 four, and the per-channel rows
