@@ -90,3 +90,25 @@ def test_harness_gate_passes_the_oracle_and_fails_wrong_outputs(tmp_path, varian
     assert all(r.ms is not None and r.ms > 0 for r in bench.rows)
     assert set(bench.rows[1].err) == {"o", "dq", "dk", "dv"}
     assert (tmp_path / "t.json").exists() and (tmp_path / "t.csv").exists()
+
+
+def test_json_from_log_reads_back_the_rows_bench_prints(tmp_path):
+    from experiments.json_from_log import rebuild
+
+    env = {"date_utc": "2026-12-07 05:40 UTC", "device": "cpu", "jax": jax.__version__}
+    ceilings = {"matmul_bf16_tflops": 700.0, "hbm_tbps": 2.9}
+    rows = [bc.Row("bench_linear", "gk", "attnlab mosaic_gpu_gk", "fwd+bwd", 8, 4096, 16, 128,
+                   128, status="ok", ms=4.2087, x_floor=5.43, err={"o": 3.2e-3, "dq": 3.5e-3}),
+            bc.Row("bench_linear", "none", "jla mosaic_gpu", "fwd", 1, 65536, 16, 128, 128,
+                   status="ok", ms=0.674, x_floor=1.87, err={"o": 2.3e-3}, note="a note"),
+            bc.Row("bench_linear", "g", "all", "", 1, 65536, 16, 128, 128, status="skipped",
+                   note="skipped: deadline")]
+    log = tmp_path / "run.log"
+    log.write_text(f"[bench_linear] {env}\n[bench_linear] ceilings {ceilings}\n"
+                   + "".join(f"{bc._format_row(r)} @{9 * i}s\n" for i, r in enumerate(rows)))
+    got = rebuild(str(log), 32768, 16, 128, 128)
+    assert got["env"] == env and got["ceilings"] == ceilings and got["bench"] == "bench_linear"
+    assert [(r["case"], r["impl"], r["direction"], r["B"], r["T"], r["ms"], r["x_floor"],
+             r["err"], r["note"]) for r in got["rows"]] == [
+        ("gk", "attnlab mosaic_gpu_gk", "fwd+bwd", 8, 4096, 4.209, 5.4, {"max": 3.5e-3}, ""),
+        ("none", "jla mosaic_gpu", "fwd", 1, 65536, 0.674, 1.9, {"max": 2.3e-3}, "a note")]
