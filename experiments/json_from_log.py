@@ -13,7 +13,7 @@ import json
 import re
 import sys
 
-ROW = re.compile(r"^(\S+)\s+T=(\d+)\s+(fwd\+bwd|fwd)\s+(.{28}) (\S+)\s+([\d.]+) ms "
+ROW = re.compile(r"^(\S+)\s+T=(\d+)\s+(fwd\+bwd|fwd)\s+(.{28,}?) (ok|wrong)\s+([\d.]+) ms "
                  r"\(\s*([\d.]+)x floor\) \[([\d.e+-]+)\]\s*(.*?)\s*@\d+s$")
 
 
