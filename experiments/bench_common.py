@@ -16,6 +16,7 @@ once, each output written once) over the measured HBM copy rate; the larger is t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import time
 import traceback
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and PyTorch share the GPU
 
@@ -87,16 +88,30 @@ def _schedule(one_call_s: float) -> tuple[int, int]:
 
 
 def traced_with(module: Any, name: str, value: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run with ``module.name`` set to ``value`` (restored after): for a kernel switch
-    read at trace time, since ``time_jax``'s jit traces on the first call."""
+    """``fn`` marked to run with ``module.name`` set to ``value``: for a kernel switch read at
+    trace time. The harness (``run_impl``, ``profile_kernels``) sets it with ``patched``
+    around everything it traces, the backward included: a custom_vjp's backward is traced
+    when the vjp is applied, after ``fn`` has returned, so setting it inside ``fn`` alone
+    (as this did until session 12) reached the forward only."""
     def run(*args):
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            return fn(*args)
-        finally:
-            setattr(module, name, saved)
+        return fn(*args)
+    run.patches = getattr(fn, "patches", ()) + ((module, name, value),)
     return run
+
+
+@contextlib.contextmanager
+def patched(fn: Callable[..., Any]) -> Iterator[None]:
+    """The module attributes ``traced_with`` marked ``fn`` with, set while the block runs and
+    restored after."""
+    patches = getattr(fn, "patches", ())
+    saved = [getattr(module, name) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name, _), value in zip(patches, saved):
+            setattr(module, name, value)
 
 
 def time_jax(fn: Callable[..., Any], arg_sets: Sequence[tuple], warmup: int = 3) -> float:
@@ -462,7 +477,8 @@ def run_impl(bench: Bench, problem: Problem, f: Callable[..., Any], framework: s
         row = dataclasses.replace(template, direction=direction, flops=flops[direction], bytes=nbytes[direction],
                                   err={})
         fn, chk = (fwd, check_fwd) if direction == "fwd" else (fb, check_fb)
-        bench.run(row, chk, lambda fn=fn: timer(fn, [s[:-1] if fn is fwd else s for s in full]), tol=tol)
+        with patched(f):
+            bench.run(row, chk, lambda fn=fn: timer(fn, [s[:-1] if fn is fwd else s for s in full]), tol=tol)
 
 
 def nbytes_of(arrays: Sequence[Any]) -> int:

@@ -23,6 +23,8 @@ import os
 
 import jax
 
+from experiments.bench_common import patched
+
 ITERS = 10
 
 
@@ -66,7 +68,8 @@ def main() -> None:
         return o, vjp(xs[-1].astype(o.dtype))
 
     for name, fn, xs in (("fwd", jax.jit(f), inputs[:-1]), ("fwd+bwd", jax.jit(fwd_bwd), inputs)):
-        times = kernel_times(fn, xs, os.path.join(args.out, name.replace("+", "_")))
+        with patched(f):   # a variant's kernel switches, for the backward's tracing too
+            times = kernel_times(fn, xs, os.path.join(args.out, name.replace("+", "_")))
         print(f"== {args.bench} {args.case} T={args.T} {args.impl} {name}: "
               f"{sum(times.values()):.3f} ms GPU busy per iteration")
         for kernel, ms in times.most_common(25):

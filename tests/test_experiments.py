@@ -112,3 +112,29 @@ def test_json_from_log_reads_back_the_rows_bench_prints(tmp_path):
              r["err"], r["note"]) for r in got["rows"]] == [
         ("gk", "attnlab mosaic_gpu_gk", "fwd+bwd", 8, 4096, 4.209, 5.4, {"max": 3.5e-3}, ""),
         ("none", "jla mosaic_gpu", "fwd", 1, 65536, 0.674, 1.9, {"max": 2.3e-3}, "a note")]
+
+
+def test_traced_with_reaches_a_custom_vjp_backward():
+    """A variant's switch read in a custom_vjp's backward (traced when the vjp is applied,
+    after the function returned) takes effect under ``patched``, and is restored after."""
+    from types import SimpleNamespace
+
+    switches = SimpleNamespace(FACTOR=1.0)
+
+    @jax.custom_vjp
+    def f(x):
+        return x
+
+    f.defvjp(lambda x: (x, None), lambda _, g: (g * switches.FACTOR,))
+    variant = bc.traced_with(switches, "FACTOR", 3.0, f)
+
+    def grad():   # a fresh function each time: jit caches its traces per function
+        def run(x):
+            o, vjp = jax.vjp(variant, x)
+            return vjp(jnp.ones_like(o))[0]
+        return jax.jit(run)(jnp.ones(()))
+
+    assert float(grad()) == 1.0  # outside the harness: the default backward
+    with bc.patched(variant):
+        assert float(grad()) == 3.0
+    assert switches.FACTOR == 1.0

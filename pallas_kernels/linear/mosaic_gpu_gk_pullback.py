@@ -64,10 +64,11 @@ spill stores and 1980 B of loads a thread: h200_2026-12-06_s10_call1's ptxas rep
 dk, F and two accumulators take W / 2 each and D 32 (at W = 32: 112), and at W = 32 ptxas
 still takes 255 registers and spills 308 B (h100_2026-12-07_s11_call1), so the register file,
 not the SMEM, holds an SM to two CTAs. W = 32 gives twice the CTAs (its bf16 operand tiles
-take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share one). Measured at
-the anchor below: the op's forward+backward 8.047 ms with W = 32 against 8.201 with W = 64 in
-the two-product form (H200, s10_call1), 4.467 against 4.605 in this one (H100, s11_call1), so
-32 is the default (64 stays selectable: ``gk_pullback``'s ``channels``).
+take the 64-byte swizzle: rows of 32 bf16, and a wgmma's two operands share one). W = 32 vs
+64 has not been timed: sessions 10 and 11's pairs (8.047 / 8.201 ms on the H200, 4.467 /
+4.605 on the H100) ran the same pullback twice, since the bench variant's switch did not reach
+the backward until session 12 (``bench_common.patched``); they show run-to-run spread. 64
+stays selectable (``gk_pullback``'s ``channels``; bench variant ``attnlab mosaic_gpu_gk w64``).
 
 Work per CTA, counted at W = 64 (a chunk and head with K = 128 takes two CTAs, adjacent in
 the grid so the second read of dO and v hits L2; at W = 32 four, and the per-channel rows
