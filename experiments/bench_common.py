@@ -477,8 +477,9 @@ def run_impl(bench: Bench, problem: Problem, f: Callable[..., Any], framework: s
         row = dataclasses.replace(template, direction=direction, flops=flops[direction], bytes=nbytes[direction],
                                   err={})
         fn, chk = (fwd, check_fwd) if direction == "fwd" else (fb, check_fb)
+        sets = [s[:-1] if fn is fwd else s for s in full]
         with patched(f):
-            bench.run(row, chk, lambda fn=fn: timer(fn, [s[:-1] if fn is fwd else s for s in full]), tol=tol)
+            bench.run(row, chk, lambda fn=fn, sets=sets: timer(fn, sets), tol=tol)
 
 
 def nbytes_of(arrays: Sequence[Any]) -> int:

@@ -38,10 +38,10 @@ hi + lo parts from the prepass's first two exponent tiles (``gk_decays``, a Mosa
 in h200_2026-12-06_s10_call1's profile at the anchor below, XLA's chunk-local cumsum took
 0.46 ms and the fusions that look like the exponentials and split 0.39), and the dv walk the
 forward prepass kernel's A, saved as a residual (bf16 [B, H, Tp, 64]: 128 B per step and head,
-half of q's size at K = 128; rerunning the prepass instead would cost ~0.73 ms at the anchor). The pullback used to be
-``jax.vjp`` of the prepass's float32 XLA form (now the tests' reference): on the H100 at the B=8,
-T=4096, H=16, K=V=128 anchor the kernel took the op's forward+backward from 12.85 to 8.67 ms
-(h100_2026-12-06_s9_call1, same run, jla 4.18).
+half of q's size at K = 128; rerunning the prepass instead would cost ~0.73 ms at the anchor).
+The pullback used to be ``jax.vjp`` of the prepass's float32 XLA form (now the tests'
+reference): on the H100 at the B=8, T=4096, H=16, K=V=128 anchor the kernel took the op's
+forward+backward from 12.85 to 8.67 ms (h100_2026-12-06_s9_call1, same run, jla 4.18).
 
 The gate gradient uses the cumulative-sum identity per channel, with
 G_t = sum_{u <= t} lg_u:
@@ -171,7 +171,7 @@ def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
 
 def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     """dq, dk, dv, dlg, ds0 (module docstring); ``a``: the forward's scores."""
-    B, T, H, K = q.shape
+    T = q.shape[1]
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
     (q_hi, q_lo), (k_hi, k_lo), d = gk_decays(qp, kp, lgp, scale, interpret=interpret)
