@@ -97,6 +97,14 @@ def attnlab_gk_w64_fn(gate: str):
     return bc.traced_with(mosaic_gpu_gk_pullback, "CHANNELS", 64, attnlab_gk_fn(gate))
 
 
+def attnlab_gk_bisection_fn(gate: str):
+    """The Hopper GLA kernel with every chunk through the prepass's exact bisection (no chunk
+    counts as bounded: ``mosaic_gpu_gk_prepass.BOUNDED_DECAY`` = -1, read while tracing)."""
+    from pallas_kernels.linear import mosaic_gpu_gk_prepass
+
+    return bc.traced_with(mosaic_gpu_gk_prepass, "BOUNDED_DECAY", -1.0, attnlab_gk_fn(gate))
+
+
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -130,6 +138,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
     "attnlab mosaic_gpu_gk w64": ("jax", attnlab_gk_w64_fn),
+    "attnlab mosaic_gpu_gk bisect": ("jax", attnlab_gk_bisection_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

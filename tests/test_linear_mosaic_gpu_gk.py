@@ -389,6 +389,19 @@ def test_prepass_interval_matrices_cover_each_pair_once():
             np.testing.assert_array_equal(both, (rows > j) & (rows <= i))
 
 
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_prepass_middle_anchor_matrix_gives_offsets_from_the_block_middle(block):
+    """(E_mid @ lg)[r] = b_r - b_m(r), m(r) the middle row of r's diagonal block: the factors
+    e^{x_i} e^{-x_j} of a bounded chunk multiply to e^{b_i - b_j} for i, j in one block."""
+    C = mk.CHUNK
+    lg = -np.random.default_rng(block).uniform(0, 1, (C, 3))
+    b = np.cumsum(lg, axis=0)
+    m = np.arange(C) - np.arange(C) % block + block // 2 - 1
+    e = mp.middle_anchor_matrix(block)
+    assert set(np.unique(e)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_allclose(e @ lg, b - b[m], atol=1e-12)
+
+
 @needs_interpreter
 def test_prepass_kernel_exact_with_steep_gates_on_every_channel():
     """Log gates of -5 on every step and channel (the decay across a chunk is e^{-315}, across
@@ -410,6 +423,43 @@ def test_prepass_kernel_exact_with_steep_gates_on_every_channel():
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert_close(g, w, TOL_BF16, name)
     assert not np.any(np.asarray(got[3])), "d"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block", [32, 16, 64])
+def test_prepass_kernel_bounded_chunks_take_the_middle_anchor(monkeypatch, block):
+    """Chunks whose diagonal blocks' gates sum to >= -BOUNDED_DECAY on every channel take one
+    anchor per block (the levels above the block stay), the others the bisection, in one call:
+    chunk 0 mild gates, chunk 1 a step of -40 on one channel (bisection), chunk 2 mild but one
+    channel summing to ~-29 in one block (factors up to e^{+-29}). Both match the float64
+    oracle, and the bounded chunks' A differs from the all-bisection kernel's
+    (BOUNDED_DECAY = -1: no chunk bounded) by rounding, while chunk 1's is the same bits."""
+    monkeypatch.setattr(mp, "DIAGONAL_BLOCK", block)
+    B, T, H, K = 1, 187, 2, 128
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    q, k = (normal(x, (B, T, H, K), jnp.bfloat16) for x in ks[:2])
+    lg = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)) + 4.0)
+    lg = lg.at[:, 70, :, 5].set(-40.0).at[:, 150, :, 3].set(-28.0)
+    Tp = -(-T // mk.CHUNK) * mk.CHUNK
+    q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
+    sums = np.asarray(lg).reshape(B, -1, mk.CHUNK // block, block, H, K).sum(axis=3)
+    bounded = sums.min(axis=(0, 2, 3, 4)) >= -mp.BOUNDED_DECAY
+    assert list(bounded) == [True, False, True]
+    scale = K ** -0.5
+    run = lambda: mp.gk_prepass(q, k, lg, scale,
+                                interpret=plgpu.InterpretGPUParams(detect_races=True))
+    got = run()
+    with jax.enable_x64(True):
+        b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
+    for name, g, w in zip(("q~", "k^", "A"), got, want):
+        assert_close(g, w, TOL_BF16, name)
+    monkeypatch.setattr(mp, "BOUNDED_DECAY", -1.0)
+    a_fast, a_bisection = (np.asarray(x, np.float32).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
+                           for x in (got[2], run()[2]))
+    for n, fast in enumerate(bounded):
+        same = np.array_equal(a_fast[:, :, n], a_bisection[:, :, n])
+        assert same != fast, f"chunk {n}"
 
 
 def test_accepts_declines_unsupported_calls():
