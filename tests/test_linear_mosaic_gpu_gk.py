@@ -164,6 +164,7 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
     (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, s0, 2 pieces
+    (1, 150, 2, 128, 64, False, True, False, -0.2, 16),   # mild: bounded chunks fwd and bwd
     (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (dgk 0), strong
     (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
 ])
@@ -326,21 +327,33 @@ def test_pullback_kernel_lowers_for_cuda(K, V, channels):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,steep,channels", [
-    (1, 150, 2, 128, 64, False, 64),  # padded last chunk, steps of -30, resets of -80, K blocks
-    (1, 100, 1, 64, 128, True, 64),   # -5 on every step and channel
-    (1, 100, 1, 64, 64, False, 32),   # 32 channels per CTA (the default; op tests run it too)
+@pytest.mark.parametrize("B,T,H,K,V,gates,channels", [
+    (1, 150, 2, 128, 64, "strong", 64),  # padded last chunk, steps of -30, resets of -80
+    (1, 100, 1, 64, 128, "steep", 64),   # -5 on every step and channel
+    (1, 100, 1, 64, 64, "strong", 32),   # 32 channels per CTA (the default)
+    (1, 187, 2, 128, 64, "mixed", 32),   # bounded chunks (middle anchors) and unbounded ones
 ])
-def test_pullback_kernel_matches_vjp(B, T, H, K, V, steep, channels):
+def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
     cotangents of q~, k^ and of A as the kernel forms it, dA = dO v^T per chunk (all of it:
     its upper triangle must be ignored), against float64 autodiff of the oracle and the float32
     ``jax.vjp`` of ``decayed_tiles``; its chunk-local suffix sums L_i = sum_{t >= i in the
     chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of the float64 dq, dk (float32 inside the
-    kernel: measured 3e-6)."""
+    kernel: measured 3e-6). "mixed": mild gates, so most CTAs take the middle anchors (every
+    32-row block's gates sum to >= -BOUNDED_DECAY), one block with a step of -6 on channel 5
+    (its chunk's first CTA: bisection) and one summing to ~-3.9 on channel 40 (the largest
+    anchor factors a bounded CTA sees)."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
-    if steep:
+    if gates == "steep":
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
+    elif gates == "mixed":
+        mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
+        lg = mild.at[:, 70, :, 5].set(-6.0).at[:, 150, :, 40].set(-2.7)
+        sums = np.asarray(lg).reshape(B, -1, mk.CHUNK // mp.DIAGONAL_BLOCK,
+                                      mp.DIAGONAL_BLOCK, H, K // channels, channels).sum(3)
+        bounded = sums.min(axis=(2, 5)) >= -mpb.BOUNDED_DECAY   # [B, chunk, H, CTA]
+        assert bounded.any() and not bounded.all() and not bounded[0, 1, :, 0].any()
+        assert bounded[0, 2, :, 1].all() and sums[0, 2, 0, :, 1, 8].max() < -3.5
     scale = K ** -0.5
     ks = jax.random.split(jax.random.PRNGKey(T), 4)
     do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])

@@ -132,10 +132,28 @@ def symmetric_level_mask(C: int, h: int) -> jax.Array:
     return (code >= h) & (code < 2 * h)
 
 
-def block_lower_mask(C: int, block: int) -> jax.Array:
-    """[C, C] bool in the WGMMA layout: the pairs i >= j within one diagonal block of
-    ``block`` rows (a power of two: i and j agree above bit ``block``)."""
-    return ((_iota((C, C), 0) ^ _iota((C, C), 1)) < block) & lower_triangle(C)
+def block_lower_mask(C: int, block: int, strict: bool = False, upper: bool = False
+                     ) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs i >= j (``strict``: i > j; ``upper``: the
+    mirror image, j >= i or j > i) within one diagonal block of ``block`` rows (a power of
+    two: i and j agree above bit ``block``)."""
+    i, j = _iota((C, C), 0), _iota((C, C), 1)
+    i, j = (j, i) if upper else (i, j)
+    return ((i ^ j) < block) & ((i > j) if strict else (i >= j))
+
+
+def bounded_chunk(lg: jax.Array, bound: float, b_last: jax.Array | None = None) -> jax.Array:
+    """Whether every diagonal block (DIAGONAL_BLOCK rows) of the log gates ``lg`` [C, W]
+    (WGMMA layout) sums to >= -``bound`` on every channel: a scalar bool, the same in every
+    thread. ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
+    C = lg.shape[0]
+    row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
+    if C == DIAGONAL_BLOCK:
+        sums = [jnp.sum(lg, axis=0) if b_last is None else b_last]
+    else:
+        sums = [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
+                for n in range(C // DIAGONAL_BLOCK)]
+    return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -bound
 
 
 def level_mask(C: int, h: int) -> jax.Array:
@@ -207,13 +225,7 @@ def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
-        if not flag:
-            return None
-        blocks = C // DIAGONAL_BLOCK   # each diagonal block's total log gate per channel
-        row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
-        sums = [b_last] if blocks == 1 else [
-            jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0) for n in range(blocks)]
-        return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -BOUNDED_DECAY
+        return bounded_chunk(lg, BOUNDED_DECAY, b_last) if flag else None
 
     bounded = pl.run_scoped(split_gates, tiled_smem((C, K), F32))
     return exponents, bi, rows, hd, bounded

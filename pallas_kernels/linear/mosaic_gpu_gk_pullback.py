@@ -45,6 +45,20 @@ and dA's float32 round trip through HBM: the op's forward+backward at the anchor
 dA from XLA, 4.209 with dA formed here, 4.402 with D also kept in SMEM instead of registers
 (one H100 run, h100_2026-12-07_s12_call1).
 
+Bounded chunks. Where this CTA's channels have log gates summing to >= -BOUNDED_DECAY = -4 in
+every diagonal block of the prepass's DIAGONAL_BLOCK = 32 rows (``bounded_chunk``), the levels
+below the block give way to one anchor per block, as in the prepass's bounded form: with
+x = b - b_{m(r)} (the E_mid tile) and the block's strictly lower pairs P = M_blk ⊙ D,
+
+    dq += e^{x} ⊙ (P (k ⊙ e^{-x})),      dk += e^{-x} ⊙ (P^T (q ⊙ e^{x}))
+
+(two products, hi + lo as the levels; P^T is D on the mirrored mask, D being symmetric), after
+level 32: 13 wgmmas instead of 30 for the off-diagonal pairs. The bound is tighter than the
+forward's 30 because the exponents' error, ~2^-17 (|x_i| + |x_j|), enters dq and dk relative
+to each term and dg needs them float32-close: <= 8 · 2^-17 = 6e-5 here, where the bisection's
+is ~2^-17 |b_i - b_j|. Measured in interpret mode (mild gates): the chunk-local sums L 9.5e-6
+from float64 autodiff, 8.8e-6 with the bisection.
+
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
 its float32 operands as bf16 hi + lo parts (``store_split``) and sums hi·hi + hi·lo + lo·hi
@@ -104,17 +118,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
+                                                         block_lower_mask, bounded_chunk,
                                                          diagonal_mask, interval_matrices,
                                                          load_wgmma, lower_triangle,
-                                                         second_halves, suffix_sums,
-                                                         symmetric_level_mask)
+                                                         middle_anchor_matrix, second_halves,
+                                                         suffix_sums, symmetric_level_mask)
 from pallas_kernels.mosaic_gpu_common import (load_transposed, per_row, pl, plgpu,
                                               store_split, summed_products, tiled_smem,
                                               transposed, wgmma_zeros)
 
 CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
+BOUNDED_DECAY = 4.0  # bounded chunks (module docstring): tighter than the forward's, for dg
 F32 = jnp.float32
 
 
@@ -132,10 +150,11 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
     tile = lambda: _operand((C, W), q_smem.dtype, W)
     zeros = lambda: wgmma_zeros((C, W))
 
-    def exponent(t: int) -> jax.Array:
-        """x_t alone; starts loading E_{t+1}."""
+    def exponent(t: int, fetch: int | None) -> jax.Array:
+        """x_t alone; starts loading E_``fetch``."""
         (x,) = summed_products((zeros(),), (exponents.products(t),), interpret)
-        exponents.fetch(t + 1)
+        if fetch is not None:
+            exponents.fetch(fetch)
         return x
 
     def score_cotangents(do_smem, v_smem):
@@ -156,26 +175,53 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
                   tiled_smem((C, V), q_smem.dtype))
 
     def direct_terms(lg_smem, dqt_smem, dkh_smem):
-        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2 and D (docstring)."""
+        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2, D and whether the chunk
+        is bounded for these channels (docstring)."""
         for src, dst in ((lg_ref, lg_smem), (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
             plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
         plgpu.barrier_wait(loaded)
-        store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
+        lg = load_wgmma(lg_smem)
+        store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
+        bounded = bounded_chunk(lg, BOUNDED_DECAY)
         sym = scale * jnp.where(lower_triangle(C), load_wgmma(da_smem),
                                 load_transposed(da_smem))
         diag = per_row(jnp.sum(jnp.where(diagonal_mask(C), sym, 0.0), axis=1), (C, W))
-        dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0)) + diag * load_wgmma(k_smem)
-        dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1)) + diag * load_wgmma(q_smem)
-        return dq, dk, exponent(2), sym
+        dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0, 1)) + diag * load_wgmma(k_smem)
+        dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1, 2)) + diag * load_wgmma(q_smem)
+        return dq, dk, exponent(2, None), sym, bounded
 
-    dq, dk, x, sym = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
-                                   tiled_smem((C, W), F32), tiled_smem((C, W), F32))
+    dq, dk, x, sym, bounded = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
+                                            tiled_smem((C, W), F32), tiled_smem((C, W), F32))
 
-    def levels(dq, dk, x, s_hi, s_lo, y_hi, y_lo):
-        """The six levels, each level's products issued with the next exponent tile's."""
-        for t, h in enumerate(LEVELS, start=2):
+    def pairs(plan, dq, dk, x, s_hi, s_lo, y_hi, y_lo):
+        """The off-diagonal pairs, per entry (E index, level h) of ``plan``: level h's one
+        symmetric product, or with h = None (last) the middle anchors' two (docstring); each
+        level's products issued with the next entry's exponent tile."""
+        if plan[0][0] != 2:   # direct_terms formed x_2; this plan starts elsewhere
+            exponents.fetch(plan[0][0])
+            x = exponent(plan[0][0], None)
+        if len(plan) > 1:
+            exponents.fetch(plan[1][0])
+        for n, (_, h) in enumerate(plan):
             f = jnp.exp(x)
+            following = plan[n + 1][0] if n + 1 < len(plan) else None
+            if h is None:
+                g = jnp.exp(-x)
+                for upper, y, factor, first in ((False, load_wgmma(k_smem) * g, f, True),
+                                                (True, load_wgmma(q_smem) * f, g, False)):
+                    block = block_lower_mask(C, prepass.DIAGONAL_BLOCK, strict=True,
+                                             upper=upper)
+                    store_split((y_hi, y_lo), y)
+                    store_split((s_hi, s_lo), jnp.where(block, sym, 0.0))
+                    plgpu.commit_smem()
+                    (z,) = summed_products((zeros(),), ([(s_hi, y_hi), (s_hi, y_lo),
+                                                         (s_lo, y_hi)],), interpret)
+                    if first:
+                        dq = dq + factor * z
+                    else:
+                        dk = dk + factor * z
+                continue
             second = second_halves((C, W), h)
             y = jnp.where(second, load_wgmma(q_smem), load_wgmma(k_smem)) * f
             store_split((y_hi, y_lo), y)
@@ -183,19 +229,27 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
             plgpu.commit_smem()
             inits = [zeros()]
             operands = [[(s_hi, y_hi), (s_hi, y_lo), (s_lo, y_hi)]]
-            if t + 1 < exponents.count:
+            if following is not None:
                 inits.append(zeros())
-                operands.append(exponents.products(t + 1))
+                operands.append(exponents.products(following))
             outs = summed_products(tuple(inits), tuple(operands), interpret)
-            if t + 2 < exponents.count:
-                exponents.fetch(t + 2)
+            if n + 2 < len(plan):
+                exponents.fetch(plan[n + 2][0])
             z = f * outs[0]
             dq, dk = dq + jnp.where(second, z, 0.0), dk + jnp.where(second, 0.0, z)
-            if t + 1 < exponents.count:
+            if following is not None:
                 x = outs[1]
         return dq, dk
 
-    dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x),
+    levels = [(2 + n, h) for n, h in enumerate(LEVELS)]
+    bounded_plan = ([(t, h) for t, h in levels if h >= prepass.DIAGONAL_BLOCK]
+                    + [(2 + len(LEVELS), None)])
+
+    def off_diagonal(*scratch):
+        return jax.lax.cond(bounded, lambda: pairs(bounded_plan, dq, dk, x, *scratch),
+                            lambda: pairs(levels, dq, dk, x, *scratch))
+
+    dq, dk = pl.run_scoped(off_diagonal,
                            *[_operand((C, C), q_smem.dtype, W) for _ in range(2)],
                            *[tile() for _ in range(2)])
 
@@ -240,6 +294,8 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
     if W not in (32, 64) or K % W:
         raise ValueError(f"gk_pullback: channels={W} must be 32 or 64 and divide K={K}")
     grad = jax.ShapeDtypeStruct(q.shape, dtype)
+    matrices = np.concatenate([interval_matrices(C),
+                               middle_anchor_matrix(prepass.DIAGONAL_BLOCK, C)[None]])
     return plgpu.kernel(
         functools.partial(_kernel, float(scale), interpret is not None),
         out_type=(grad, grad, jax.ShapeDtypeStruct(q.shape, F32)),
@@ -257,5 +313,5 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
         grid_names=("blocks", "heads", "rows"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C), dtype), dq_t.astype(F32),
+    )(q, k, lg.astype(F32), jnp.asarray(matrices, dtype), dq_t.astype(F32),
       dk_h.astype(F32), do.astype(dtype), v.astype(dtype))
