@@ -98,11 +98,13 @@ def attnlab_gk_w64_fn(gate: str):
 
 
 def attnlab_gk_bisection_fn(gate: str):
-    """The Hopper GLA kernel with every chunk through the prepass's exact bisection (no chunk
-    counts as bounded: ``mosaic_gpu_gk_prepass.BOUNDED_DECAY`` = -1, read while tracing)."""
-    from pallas_kernels.linear import mosaic_gpu_gk_prepass
+    """The Hopper GLA kernel with every chunk through the exact bisection, forward and
+    backward (no chunk counts as bounded: ``BOUNDED_DECAY`` = -1 in the prepass and pullback
+    modules, read while tracing): what gates too strong for the bounded form cost."""
+    from pallas_kernels.linear import mosaic_gpu_gk_prepass, mosaic_gpu_gk_pullback
 
-    return bc.traced_with(mosaic_gpu_gk_prepass, "BOUNDED_DECAY", -1.0, attnlab_gk_fn(gate))
+    fn = bc.traced_with(mosaic_gpu_gk_pullback, "BOUNDED_DECAY", -1.0, attnlab_gk_fn(gate))
+    return bc.traced_with(mosaic_gpu_gk_prepass, "BOUNDED_DECAY", -1.0, fn)
 
 
 def jla_fn(gate: str):
