@@ -135,8 +135,9 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # the prepass (its scores A are a residual; the forward walk is dead code under grad), the
-    # backward's decays kernel, its three walks and the pullback kernel
-    assert text.count("custom_call @mosaic_gpu") == 6
+    # backward's decays kernel, its three walks and the pullback kernel in its two forms (one
+    # branch each of the backward's lax.cond)
+    assert text.count("custom_call @mosaic_gpu") == 7
 
 
 @needs_interpreter
@@ -164,7 +165,7 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
     (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, s0, 2 pieces
-    (1, 150, 2, 128, 64, False, True, False, -0.2, 16),   # mild: bounded chunks fwd and bwd
+    (1, 150, 2, 128, 64, False, True, False, -0.12, 16),  # mild: bounded form fwd and bwd
     (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (dgk 0), strong
     (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
 ])
@@ -195,6 +196,29 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segmen
         assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
 
 
+@needs_interpreter
+def test_backward_takes_the_bounded_pullback_only_where_every_block_is_bounded(monkeypatch):
+    """The backward picks the pullback's form for the whole call from the forward's block
+    minima: with mild gates the bounded form (its gradients differ in rounding from the
+    bisection's, BOUNDED_DECAY = -1: never bounded), with one step of -6 on one channel the
+    bisection (the same bits)."""
+    B, T, H, K, V = 1, 100, 1, 64, 64
+    q, k, v, _, gk, _ = _inputs(3, B, T, H, K, V, False, False, gk_low=-0.12)
+    do, dstate = normal(jax.random.PRNGKey(1), (B, T, H, V)), normal(jax.random.PRNGKey(2),
+                                                                     (B, H, K, V))
+    loss = _loss(_op(plgpu.InterpretGPUParams()), do, dstate)
+    grads = lambda gk: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.grad(
+        lambda q, k, v, gk: loss(q, k, v, None, gk, None), (0, 1, 2, 3))(q, k, v, gk)])
+    for strong in (False, True):
+        gates = gk.at[:, 40, :, 3].set(-6.0) if strong else gk
+        assert (_block_minima(cc.pad_time(gates, 128)).min() >= -mpb.BOUNDED_DECAY) != strong
+        chosen = grads(gates)
+        with monkeypatch.context() as patch:
+            patch.setattr(mpb, "BOUNDED_DECAY", -1.0)
+            bisection = grads(gates)
+        assert np.array_equal(chosen, bisection) == strong, f"strong={strong}"
+
+
 def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     """q, k (``dtype``) and the chunk-local gate sums b (``cumsum``; else the log gates
     themselves), padded to whole chunks as in the op.
@@ -208,6 +232,15 @@ def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     Tp = -(-T // mk.CHUNK) * mk.CHUNK
     q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
     return q, k, xla_prepass.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
+
+
+def _block_minima(lg, block=None):
+    """Per chunk, head and channel, the least sum of lg over a diagonal block of the prepass
+    ([B, H, N, K], as its fifth output)."""
+    B, Tp, H, K = lg.shape
+    block = block or mp.DIAGONAL_BLOCK
+    sums = np.asarray(lg, np.float64).reshape(B, Tp // mk.CHUNK, mk.CHUNK // block, block, H, K)
+    return sums.sum(axis=3).min(axis=2).transpose(0, 2, 1, 3)
 
 
 def _prepass_oracle(q, k, b, scale):
@@ -278,13 +311,14 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
     ``_prepass_inputs``: bf16 q~, k^, A (the forward's operands), float32 d."""
     q, k, lg = _prepass_inputs(T, B, T, H, K, jnp.bfloat16, cumsum=False)
     scale = K ** -0.5
-    q_t, k_h, a, d = mp.gk_prepass(q, k, lg, scale,
-                                   interpret=plgpu.InterpretGPUParams(detect_races=True))
+    q_t, k_h, a, d, m = mp.gk_prepass(q, k, lg, scale,
+                                      interpret=plgpu.InterpretGPUParams(detect_races=True))
     with jax.enable_x64(True):
         b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
         want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
         last = np.asarray(b).reshape(B, -1, mk.CHUNK, H, K)[:, :, -1]
         want.append(np.exp(last.transpose(0, 2, 1, 3)))
+    np.testing.assert_allclose(m, _block_minima(lg), rtol=1e-5, atol=1e-3)
     tols = (TOL_BF16,) * 3 + (TOL_F32,)
     for name, g, w, tol in zip(("q~", "k^", "A", "d"), (q_t, k_h, a, d), want, tols):
         assert g.shape == w.shape, name
@@ -331,7 +365,8 @@ def test_pullback_kernel_lowers_for_cuda(K, V, channels):
     (1, 150, 2, 128, 64, "strong", 64),  # padded last chunk, steps of -30, resets of -80
     (1, 100, 1, 64, 128, "steep", 64),   # -5 on every step and channel
     (1, 100, 1, 64, 64, "strong", 32),   # 32 channels per CTA (the default)
-    (1, 187, 2, 128, 64, "mixed", 32),   # bounded chunks (middle anchors) and unbounded ones
+    (1, 187, 2, 128, 64, "mild", 32),    # the bounded form (middle anchors)
+    (1, 120, 1, 64, 64, "mild", 64),
 ])
 def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
@@ -339,21 +374,17 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     its upper triangle must be ignored), against float64 autodiff of the oracle and the float32
     ``jax.vjp`` of ``decayed_tiles``; its chunk-local suffix sums L_i = sum_{t >= i in the
     chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of the float64 dq, dk (float32 inside the
-    kernel: measured 3e-6). "mixed": mild gates, so most CTAs take the middle anchors (every
-    32-row block's gates sum to >= -BOUNDED_DECAY), one block with a step of -6 on channel 5
-    (its chunk's first CTA: bisection) and one summing to ~-3.9 on channel 40 (the largest
-    anchor factors a bounded CTA sees)."""
+    kernel: measured 3e-6). "mild": every 32-row block's gates sum to >= -BOUNDED_DECAY, so
+    the kernel runs in its bounded form (middle anchors), one block summing to ~-3.9 on channel
+    40 (the largest anchor factors it sees); else the bisection."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
     if gates == "steep":
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
-    elif gates == "mixed":
+    elif gates == "mild":
         mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
-        lg = mild.at[:, 70, :, 5].set(-6.0).at[:, 150, :, 40].set(-2.7)
-        sums = np.asarray(lg).reshape(B, -1, mk.CHUNK // mp.DIAGONAL_BLOCK,
-                                      mp.DIAGONAL_BLOCK, H, K // channels, channels).sum(3)
-        bounded = sums.min(axis=(2, 5)) >= -mpb.BOUNDED_DECAY   # [B, chunk, H, CTA]
-        assert bounded.any() and not bounded.all() and not bounded[0, 1, :, 0].any()
-        assert bounded[0, 2, :, 1].all() and sums[0, 2, 0, :, 1, 8].max() < -3.5
+        lg = mild.at[:, min(T, 150) - 1, :, 40].set(-2.7)
+        least = _block_minima(lg)
+        assert least.min() >= -mpb.BOUNDED_DECAY and least[..., 40].min() < -3.5
     scale = K ** -0.5
     ks = jax.random.split(jax.random.PRNGKey(T), 4)
     do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])
@@ -363,6 +394,7 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
         da = np.asarray(da.reshape(B, H, q.shape[1], mk.CHUNK), np.float32)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape), jnp.asarray(da))
     got = mpb.gk_pullback(q, k, lg, *cots[:2], do, v, scale, channels=channels,
+                          bounded=gates == "mild",
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)
@@ -467,6 +499,7 @@ def test_prepass_kernel_bounded_chunks_take_the_middle_anchor(monkeypatch, block
         want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
     for name, g, w in zip(("q~", "k^", "A"), got, want):
         assert_close(g, w, TOL_BF16, name)
+    np.testing.assert_allclose(got[4], _block_minima(lg, block), rtol=1e-5, atol=1e-3)
     monkeypatch.setattr(mp, "BOUNDED_DECAY", -1.0)
     a_fast, a_bisection = (np.asarray(x, np.float32).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
                            for x in (got[2], run()[2]))

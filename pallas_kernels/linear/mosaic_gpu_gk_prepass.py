@@ -142,18 +142,16 @@ def block_lower_mask(C: int, block: int, strict: bool = False, upper: bool = Fal
     return ((i ^ j) < block) & ((i > j) if strict else (i >= j))
 
 
-def bounded_chunk(lg: jax.Array, bound: float, b_last: jax.Array | None = None) -> jax.Array:
-    """Whether every diagonal block (DIAGONAL_BLOCK rows) of the log gates ``lg`` [C, W]
-    (WGMMA layout) sums to >= -``bound`` on every channel: a scalar bool, the same in every
-    thread. ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
+def block_minima(lg: jax.Array, b_last: jax.Array | None = None) -> jax.Array:
+    """[W] float32 (one per channel, in the layout of ``jnp.sum(lg, axis=0)``): the least sum
+    of the log gates ``lg`` [C, W] (WGMMA layout) over a diagonal block of DIAGONAL_BLOCK rows.
+    ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
     C = lg.shape[0]
-    row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
     if C == DIAGONAL_BLOCK:
-        sums = [jnp.sum(lg, axis=0) if b_last is None else b_last]
-    else:
-        sums = [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
-                for n in range(C // DIAGONAL_BLOCK)]
-    return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -bound
+        return jnp.sum(lg, axis=0) if b_last is None else b_last
+    row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
+    return functools.reduce(jnp.minimum, [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
+                                          for n in range(C // DIAGONAL_BLOCK)])
 
 
 def level_mask(C: int, h: int) -> jax.Array:
@@ -202,12 +200,13 @@ class ExponentTiles:
 
 
 def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem,
-                d_smem, loaded, e_loaded, flag: bool = False
+                d_smem, loaded, e_loaded, m_out=None, m_smem=None
                 ) -> tuple[ExponentTiles, Any, Any, Any, Any]:
     """The first steps of both kernels here: q, k and lg of this CTA's chunk into SMEM, lg split
     into bf16 hi + lo for the exponent tiles, d = e^{b_last} written out; E_0 on its way.
-    Returns the exponent tiles, the chunk's (batch row, rows, head) indices and (``flag``)
-    whether the chunk is bounded (b_last >= -BOUNDED_DECAY on every channel), else None."""
+    Returns the exponent tiles, the chunk's (batch row, rows, head) indices and, with
+    ``m_out``, whether the chunk is bounded (its ``block_minima``, written to ``m_out``, are
+    all >= -BOUNDED_DECAY), else None."""
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
     exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
@@ -222,21 +221,28 @@ def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo
         lg = load_wgmma(lg_smem)
         b_last = jnp.sum(lg, axis=0)
         d_smem[...] = jnp.exp(b_last)
+        minima = None if m_out is None else block_minima(lg, b_last)
+        if m_out is not None:
+            m_smem[...] = minima
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
-        return bounded_chunk(lg, BOUNDED_DECAY, b_last) if flag else None
+        if m_out is None:
+            return None
+        plgpu.copy_smem_to_gmem(m_smem, m_out.at[bi, hd, n])
+        return jnp.min(minima) >= -BOUNDED_DECAY
 
     bounded = pl.run_scoped(split_gates, tiled_smem((C, K), F32))
     return exponents, bi, rows, hd, bounded
 
 
 def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
-            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
+            d_out, m_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded,
+            m_smem):
     C, K = q_smem.shape
     exponents, bi, rows, hd, bounded = _load_chunk(
         q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem,
-        loaded, e_loaded, flag=True)
+        loaded, e_loaded, m_out, m_smem)
     load = load_wgmma
 
     def write_scores(a: jax.Array) -> None:
@@ -330,9 +336,9 @@ def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q
 
 
 def _launch(body, name: str, matrices: np.ndarray, out_type: tuple, q: jax.Array,
-            k: jax.Array, lg: jax.Array, interpret: Any) -> Any:
-    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk``; ``matrices``:
-    its exponent matrices E_t [tiles, C, C]."""
+            k: jax.Array, lg: jax.Array, interpret: Any, extra_scratch: tuple = ()) -> Any:
+    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk`` (then
+    ``extra_scratch``); ``matrices``: its exponent matrices E_t [tiles, C, C]."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
     return plgpu.kernel(
@@ -346,6 +352,7 @@ def _launch(body, name: str, matrices: np.ndarray, out_type: tuple, q: jax.Array
             plgpu.SMEM((K,), F32),                                      # d
             plgpu.Barrier(num_arrivals=3),
             plgpu.Barrier(num_arrivals=1),
+            *extra_scratch,
         ],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
@@ -362,14 +369,17 @@ def _decays_type(q: jax.Array) -> jax.ShapeDtypeStruct:
 def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
                interpret: Any = None):
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
-    gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
-    and A in q's dtype."""
+    gates -> (q~, k^, A [B, H, Tp, CHUNK], d, m); q~, k^ [B, Tp, H, K] and A in q's dtype;
+    d = e^{b_last} and m, per chunk and channel the least sum of lg over a diagonal block
+    (``block_minima``; the backward's test for the pullback's bounded form), both
+    [B, H, Tp / CHUNK, K] float32."""
     B, Tp, H, K = q.shape
     tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q))
+    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q),
+                _decays_type(q))
     matrices = np.concatenate([interval_matrices(), middle_anchor_matrix(DIAGONAL_BLOCK)[None]])
     return _launch(functools.partial(_kernel, float(scale)), "gla_prepass", matrices,
-                   out_type, q, k, lg, interpret)
+                   out_type, q, k, lg, interpret, (plgpu.SMEM((K,), F32),))
 
 
 def gk_decays(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
