@@ -135,9 +135,9 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # the prepass (its scores A are a residual; the forward walk is dead code under grad), the
-    # backward's decays kernel, its three walks and the pullback kernel in its two forms (one
-    # branch each of the backward's lax.cond)
-    assert text.count("custom_call @mosaic_gpu") == 7
+    # backward's decays kernel, its three walks and the pullback kernel; the prepass in its three
+    # forms and the pullback in its two (a branch each of the lax.switch / lax.cond)
+    assert text.count("custom_call @mosaic_gpu") == 3 + 1 + 3 + 2
 
 
 @needs_interpreter
@@ -196,6 +196,40 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segmen
         assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
 
 
+def _steps_in_chunks(gk, chunks, value=-40.0):
+    """gk with ``value`` at row 5 of each chunk in ``chunks`` on channel 3."""
+    for n in chunks:
+        gk = gk.at[:, n * mk.CHUNK + 5, :, 3].set(value)
+    return gk
+
+
+@pytest.mark.parametrize("chunks,form", [((), 0), ((2,), 1), ((0, 1), 1), ((0, 1, 3), 2)])
+def test_gate_bounds_pick_the_prepass_form(chunks, form):
+    """gate_bounds: "bounded" (0) where every diagonal block sums to >= -BOUNDED_DECAY,
+    "per_chunk" (1) where at least BOUNDED_SHARE of the (chunk, head) pairs do, else "exact"
+    (2); and the least block sum, against numpy."""
+    lg = _steps_in_chunks(log_gate(jax.random.PRNGKey(4), (2, 256, 2, 64), -0.5, -0.01), chunks)
+    got, least = mg.gate_bounds(lg)
+    assert int(got) == form and mp.FORMS[form] in ("bounded", "per_chunk", "exact")
+    np.testing.assert_allclose(least, _block_minima(lg).min(), rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunks", [(), (2,), (0, 1, 3)])
+def test_interpret_forward_in_each_prepass_form_matches_oracle(chunks):
+    """The op's output and final state in each prepass form (picked as in
+    ``test_gate_bounds_pick_the_prepass_form``: bounded, per chunk, exact) against the float64
+    oracle."""
+    B, T, H, K, V = 1, 250, 1, 64, 64
+    q, k, v, _, gk, _ = _inputs(6, B, T, H, K, V, False, False, gk_low=-0.5)
+    gk = _steps_in_chunks(gk, chunks)
+    o, s = _op(plgpu.InterpretGPUParams(detect_races=True))(q, k, v, None, gk, None)
+    with jax.enable_x64(True):
+        ro, rs = (np.asarray(x) for x in _reference()(*map(_f64, (q, k, v, None, gk, None))))
+    assert_close(o, ro, TOL_BF16, "o")
+    assert_close(s, rs, TOL_BF16, "final state")
+
+
 @needs_interpreter
 def test_backward_takes_the_bounded_pullback_only_where_every_block_is_bounded(monkeypatch):
     """The backward picks the pullback's form for the whole call from the forward's block
@@ -234,11 +268,11 @@ def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     return q, k, xla_prepass.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
 
 
-def _block_minima(lg, block=None):
+def _block_minima(lg):
     """Per chunk, head and channel, the least sum of lg over a diagonal block of the prepass
-    ([B, H, N, K], as its fifth output)."""
+    [B, H, N, K]."""
     B, Tp, H, K = lg.shape
-    block = block or mp.DIAGONAL_BLOCK
+    block = mp.DIAGONAL_BLOCK
     sums = np.asarray(lg, np.float64).reshape(B, Tp // mk.CHUNK, mk.CHUNK // block, block, H, K)
     return sums.sum(axis=3).min(axis=2).transpose(0, 2, 1, 3)
 
@@ -311,14 +345,13 @@ def test_prepass_kernel_matches_oracle_with_strong_gates(B, T, H, K):
     ``_prepass_inputs``: bf16 q~, k^, A (the forward's operands), float32 d."""
     q, k, lg = _prepass_inputs(T, B, T, H, K, jnp.bfloat16, cumsum=False)
     scale = K ** -0.5
-    q_t, k_h, a, d, m = mp.gk_prepass(q, k, lg, scale,
-                                      interpret=plgpu.InterpretGPUParams(detect_races=True))
+    q_t, k_h, a, d = mp.gk_prepass(q, k, lg, scale,
+                                   interpret=plgpu.InterpretGPUParams(detect_races=True))
     with jax.enable_x64(True):
         b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
         want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
         last = np.asarray(b).reshape(B, -1, mk.CHUNK, H, K)[:, :, -1]
         want.append(np.exp(last.transpose(0, 2, 1, 3)))
-    np.testing.assert_allclose(m, _block_minima(lg), rtol=1e-5, atol=1e-3)
     tols = (TOL_BF16,) * 3 + (TOL_F32,)
     for name, g, w, tol in zip(("q~", "k^", "A", "d"), (q_t, k_h, a, d), want, tols):
         assert g.shape == w.shape, name
@@ -491,18 +524,23 @@ def test_prepass_kernel_bounded_chunks_take_the_middle_anchor(monkeypatch, block
     bounded = sums.min(axis=(0, 2, 3, 4)) >= -mp.BOUNDED_DECAY
     assert list(bounded) == [True, False, True]
     scale = K ** -0.5
-    run = lambda: mp.gk_prepass(q, k, lg, scale,
-                                interpret=plgpu.InterpretGPUParams(detect_races=True))
+    run = lambda form="per_chunk": mp.gk_prepass(
+        q, k, lg, scale, form=form, interpret=plgpu.InterpretGPUParams(detect_races=True))
     got = run()
     with jax.enable_x64(True):
         b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
         want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
     for name, g, w in zip(("q~", "k^", "A"), got, want):
         assert_close(g, w, TOL_BF16, name)
-    np.testing.assert_allclose(got[4], _block_minima(lg, block), rtol=1e-5, atol=1e-3)
+    by_chunk = lambda x: np.asarray(x, np.float32).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
+    if block == 32:   # the static forms: the same bits as the per-chunk branch where it agrees
+        for form in ("bounded", "exact"):
+            a_static = by_chunk(run(form)[2])
+            for n, fast in enumerate(bounded):
+                if fast == (form == "bounded"):
+                    assert np.array_equal(a_static[:, :, n], by_chunk(got[2])[:, :, n]), form
     monkeypatch.setattr(mp, "BOUNDED_DECAY", -1.0)
-    a_fast, a_bisection = (np.asarray(x, np.float32).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
-                           for x in (got[2], run()[2]))
+    a_fast, a_bisection = by_chunk(got[2]), by_chunk(run()[2])
     for n, fast in enumerate(bounded):
         same = np.array_equal(a_fast[:, :, n], a_bisection[:, :, n])
         assert same != fast, f"chunk {n}"

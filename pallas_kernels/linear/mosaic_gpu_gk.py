@@ -99,12 +99,17 @@ from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_decays, gk_prepass
+from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
 from pallas_kernels.linear import mosaic_gpu_gk_pullback
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import (hopper_accepts, piece_starts,
                                               transposes_swizzled_tiles)
 
 F32 = jnp.float32
+# the share of bounded (chunk, head) pairs from which the per-chunk prepass beats the static
+# bisection: break-even 0.41 .. 0.61 from the anchor's forward times (s13_call3 / call4: per-chunk
+# 0.695 / 0.686 ms all bounded, 1.091 / 1.313 none; static bisection 0.930)
+BOUNDED_SHARE = 0.5
 
 
 def _num_pieces(q: jax.Array) -> int:
@@ -140,17 +145,35 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
 
 
+def gate_bounds(lg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The padded log gates lg [B, Tp, H, K] -> (the prepass's form for the call, an index
+    into ``FORMS``; the least sum of lg over a diagonal block, a float32 scalar). With s_b the
+    sum of lg over diagonal block b (DIAGONAL_BLOCK rows) on one channel: "bounded" where
+    min s_b >= -BOUNDED_DECAY everywhere, "per_chunk" where at least BOUNDED_SHARE of the
+    (chunk, head) pairs are, else "exact" (the prepass's docstring; one pass over lg in XLA)."""
+    B, Tp, H, K = lg.shape
+    block = prepass.DIAGONAL_BLOCK
+    sums = jnp.sum(lg.reshape(B, Tp // CHUNK, CHUNK // block, block, H, K), axis=3)
+    chunk_least = jnp.min(sums, axis=(2, 4))   # [B, N, H]
+    least = jnp.min(chunk_least)
+    share = jnp.mean((chunk_least >= -prepass.BOUNDED_DECAY).astype(F32))
+    form = jnp.where(least >= -prepass.BOUNDED_DECAY, 0, jnp.where(share >= BOUNDED_SHARE, 1, 2))
+    return form, least
+
+
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32,
     the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence, the least sum of lg over a
-    diagonal block of the prepass, a float32 scalar: the backward's choice of pullback)."""
+    diagonal block, a float32 scalar: the backward's choice of pullback)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    q_t, k_h, a, d, minima = gk_prepass(q, k, lg, scale, interpret=interpret)
+    form, least = gate_bounds(lg)
+    run = lambda f: functools.partial(gk_prepass, scale=scale, form=f, interpret=interpret)
+    q_t, k_h, a, d = jax.lax.switch(form, [run(f) for f in prepass.FORMS], q, k, lg)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
-    return o[:, :T], final, a, jnp.min(minima)
+    return o[:, :T], final, a, least
 
 
 def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,

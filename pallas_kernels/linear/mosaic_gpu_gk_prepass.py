@@ -31,8 +31,8 @@ finite elsewhere (every factor is <= 1), so the operands need no masks; the [C, 
 it (``level_mask``).
 
 Bounded chunks. Where every diagonal block of DIAGONAL_BLOCK = 32 rows has log gates summing
-to >= -BOUNDED_DECAY = -30 on every channel (checked per chunk and head from lg's block sums,
-before any exponent), one anchor per block replaces the levels below it: with m(r) the middle
+to >= -BOUNDED_DECAY = -30 on every channel (checked from lg's block sums before any
+exponent: see Forms below), one anchor per block replaces the levels below it: with m(r) the middle
 row of r's block and x_r = b_r - b_{m(r)} (one exponent tile, E_mid with entries -1, 0, 1),
 
     S_mid = (q ⊙ e^{x}) (k ⊙ e^{-x})^T   on the pairs i >= j of one block
@@ -43,9 +43,16 @@ Four exponent tiles (q~, k^, the anchor's, level 32's) and two score products in
 eight and seven. x_i - x_j is a
 difference of two sums (absolute error ~2^-17 · 30, ~5e-4 relative in the score), below the
 bf16 rounding of A. The same idea (a bound on sub-chunk decays deciding between a factored and
-an exact form, per chunk) is FlashKDA's and jax-linear-attention's "bounded chunks"; here it
-is checked per chunk, so any gate strength keeps the exact bisection where it needs it. The
-backward's pullback differentiates the bisection form (the same function).
+an exact form) is FlashKDA's and jax-linear-attention's "bounded chunks". The backward's
+pullback differentiates the bisection form (the same function).
+
+Forms (``form``, static): "bounded" (every chunk bounded: the caller checked), "exact" (the
+bisection everywhere) and "per_chunk" (each CTA checks its chunk from lg's block sums and
+branches, ``lax.cond``). The branch has a price: at the anchor the per-chunk kernel's forward
+took 0.695 ms with every chunk bounded where the static bounded form took 0.612, and 1.091
+with none bounded where the static bisection took 0.930 (one H100 run,
+h100_2026-12-07_s13_call3); so the op picks one static form for the whole call where it can
+(``mosaic_gpu_gk.prepass_form``).
 
 Work per chunk (K = 128), unbounded chunks, against the kernel this replaces (same math):
 
@@ -93,6 +100,7 @@ LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16,
 F32 = jnp.float32
 DIAGONAL_BLOCK = 32     # rows of the diagonal blocks a bounded chunk runs through one anchor
 BOUNDED_DECAY = 30.0    # bounded: every diagonal block's log gates sum to >= -this per channel
+FORMS = ("bounded", "per_chunk", "exact")   # module docstring
 
 
 def interval_matrices(chunk: int = CHUNK) -> np.ndarray:
@@ -142,16 +150,18 @@ def block_lower_mask(C: int, block: int, strict: bool = False, upper: bool = Fal
     return ((i ^ j) < block) & ((i > j) if strict else (i >= j))
 
 
-def block_minima(lg: jax.Array, b_last: jax.Array | None = None) -> jax.Array:
-    """[W] float32 (one per channel, in the layout of ``jnp.sum(lg, axis=0)``): the least sum
-    of the log gates ``lg`` [C, W] (WGMMA layout) over a diagonal block of DIAGONAL_BLOCK rows.
-    ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
+def bounded_chunk(lg: jax.Array, bound: float, b_last: jax.Array | None = None) -> jax.Array:
+    """Whether every diagonal block (DIAGONAL_BLOCK rows) of the log gates ``lg`` [C, W]
+    (WGMMA layout) sums to >= -``bound`` on every channel: a scalar bool, the same in every
+    thread. ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
     C = lg.shape[0]
-    if C == DIAGONAL_BLOCK:
-        return jnp.sum(lg, axis=0) if b_last is None else b_last
     row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
-    return functools.reduce(jnp.minimum, [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
-                                          for n in range(C // DIAGONAL_BLOCK)])
+    if C == DIAGONAL_BLOCK:
+        sums = [jnp.sum(lg, axis=0) if b_last is None else b_last]
+    else:
+        sums = [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
+                for n in range(C // DIAGONAL_BLOCK)]
+    return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -bound
 
 
 def level_mask(C: int, h: int) -> jax.Array:
@@ -200,13 +210,12 @@ class ExponentTiles:
 
 
 def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem,
-                d_smem, loaded, e_loaded, m_out=None, m_smem=None
+                d_smem, loaded, e_loaded, flag: bool = False
                 ) -> tuple[ExponentTiles, Any, Any, Any, Any]:
     """The first steps of both kernels here: q, k and lg of this CTA's chunk into SMEM, lg split
     into bf16 hi + lo for the exponent tiles, d = e^{b_last} written out; E_0 on its way.
-    Returns the exponent tiles, the chunk's (batch row, rows, head) indices and, with
-    ``m_out``, whether the chunk is bounded (its ``block_minima``, written to ``m_out``, are
-    all >= -BOUNDED_DECAY), else None."""
+    Returns the exponent tiles, the chunk's (batch row, rows, head) indices and (``flag``)
+    whether the chunk is bounded (b_last >= -BOUNDED_DECAY on every channel), else None."""
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
     exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
@@ -221,28 +230,21 @@ def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo
         lg = load_wgmma(lg_smem)
         b_last = jnp.sum(lg, axis=0)
         d_smem[...] = jnp.exp(b_last)
-        minima = None if m_out is None else block_minima(lg, b_last)
-        if m_out is not None:
-            m_smem[...] = minima
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
-        if m_out is None:
-            return None
-        plgpu.copy_smem_to_gmem(m_smem, m_out.at[bi, hd, n])
-        return jnp.min(minima) >= -BOUNDED_DECAY
+        return bounded_chunk(lg, BOUNDED_DECAY, b_last) if flag else None
 
     bounded = pl.run_scoped(split_gates, tiled_smem((C, K), F32))
     return exponents, bi, rows, hd, bounded
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
-            d_out, m_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded,
-            m_smem):
+def _kernel(scale: float, form: str, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
+            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
     C, K = q_smem.shape
     exponents, bi, rows, hd, bounded = _load_chunk(
         q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem,
-        loaded, e_loaded, m_out, m_smem)
+        loaded, e_loaded, flag=form == "per_chunk")
     load = load_wgmma
 
     def write_scores(a: jax.Array) -> None:
@@ -303,8 +305,12 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
     bounded_plan = [(2 + len(LEVELS), None)] + [(n, h) for n, h in levels if h >= DIAGONAL_BLOCK]
 
     def scores(x_smem, y_smem):
-        jax.lax.cond(bounded, lambda: tiles_and_scores(bounded_plan, False, x_smem, y_smem),
-                     lambda: tiles_and_scores(levels, True, x_smem, y_smem))
+        fast = lambda: tiles_and_scores(bounded_plan, False, x_smem, y_smem)
+        exact = lambda: tiles_and_scores(levels, True, x_smem, y_smem)
+        if form == "per_chunk":
+            jax.lax.cond(bounded, fast, exact)
+        else:
+            (fast if form == "bounded" else exact)()
 
     pl.run_scoped(scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
@@ -336,9 +342,9 @@ def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q
 
 
 def _launch(body, name: str, matrices: np.ndarray, out_type: tuple, q: jax.Array,
-            k: jax.Array, lg: jax.Array, interpret: Any, extra_scratch: tuple = ()) -> Any:
-    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk`` (then
-    ``extra_scratch``); ``matrices``: its exponent matrices E_t [tiles, C, C]."""
+            k: jax.Array, lg: jax.Array, interpret: Any) -> Any:
+    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk``; ``matrices``:
+    its exponent matrices E_t [tiles, C, C]."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
     return plgpu.kernel(
@@ -352,7 +358,6 @@ def _launch(body, name: str, matrices: np.ndarray, out_type: tuple, q: jax.Array
             plgpu.SMEM((K,), F32),                                      # d
             plgpu.Barrier(num_arrivals=3),
             plgpu.Barrier(num_arrivals=1),
-            *extra_scratch,
         ],
         grid=(Tp // C, H, B),
         grid_names=("chunks", "heads", "rows"),
@@ -367,19 +372,19 @@ def _decays_type(q: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
-               interpret: Any = None):
+               form: str = "per_chunk", interpret: Any = None):
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
-    gates -> (q~, k^, A [B, H, Tp, CHUNK], d, m); q~, k^ [B, Tp, H, K] and A in q's dtype;
-    d = e^{b_last} and m, per chunk and channel the least sum of lg over a diagonal block
-    (``block_minima``; the backward's test for the pullback's bounded form), both
-    [B, H, Tp / CHUNK, K] float32."""
+    gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
+    and A in q's dtype. ``form``: one of FORMS (module docstring); "bounded" only where every
+    diagonal block's gates sum to >= -BOUNDED_DECAY on every channel."""
+    if form not in FORMS:
+        raise ValueError(f"gk_prepass: form={form!r}, expected one of {FORMS}")
     B, Tp, H, K = q.shape
     tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q),
-                _decays_type(q))
+    out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q))
     matrices = np.concatenate([interval_matrices(), middle_anchor_matrix(DIAGONAL_BLOCK)[None]])
-    return _launch(functools.partial(_kernel, float(scale)), "gla_prepass", matrices,
-                   out_type, q, k, lg, interpret, (plgpu.SMEM((K,), F32),))
+    return _launch(functools.partial(_kernel, float(scale), form), "gla_prepass", matrices,
+                   out_type, q, k, lg, interpret)
 
 
 def gk_decays(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
