@@ -166,6 +166,7 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
     (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, s0, 2 pieces
     (1, 150, 2, 128, 64, False, True, False, -0.12, 16),  # mild: bounded form fwd and bwd
+    (1, 150, 2, 64, 64, False, False, False, -2.5, 16),   # blocks to ~-50: bounded too
     (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (dgk 0), strong
     (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
 ])
@@ -234,7 +235,7 @@ def test_interpret_forward_in_each_prepass_form_matches_oracle(chunks):
 def test_backward_takes_the_bounded_pullback_only_where_every_block_is_bounded(monkeypatch):
     """The backward picks the pullback's form for the whole call from the forward's block
     minima: with mild gates the bounded form (its gradients differ in rounding from the
-    bisection's, BOUNDED_DECAY = -1: never bounded), with one step of -6 on one channel the
+    bisection's, BOUNDED_DECAY = -1: never bounded), with one step of -80 on one channel the
     bisection (the same bits)."""
     B, T, H, K, V = 1, 100, 1, 64, 64
     q, k, v, _, gk, _ = _inputs(3, B, T, H, K, V, False, False, gk_low=-0.12)
@@ -244,7 +245,7 @@ def test_backward_takes_the_bounded_pullback_only_where_every_block_is_bounded(m
     grads = lambda gk: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.grad(
         lambda q, k, v, gk: loss(q, k, v, None, gk, None), (0, 1, 2, 3))(q, k, v, gk)])
     for strong in (False, True):
-        gates = gk.at[:, 40, :, 3].set(-6.0) if strong else gk
+        gates = gk.at[:, 40, :, 3].set(-80.0) if strong else gk
         assert (_block_minima(cc.pad_time(gates, 128)).min() >= -mpb.BOUNDED_DECAY) != strong
         chosen = grads(gates)
         with monkeypatch.context() as patch:
@@ -400,6 +401,7 @@ def test_pullback_kernel_lowers_for_cuda(K, V, channels):
     (1, 100, 1, 64, 64, "strong", 32),   # 32 channels per CTA (the default)
     (1, 187, 2, 128, 64, "mild", 32),    # the bounded form (middle anchors)
     (1, 120, 1, 64, 64, "mild", 64),
+    (1, 187, 2, 128, 64, "sigmoid", 32),  # log_sigmoid(N(0, 1)): ~-0.8 a step, bounded
 ])
 def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
@@ -407,17 +409,21 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     its upper triangle must be ignored), against float64 autodiff of the oracle and the float32
     ``jax.vjp`` of ``decayed_tiles``; its chunk-local suffix sums L_i = sum_{t >= i in the
     chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of the float64 dq, dk (float32 inside the
-    kernel: measured 3e-6). "mild": every 32-row block's gates sum to >= -BOUNDED_DECAY, so
-    the kernel runs in its bounded form (middle anchors), one block summing to ~-3.9 on channel
-    40 (the largest anchor factors it sees); else the bisection."""
+    kernel: measured 3e-6). "mild" and "sigmoid": every 32-row block's gates sum to
+    >= -BOUNDED_DECAY, so the kernel runs in its bounded form (middle anchors): mild gates with
+    one block summing to ~-56 on channel 40 (anchor factors up to e^{+-56}), or gates of
+    log_sigmoid(N(0, 1)) on every channel (blocks down to ~-36); else the bisection."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
     if gates == "steep":
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
+    elif gates == "sigmoid":
+        lg = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape))
+        assert -mpb.BOUNDED_DECAY <= _block_minima(lg).min() < -30.0
     elif gates == "mild":
         mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
-        lg = mild.at[:, min(T, 150) - 1, :, 40].set(-2.7)
+        lg = mild.at[:, min(T, 150) - 1, :, 40].set(-55.0)
         least = _block_minima(lg)
-        assert least.min() >= -mpb.BOUNDED_DECAY and least[..., 40].min() < -3.5
+        assert least.min() >= -mpb.BOUNDED_DECAY and least[..., 40].min() < -55.0
     scale = K ** -0.5
     ks = jax.random.split(jax.random.PRNGKey(T), 4)
     do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])
@@ -427,7 +433,7 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
         da = np.asarray(da.reshape(B, H, q.shape[1], mk.CHUNK), np.float32)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape), jnp.asarray(da))
     got = mpb.gk_pullback(q, k, lg, *cots[:2], do, v, scale, channels=channels,
-                          bounded=gates == "mild",
+                          bounded=gates in ("mild", "sigmoid"),
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)

@@ -33,8 +33,8 @@ the cotangent of that state (dS_N = the final state's cotangent):
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
 the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a
 chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_pullback``, the same bisection levels as the
-prepass, hi + lo operands; its docstring counts the work), in its bounded form where the
-forward's prepass found every 32-row block's gates summing to >= -4 on every channel (one
+prepass, hi + lo operands; its docstring counts the work), in its bounded form where every
+32-row block's gates sum to >= -60 on every channel (``gate_bounds``, in the forward; one
 choice for the call, by ``lax.cond`` in XLA). The walks take q~ and k^ as bf16
 hi + lo parts from the prepass's first two exponent tiles (``gk_decays``, a Mosaic GPU kernel:
 in h200_2026-12-06_s10_call1's profile at the anchor below, XLA's chunk-local cumsum took
