@@ -135,9 +135,9 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # the prepass (its scores A are a residual; the forward walk is dead code under grad), the
-    # backward's decays kernel, its three walks and the pullback kernel; the prepass in its three
-    # forms and the pullback in its two (a branch each of the lax.switch / lax.cond)
-    assert text.count("custom_call @mosaic_gpu") == 3 + 1 + 3 + 2
+    # backward's decays kernel, its three walks and the pullback kernel; the prepass and the
+    # pullback in each of their three forms (a branch each of a lax.switch)
+    assert text.count("custom_call @mosaic_gpu") == 3 + 1 + 3 + 3
 
 
 @needs_interpreter
@@ -232,26 +232,26 @@ def test_interpret_forward_in_each_prepass_form_matches_oracle(chunks):
 
 
 @needs_interpreter
-def test_backward_takes_the_bounded_pullback_only_where_every_block_is_bounded(monkeypatch):
-    """The backward picks the pullback's form for the whole call from the forward's block
-    minima: with mild gates the bounded form (its gradients differ in rounding from the
-    bisection's, BOUNDED_DECAY = -1: never bounded), with one step of -80 on one channel the
-    bisection (the same bits)."""
-    B, T, H, K, V = 1, 100, 1, 64, 64
-    q, k, v, _, gk, _ = _inputs(3, B, T, H, K, V, False, False, gk_low=-0.12)
-    do, dstate = normal(jax.random.PRNGKey(1), (B, T, H, V)), normal(jax.random.PRNGKey(2),
-                                                                     (B, H, K, V))
-    loss = _loss(_op(plgpu.InterpretGPUParams()), do, dstate)
-    grads = lambda gk: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.grad(
-        lambda q, k, v, gk: loss(q, k, v, None, gk, None), (0, 1, 2, 3))(q, k, v, gk)])
-    for strong in (False, True):
-        gates = gk.at[:, 40, :, 3].set(-80.0) if strong else gk
-        assert (_block_minima(cc.pad_time(gates, 128)).min() >= -mpb.BOUNDED_DECAY) != strong
-        chosen = grads(gates)
-        with monkeypatch.context() as patch:
-            patch.setattr(mpb, "BOUNDED_DECAY", -1.0)
-            bisection = grads(gates)
-        assert np.array_equal(chosen, bisection) == strong, f"strong={strong}"
+@pytest.mark.parametrize("chunks,form", [((), 0), ((2,), 1), ((2,), 2)])
+def test_interpret_gradients_in_each_form_match_oracle(chunks, form, monkeypatch):
+    """Gradients of every input with the prepass and pullback kernels in one form (forced
+    here; ``test_gate_bounds_pick_the_prepass_form`` checks the choice): bounded on mild gates,
+    per chunk and exact with a step of -80 in chunk 2, against the float64 oracle."""
+    B, T, H, K, V = 1, 250, 1, 64, 64
+    q, k, v, _, gk, s0 = _inputs(8, B, T, H, K, V, False, True, gk_low=-0.5)
+    gk = _steps_in_chunks(gk, chunks)
+    monkeypatch.setattr(mg, "gate_bounds", lambda lg: (jnp.int32(form), jnp.float32(0.0)))
+    kd, ks = jax.random.split(jax.random.PRNGKey(form), 2)
+    do = normal(kd, (B, T, H, V), jnp.bfloat16).astype(jnp.float32)
+    dstate = normal(ks, (B, H, K, V))
+    inputs, argnums = (q, k, v, None, gk, s0), (0, 1, 2, 4, 5)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(*inputs)
+    with jax.enable_x64(True):
+        want = jax.grad(_loss(_reference(), _f64(do), _f64(dstate)), argnums)(
+            *map(_f64, inputs))
+    for i, a, b in zip(argnums, got, want):
+        name = NAMES[i]
+        assert_close(a, np.asarray(b), GATE_GRAD_TOL if name == "gk" else TOL_BF16, f"d{name}")
 
 
 def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
@@ -402,6 +402,7 @@ def test_pullback_kernel_lowers_for_cuda(K, V, channels):
     (1, 187, 2, 128, 64, "mild", 32),    # the bounded form (middle anchors)
     (1, 120, 1, 64, 64, "mild", 64),
     (1, 187, 2, 128, 64, "sigmoid", 32),  # log_sigmoid(N(0, 1)): ~-0.8 a step, bounded
+    (1, 187, 2, 128, 64, "mixed", 32),   # per chunk: the CTAs of one chunk's channels 0..31 not
 ])
 def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
@@ -412,10 +413,15 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     kernel: measured 3e-6). "mild" and "sigmoid": every 32-row block's gates sum to
     >= -BOUNDED_DECAY, so the kernel runs in its bounded form (middle anchors): mild gates with
     one block summing to ~-56 on channel 40 (anchor factors up to e^{+-56}), or gates of
-    log_sigmoid(N(0, 1)) on every channel (blocks down to ~-36); else the bisection."""
+    log_sigmoid(N(0, 1)) on every channel (blocks down to ~-36); "mixed": mild with a step of
+    -80 on channel 5 of chunk 1, per chunk (that CTA the bisection, the others bounded); else
+    the bisection."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
     if gates == "steep":
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
+    elif gates == "mixed":
+        mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
+        lg = mild.at[:, 70, :, 5].set(-80.0)
     elif gates == "sigmoid":
         lg = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape))
         assert -mpb.BOUNDED_DECAY <= _block_minima(lg).min() < -30.0
@@ -433,7 +439,8 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
         da = np.asarray(da.reshape(B, H, q.shape[1], mk.CHUNK), np.float32)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape), jnp.asarray(da))
     got = mpb.gk_pullback(q, k, lg, *cots[:2], do, v, scale, channels=channels,
-                          bounded=gates in ("mild", "sigmoid"),
+                          form={"mild": "bounded", "sigmoid": "bounded",
+                                "mixed": "per_chunk"}.get(gates, "exact"),
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)

@@ -33,9 +33,8 @@ the cotangent of that state (dS_N = the final state's cotangent):
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
 the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a
 chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_pullback``, the same bisection levels as the
-prepass, hi + lo operands; its docstring counts the work), in its bounded form where every
-32-row block's gates sum to >= -60 on every channel (``gate_bounds``, in the forward; one
-choice for the call, by ``lax.cond`` in XLA). The walks take q~ and k^ as bf16
+prepass, hi + lo operands; its docstring counts the work), in the prepass's form for the call
+(``gate_bounds``). The walks take q~ and k^ as bf16
 hi + lo parts from the prepass's first two exponent tiles (``gk_decays``, a Mosaic GPU kernel:
 in h200_2026-12-06_s10_call1's profile at the anchor below, XLA's chunk-local cumsum took
 0.46 ms and the fusions that look like the exponentials and split 0.39), and the dv walk the
@@ -65,8 +64,8 @@ in float32 outside the kernel); so these two walks get the rounded operand as hi
 state (accumulated from hi + lo k^), not the forward's. Then dg and dgk match the oracle to
 3e-5..1.6e-4 in the tests (the most with strong gates and resets; dq, dk, dv ~2e-3, the bf16
 rounding of the outputs). Saved between forward
-and backward: q, k, v, lg, the initial state, the forward's scores A (bf16) and the least
-block sum of lg (a scalar); fla 0.6.0's
+and backward: q, k, v, lg, the initial state, the forward's scores A (bf16) and its form (a
+scalar); fla 0.6.0's
 chunk_gla saves q, k, v, its gates and, in float32, their chunk-local cumulative sums [B, T, H,
 K] and A [B, T, H, 64] (``ctx.save_for_backward``): more than here.
 
@@ -100,7 +99,6 @@ from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_decays, gk_prepass
 from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
-from pallas_kernels.linear import mosaic_gpu_gk_pullback
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import (hopper_accepts, piece_starts,
                                               transposes_swizzled_tiles)
@@ -163,17 +161,17 @@ def gate_bounds(lg: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32,
-    the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence, the least sum of lg over a
-    diagonal block, a float32 scalar: the backward's choice of pullback)."""
+    the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence, the form of the prepass and
+    pullback kernels for this call: an int32 index into FORMS, ``gate_bounds``)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    form, least = gate_bounds(lg)
+    form, _ = gate_bounds(lg)
     run = lambda f: functools.partial(gk_prepass, scale=scale, form=f, interpret=interpret)
     q_t, k_h, a, d = jax.lax.switch(form, [run(f) for f in prepass.FORMS], q, k, lg)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
-    return o[:, :T], final, a, least
+    return o[:, :T], final, a, form
 
 
 def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
@@ -197,9 +195,9 @@ def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
     return jnp.where(first, 0.0, dlg)
 
 
-def _backward(q, k, v, lg, s0, a, least, do, dstate, scale: float, interpret: Any):
-    """dq, dk, dv, dlg, ds0 (module docstring); ``a``, ``least``: the forward's scores and
-    least diagonal-block sum of lg, which picks the pullback's form for the whole call."""
+def _backward(q, k, v, lg, s0, a, form, do, dstate, scale: float, interpret: Any):
+    """dq, dk, dv, dlg, ds0 (module docstring); ``a``, ``form``: the forward's scores and
+    its kernels' form, the pullback's too."""
     T = q.shape[1]
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
@@ -213,10 +211,9 @@ def _backward(q, k, v, lg, s0, a, least, do, dstate, scale: float, interpret: An
     dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
                   reverse=True, decay_axis=1, out_dtype=F32)
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
-    pullback = lambda bounded: functools.partial(gk_pullback, scale=scale, bounded=bounded,
-                                                 interpret=interpret)
-    dq, dk, local = jax.lax.cond(least >= -mosaic_gpu_gk_pullback.BOUNDED_DECAY, pullback(True), pullback(False),
-                                 qp, kp, lgp, dq_t, dk_h, dop, vp)
+    pullback = lambda f: functools.partial(gk_pullback, scale=scale, form=f, interpret=interpret)
+    dq, dk, local = jax.lax.switch(form, [pullback(f) for f in prepass.FORMS],
+                                   qp, kp, lgp, dq_t, dk_h, dop, vp)
     last_term = jnp.sum(dstate * swap(final_t), axis=-1) if with_state else None
     dlg = _gate_gradient(local, T, last_term, s0 is not None)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
@@ -230,17 +227,17 @@ def _recurrence(q, k, v, lg, s0, scale, interpret):
 
 def _recurrence_fwd(q, k, v, lg, s0, scale, interpret):
     q, k, v, lg, s0 = jax.tree.map(lambda p: p.value, (q, k, v, lg, s0))  # symbolic_zeros
-    o, state, a, least = _forward(q, k, v, lg, s0, scale, interpret)
-    return (o, state), (q, k, v, lg, s0, a, least)
+    o, state, a, form = _forward(q, k, v, lg, s0, scale, interpret)
+    return (o, state), (q, k, v, lg, s0, a, form)
 
 
 def _recurrence_bwd(scale, interpret, residuals, cotangents):
     """The Mosaic GPU backward (``_backward``); a final-state cotangent that is a symbolic zero
     costs nothing."""
-    q, k, v, lg, s0, a, least = residuals
+    q, k, v, lg, s0, a, form = residuals
     do, dstate = cotangents
     do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
-    return _backward(q, k, v, lg, s0, a, least, do.astype(q.dtype), dstate, scale, interpret)
+    return _backward(q, k, v, lg, s0, a, form, do.astype(q.dtype), dstate, scale, interpret)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)

@@ -91,7 +91,7 @@ other's compute.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,16 @@ def bounded_chunk(lg: jax.Array, bound: float, b_last: jax.Array | None = None) 
     return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -bound
 
 
+def in_form(form: str, bounded: Any, fast: Callable[[], Any], exact: Callable[[], Any]) -> Any:
+    """``fast()`` (the bounded form) or ``exact()`` (the bisection) as the static ``form`` says
+    (one of FORMS); "per_chunk": ``lax.cond`` on this CTA's ``bounded``."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}, expected one of {FORMS}")
+    if form == "per_chunk":
+        return jax.lax.cond(bounded, fast, exact)
+    return (fast if form == "bounded" else exact)()
+
+
 def level_mask(C: int, h: int) -> jax.Array:
     """[C, C] bool in the WGMMA layout: the pairs (i, j) of level h with i > j (i in the second
     half, j in the first half of one 2h block)."""
@@ -244,8 +254,8 @@ def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo
     return exponents, bi, rows, hd, bounded
 
 
-def _kernel(scale: float, form: str, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
-            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
+def _kernel(scale: float, form: str, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out,
+            kh_out, a_out, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
     C, K = q_smem.shape
     exponents, bi, rows, hd, bounded = _load_chunk(
         q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem,
@@ -310,12 +320,8 @@ def _kernel(scale: float, form: str, interpret: bool, q_ref, k_ref, lg_ref, e_re
     bounded_plan = [(2 + len(LEVELS), None)] + [(n, h) for n, h in levels if h >= DIAGONAL_BLOCK]
 
     def scores(x_smem, y_smem):
-        fast = lambda: tiles_and_scores(bounded_plan, False, x_smem, y_smem)
-        exact = lambda: tiles_and_scores(levels, True, x_smem, y_smem)
-        if form == "per_chunk":
-            jax.lax.cond(bounded, fast, exact)
-        else:
-            (fast if form == "bounded" else exact)()
+        in_form(form, bounded, lambda: tiles_and_scores(bounded_plan, False, x_smem, y_smem),
+                lambda: tiles_and_scores(levels, True, x_smem, y_smem))
 
     pl.run_scoped(scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
@@ -382,8 +388,6 @@ def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
     gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
     and A in q's dtype. ``form``: one of FORMS (module docstring); "bounded" only where every
     diagonal block's gates sum to >= -BOUNDED_DECAY on every channel."""
-    if form not in FORMS:
-        raise ValueError(f"gk_prepass: form={form!r}, expected one of {FORMS}")
     B, Tp, H, K = q.shape
     tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
     out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q))

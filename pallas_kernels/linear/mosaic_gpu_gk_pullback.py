@@ -45,10 +45,10 @@ and dA's float32 round trip through HBM: the op's forward+backward at the anchor
 dA from XLA, 4.209 with dA formed here, 4.402 with D also kept in SMEM instead of registers
 (one H100 run, h100_2026-12-07_s12_call1).
 
-Bounded form (``bounded=True``: the caller has checked that the log gates sum to
->= -BOUNDED_DECAY = -60 in every diagonal block of the prepass's DIAGONAL_BLOCK = 32 rows, on
-every channel of every chunk: ``mosaic_gpu_gk.gate_bounds``), the levels below the block give
-way to one anchor per block, as in the prepass's bounded form: with
+Bounded form (where the log gates sum to >= -BOUNDED_DECAY = -60 in every diagonal block of the
+prepass's DIAGONAL_BLOCK = 32 rows: on every channel of every chunk with ``form="bounded"``,
+checked per CTA with "per_chunk"; the prepass's forms), the levels below the block give way to
+one anchor per block, as in the prepass's bounded form: with
 x = b - b_{m(r)} (the E_mid tile) and the block's strictly lower pairs P = M_blk ⊙ D,
 
     dq += e^{x} ⊙ (P (k ⊙ e^{-x})),      dk += e^{-x} ⊙ (P^T (q ⊙ e^{x}))
@@ -63,11 +63,11 @@ autodiff with gates of log_sigmoid(N(0, 1)) on every channel (blocks to -36), 1.
 bisection; 9.8e-6 / 8.1e-6 with blocks to -59 (log_sigmoid(N(0, 1) - 1)); 9.1e-6 / 9.0e-6 for
 mild gates with one block at -56; and the op's dgk 4.9e-5 from the float64 oracle
 with gates uniform in [-2.5, 0] (blocks to ~-50), 4.6e-5 with the bisection. (Session 12's
-bound was 4, from the worst case alone.) The choice is one for the whole call, made
-in XLA (``lax.cond`` on the forward's minima): a branch inside the kernel, per chunk, cost
-more than the bounded form saved where chunks took the bisection (one H100 run at the anchor,
-forward+backward: bounded everywhere 3.58 ms as one static form, 3.93 with the per-chunk
-branch; bisection everywhere 4.54 static, 5.54 with the branch; h100_2026-12-07_s13_call3).
+bound was 4, from the worst case alone.) The form is the forward prepass's, one for the whole
+call (``mosaic_gpu_gk.gate_bounds``): a branch inside the kernel costs time where it is not
+needed (one H100 run at the anchor, forward+backward: bounded everywhere 3.58 ms as one static
+form, 3.93 with the per-chunk branch; bisection everywhere 4.54 static, 5.54 with the branch;
+h100_2026-12-07_s13_call3).
 
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
@@ -132,8 +132,9 @@ import numpy as np
 
 from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
-                                                         block_lower_mask,
-                                                         diagonal_mask, interval_matrices,
+                                                         block_lower_mask, bounded_chunk,
+                                                         diagonal_mask, in_form,
+                                                         interval_matrices,
                                                          load_wgmma, lower_triangle,
                                                          middle_anchor_matrix, second_halves,
                                                          suffix_sums, symmetric_level_mask)
@@ -146,9 +147,9 @@ BOUNDED_DECAY = prepass.BOUNDED_DECAY  # bounded form (module docstring); read a
 F32 = jnp.float32
 
 
-def _kernel(scale: float, interpret: bool, bounded: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, do_ref,
-            v_ref, dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem,
-            scores_loaded, loaded, e_loaded):
+def _kernel(scale: float, interpret: bool, form: str, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
+            dkh_ref, do_ref, v_ref, dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo,
+            e_smem, da_smem, scores_loaded, loaded, e_loaded):
     nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
     C = q_smem.shape[0]
     W = q_smem.shape[1]
@@ -185,21 +186,23 @@ def _kernel(scale: float, interpret: bool, bounded: bool, q_ref, k_ref, lg_ref, 
                   tiled_smem((C, V), q_smem.dtype))
 
     def direct_terms(lg_smem, dqt_smem, dkh_smem):
-        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2 and D."""
+        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2, D and (form "per_chunk")
+        whether this CTA's chunk and channels are bounded, else None."""
         for src, dst in ((lg_ref, lg_smem), (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
             plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
         plgpu.barrier_wait(loaded)
         lg = load_wgmma(lg_smem)
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
+        bounded = bounded_chunk(lg, BOUNDED_DECAY) if form == "per_chunk" else None
         sym = scale * jnp.where(lower_triangle(C), load_wgmma(da_smem),
                                 load_transposed(da_smem))
         diag = per_row(jnp.sum(jnp.where(diagonal_mask(C), sym, 0.0), axis=1), (C, W))
         dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0, 1)) + diag * load_wgmma(k_smem)
         dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1, 2)) + diag * load_wgmma(q_smem)
-        return dq, dk, exponent(2, None), sym
+        return dq, dk, exponent(2, None), sym, bounded
 
-    dq, dk, x, sym = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
+    dq, dk, x, sym, bounded = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
                                             tiled_smem((C, W), F32), tiled_smem((C, W), F32))
 
     def pairs(plan, dq, dk, x, s_hi, s_lo, y_hi, y_lo):
@@ -254,7 +257,8 @@ def _kernel(scale: float, interpret: bool, bounded: bool, q_ref, k_ref, lg_ref, 
                     + [(2 + len(LEVELS), None)])
 
     def off_diagonal(*scratch):
-        return pairs(bounded_plan if bounded else levels, dq, dk, x, *scratch)
+        return in_form(form, bounded, lambda: pairs(bounded_plan, dq, dk, x, *scratch),
+                       lambda: pairs(levels, dq, dk, x, *scratch))
 
     dq, dk = pl.run_scoped(off_diagonal,
                            *[_operand((C, C), q_smem.dtype, W) for _ in range(2)],
@@ -286,18 +290,18 @@ def _operand(shape: tuple[int, int], dtype: Any, W: int) -> Any:
 
 
 def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
-                do: jax.Array, v: jax.Array, scale: float, *, bounded: bool = False,
+                do: jax.Array, v: jax.Array, scale: float, *, form: str = "exact",
                 channels: int | None = None, interpret: Any = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
     the total log gates, dq~, dk^ [B, Tp, H, K] float32 and dO, v [B, Tp, H, V] bf16 -> (dq, dk)
     [B, Tp, H, K] in q's dtype, the pullback of the prepass (q~, k^, A) at (dq~, dk^, dA =
     dO v^T chunk by chunk) with the gates held fixed, and the chunk-local suffix sums of
-    q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring). ``bounded``: the bounded form
-    (only where every diagonal block's gates sum to >= -BOUNDED_DECAY on every channel;
-    module docstring), else the exact bisection. ``channels``: W, the key
-    channels per CTA (32 or 64; K a multiple of it), default ``CHANNELS`` (read at trace
-    time)."""
+    q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring). ``form``: one of the prepass's
+    FORMS: "bounded" (only where every diagonal block's gates sum to >= -BOUNDED_DECAY on
+    every channel), "per_chunk" (each CTA checks its chunk and channels and branches) or
+    "exact" (the bisection). ``channels``: W, the key channels per CTA (32 or 64; K a multiple
+    of it), default ``CHANNELS`` (read at trace time)."""
     B, Tp, H, K = q.shape
     C, dtype, W = CHUNK, q.dtype, CHANNELS if channels is None else channels
     if W not in (32, 64) or K % W:
@@ -306,7 +310,7 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
     matrices = np.concatenate([interval_matrices(C),
                                middle_anchor_matrix(prepass.DIAGONAL_BLOCK, C)[None]])
     return plgpu.kernel(
-        functools.partial(_kernel, float(scale), interpret is not None, bool(bounded)),
+        functools.partial(_kernel, float(scale), interpret is not None, form),
         out_type=(grad, grad, jax.ShapeDtypeStruct(q.shape, F32)),
         kernel_name="gla_pullback",
         scratch_types=[
