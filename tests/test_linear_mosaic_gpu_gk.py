@@ -208,11 +208,13 @@ def _steps_in_chunks(gk, chunks, value=-80.0):
 def test_gate_bounds_pick_the_prepass_form(chunks, form):
     """gate_bounds: "bounded" (0) where every diagonal block sums to >= -BOUNDED_DECAY,
     "per_chunk" (1) where at least BOUNDED_SHARE of the (chunk, head) pairs do, else "exact"
-    (2); and the least block sum, against numpy."""
+    (2), with the block sums of numpy."""
     lg = _steps_in_chunks(log_gate(jax.random.PRNGKey(4), (2, 256, 2, 64), -0.5, -0.01), chunks)
-    got, least = mg.gate_bounds(lg)
-    assert int(got) == form and mp.FORMS[form] in ("bounded", "per_chunk", "exact")
-    np.testing.assert_allclose(least, _block_minima(lg).min(), rtol=1e-5)
+    least = _block_minima(lg).min(axis=-1)   # [B, H, N]
+    share = np.mean(least >= -mp.BOUNDED_DECAY)
+    assert (least.min() >= -mp.BOUNDED_DECAY) == (form == 0)
+    assert (share >= mg.BOUNDED_SHARE) == (form < 2)
+    assert int(mg.gate_bounds(lg)) == form
 
 
 @needs_interpreter
@@ -240,7 +242,7 @@ def test_interpret_gradients_in_each_form_match_oracle(chunks, form, monkeypatch
     B, T, H, K, V = 1, 250, 1, 64, 64
     q, k, v, _, gk, s0 = _inputs(8, B, T, H, K, V, False, True, gk_low=-0.5)
     gk = _steps_in_chunks(gk, chunks)
-    monkeypatch.setattr(mg, "gate_bounds", lambda lg: (jnp.int32(form), jnp.float32(0.0)))
+    monkeypatch.setattr(mg, "gate_bounds", lambda lg: jnp.int32(form))
     kd, ks = jax.random.split(jax.random.PRNGKey(form), 2)
     do = normal(kd, (B, T, H, V), jnp.bfloat16).astype(jnp.float32)
     dstate = normal(ks, (B, H, K, V))

@@ -10,6 +10,10 @@ head) makes, from the raw log gates lg, q~ = scale q e^{b}, k^ = k e^{b_last - b
 intra-chunk scores A in bf16 and the state decays d = e^{b_last} in float32 (b, the chunk-local
 cumulative sums of lg, never leave the kernel: every exponent is an interval sum of lg on the
 tensor cores); one walk gives o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
+The prepass (and the backward's pullback) runs in one of three forms for the whole call
+(``gate_bounds``, one XLA pass over lg): with one anchor per 32-row block where every block's
+gates sum to >= -60 ("bounded"), by the bisection ("exact"), or checking per chunk
+("per_chunk"); the prepass's docstring has the forms and their measured costs.
 
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
@@ -143,20 +147,19 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
 
 
-def gate_bounds(lg: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The padded log gates lg [B, Tp, H, K] -> (the prepass's form for the call, an index
-    into ``FORMS``; the least sum of lg over a diagonal block, a float32 scalar). With s_b the
-    sum of lg over diagonal block b (DIAGONAL_BLOCK rows) on one channel: "bounded" where
-    min s_b >= -BOUNDED_DECAY everywhere, "per_chunk" where at least BOUNDED_SHARE of the
-    (chunk, head) pairs are, else "exact" (the prepass's docstring; one pass over lg in XLA)."""
+def gate_bounds(lg: jax.Array) -> jax.Array:
+    """The padded log gates lg [B, Tp, H, K] -> the kernels' form for the call, an int32 index
+    into the prepass's ``FORMS``. With s_b the sum of lg over diagonal block b (DIAGONAL_BLOCK
+    rows) on one channel: "bounded" where min s_b >= -BOUNDED_DECAY everywhere, "per_chunk"
+    where at least BOUNDED_SHARE of the (chunk, head) pairs are, else "exact" (one pass over lg
+    in XLA)."""
     B, Tp, H, K = lg.shape
     block = prepass.DIAGONAL_BLOCK
     sums = jnp.sum(lg.reshape(B, Tp // CHUNK, CHUNK // block, block, H, K), axis=3)
     chunk_least = jnp.min(sums, axis=(2, 4))   # [B, N, H]
     least = jnp.min(chunk_least)
     share = jnp.mean((chunk_least >= -prepass.BOUNDED_DECAY).astype(F32))
-    form = jnp.where(least >= -prepass.BOUNDED_DECAY, 0, jnp.where(share >= BOUNDED_SHARE, 1, 2))
-    return form, least
+    return jnp.where(least >= -prepass.BOUNDED_DECAY, 0, jnp.where(share >= BOUNDED_SHARE, 1, 2))
 
 
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
@@ -165,7 +168,7 @@ def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     pullback kernels for this call: an int32 index into FORMS, ``gate_bounds``)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    form, _ = gate_bounds(lg)
+    form = gate_bounds(lg)
     run = lambda f: functools.partial(gk_prepass, scale=scale, form=f, interpret=interpret)
     q_t, k_h, a, d = jax.lax.switch(form, [run(f) for f in prepass.FORMS], q, k, lg)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
