@@ -98,14 +98,14 @@ def attnlab_gk_w64_fn(gate: str):
     return bc.traced_with(mosaic_gpu_gk_pullback, "CHANNELS", 64, attnlab_gk_fn(gate))
 
 
-def attnlab_gk_bisection_fn(gate: str):
-    """The Hopper GLA kernel with every chunk through the exact bisection, forward and
-    backward (no chunk counts as bounded: ``BOUNDED_DECAY`` = -1 in the prepass and pullback
-    modules, read while tracing): what gates too strong for the bounded form cost."""
-    from pallas_kernels.linear import mosaic_gpu_gk_prepass, mosaic_gpu_gk_pullback
-
-    fn = bc.traced_with(mosaic_gpu_gk_pullback, "BOUNDED_DECAY", -1.0, attnlab_gk_fn(gate))
-    return bc.traced_with(mosaic_gpu_gk_prepass, "BOUNDED_DECAY", -1.0, fn)
+def attnlab_gk_form_fn(form: str):
+    """The Hopper GLA kernels in one form for every call (``mosaic_gpu_gk.FIXED_FORM``, read
+    while tracing: "per_chunk", a branch per chunk and no choice in XLA, or "exact", the
+    bisection alone) instead of the form ``gate_bounds`` picks per call."""
+    def build(gate: str):
+        from pallas_kernels.linear import mosaic_gpu_gk
+        return bc.traced_with(mosaic_gpu_gk, "FIXED_FORM", form, attnlab_gk_fn(gate))
+    return build
 
 
 def jla_fn(gate: str):
@@ -141,7 +141,8 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
     "attnlab mosaic_gpu_gk w64": ("jax", attnlab_gk_w64_fn),
-    "attnlab mosaic_gpu_gk bisect": ("jax", attnlab_gk_bisection_fn),
+    "attnlab mosaic_gpu_gk per_chunk": ("jax", attnlab_gk_form_fn("per_chunk")),
+    "attnlab mosaic_gpu_gk exact": ("jax", attnlab_gk_form_fn("exact")),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

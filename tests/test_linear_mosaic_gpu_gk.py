@@ -140,6 +140,26 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     assert text.count("custom_call @mosaic_gpu") == 3 + 1 + 3 + 3
 
 
+@needs_transposed_tiles
+@pytest.mark.parametrize("fixed", ["per_chunk", "exact", "bounded"])
+def test_fixed_form_lowers_without_a_choice_in_xla(fixed, monkeypatch):
+    """FIXED_FORM = "per_chunk" or "exact" (valid for any gates) runs that form of both kernels
+    with no conditional in XLA; "bounded", valid only for bounded gates, is refused."""
+    monkeypatch.setattr(mg, "FIXED_FORM", fixed)
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 200, 2, 64), jnp.bfloat16),) * 3 + (None, sd((1, 200, 2, 64), jnp.float32),
+                                                        None)
+    do, dstate = jnp.ones((1, 200, 2, 64)), jnp.ones((1, 2, 64, 64))
+    grads = jax.jit(jax.grad(_loss(_op(), do, dstate), argnums=(0, 1, 2, 4)))
+    if fixed == "bounded":
+        with pytest.raises(ValueError, match="FIXED_FORM"):
+            grads.trace(*args)
+        return
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1 + 1 + 3 + 1
+    assert "stablehlo.case" not in text
+
+
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
     (2, 150, 2, 128, 128, False, False, False, -1.0, 16),  # two warpgroups, padded last chunk

@@ -112,6 +112,9 @@ F32 = jnp.float32
 # bisection: break-even 0.41 .. 0.61 from the anchor's forward times (s13_call3 / call4: per-chunk
 # 0.695 / 0.686 ms all bounded, 1.091 / 1.313 none; static bisection 0.930)
 BOUNDED_SHARE = 0.5
+# None: each call's form from ``gate_bounds``; "per_chunk" or "exact" (both valid for any
+# gates): that form always, with no choice in XLA (read at trace time; the benchmark's variants)
+FIXED_FORM: str | None = None
 
 
 def _num_pieces(q: jax.Array) -> int:
@@ -162,15 +165,28 @@ def gate_bounds(lg: jax.Array) -> jax.Array:
     return jnp.where(least >= -prepass.BOUNDED_DECAY, 0, jnp.where(share >= BOUNDED_SHARE, 1, 2))
 
 
+def _fixed_form() -> int:
+    if FIXED_FORM not in ("per_chunk", "exact"):
+        raise ValueError(f"FIXED_FORM={FIXED_FORM!r}: None, 'per_chunk' or 'exact'")
+    return prepass.FORMS.index(FIXED_FORM)
+
+
+def _in_form(form: jax.Array, kernels: list, *args) -> Any:
+    """``kernels[form](*args)``: by ``lax.switch`` on the call's form, or the FIXED_FORM one."""
+    if FIXED_FORM is None:
+        return jax.lax.switch(form, kernels, *args)
+    return kernels[_fixed_form()](*args)
+
+
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32,
     the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence, the form of the prepass and
     pullback kernels for this call: an int32 index into FORMS, ``gate_bounds``)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    form = gate_bounds(lg)
+    form = gate_bounds(lg) if FIXED_FORM is None else jnp.int32(_fixed_form())
     run = lambda f: functools.partial(gk_prepass, scale=scale, form=f, interpret=interpret)
-    q_t, k_h, a, d = jax.lax.switch(form, [run(f) for f in prepass.FORMS], q, k, lg)
+    q_t, k_h, a, d = _in_form(form, [run(f) for f in prepass.FORMS], q, k, lg)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
@@ -215,8 +231,8 @@ def _backward(q, k, v, lg, s0, a, form, do, dstate, scale: float, interpret: Any
                   reverse=True, decay_axis=1, out_dtype=F32)
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
     pullback = lambda f: functools.partial(gk_pullback, scale=scale, form=f, interpret=interpret)
-    dq, dk, local = jax.lax.switch(form, [pullback(f) for f in prepass.FORMS],
-                                   qp, kp, lgp, dq_t, dk_h, dop, vp)
+    dq, dk, local = _in_form(form, [pullback(f) for f in prepass.FORMS],
+                             qp, kp, lgp, dq_t, dk_h, dop, vp)
     last_term = jnp.sum(dstate * swap(final_t), axis=-1) if with_state else None
     dlg = _gate_gradient(local, T, last_term, s0 is not None)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
