@@ -27,6 +27,7 @@ from experiments.references import gated_linear_reference
 
 H, K, V, CHUNK = 16, 128, 128, 64
 GATES = ("none", "g", "gk")
+GATE_SHIFT = 4.0   # log gates log_sigmoid(N(0, 1) + GATE_SHIFT) (--gate-shift; 0: strong)
 JLA_KIND = {"none": "simple_gla", "g": "simple_gla", "gk": "gla"}
 
 
@@ -37,9 +38,9 @@ def make_inputs(gate: str, B: int, T: int):
         q, k, v, do = (jax.random.normal(ks[i], (b, t, H, d), jnp.bfloat16) for i, d in enumerate((K, K, V, V)))
         gates = ()
         if gate == "g":
-            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, H)) + 4.0),)
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, H)) + GATE_SHIFT),)
         elif gate == "gk":
-            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, H, K)) + 4.0),)
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, H, K)) + GATE_SHIFT),)
         return (q, k, v, *gates, do)
     return make
 
@@ -97,6 +98,16 @@ def attnlab_gk_w64_fn(gate: str):
     return bc.traced_with(mosaic_gpu_gk_pullback, "CHANNELS", 64, attnlab_gk_fn(gate))
 
 
+def attnlab_gk_form_fn(form: str):
+    """The Hopper GLA kernels in one form for every call (``mosaic_gpu_gk.FIXED_FORM``, read
+    while tracing: "per_chunk", a branch per chunk and no choice in XLA, or "exact", the
+    bisection alone) instead of the form ``gate_bounds`` picks per call."""
+    def build(gate: str):
+        from pallas_kernels.linear import mosaic_gpu_gk
+        return bc.traced_with(mosaic_gpu_gk, "FIXED_FORM", form, attnlab_gk_fn(gate))
+    return build
+
+
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -130,6 +141,8 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu 1wg": ("jax", attnlab_one_warpgroup_fn),
     "attnlab mosaic_gpu_gk": ("jax", attnlab_gk_fn),
     "attnlab mosaic_gpu_gk w64": ("jax", attnlab_gk_w64_fn),
+    "attnlab mosaic_gpu_gk per_chunk": ("jax", attnlab_gk_form_fn("per_chunk")),
+    "attnlab mosaic_gpu_gk exact": ("jax", attnlab_gk_form_fn("exact")),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }
@@ -148,7 +161,10 @@ def main() -> None:
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 1024, 16384, 65536])
     ap.add_argument("--gates", nargs="+", default=list(GATES), choices=GATES)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--gate-shift", type=float, default=GATE_SHIFT,
+                    help="gates log_sigmoid(N(0, 1) + shift): 4 mild (~-0.02 a step), 0 strong")
     args = ap.parse_args()
+    globals()["GATE_SHIFT"] = args.gate_shift
 
     def problem_for(gate: str, B: int, T: int) -> bc.Problem:
         names = ("q", "k", "v") + (() if gate == "none" else (gate,))

@@ -135,8 +135,29 @@ def test_op_and_gradients_lower_for_cuda(K, V, with_g, with_s0, segments):
     grads = jax.jit(jax.grad(_loss(_op(segment_ids=seg), do, dstate), argnums=argnums))
     text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # the prepass (its scores A are a residual; the forward walk is dead code under grad), the
-    # backward's decays kernel, its three walks and the pullback kernel
-    assert text.count("custom_call @mosaic_gpu") == 6
+    # backward's decays kernel, its three walks and the pullback kernel; the prepass and the
+    # pullback in each of their three forms (a branch each of a lax.switch)
+    assert text.count("custom_call @mosaic_gpu") == 3 + 1 + 3 + 3
+
+
+@needs_transposed_tiles
+@pytest.mark.parametrize("fixed", ["per_chunk", "exact", "bounded"])
+def test_fixed_form_lowers_without_a_choice_in_xla(fixed, monkeypatch):
+    """FIXED_FORM = "per_chunk" or "exact" (valid for any gates) runs that form of both kernels
+    with no conditional in XLA; "bounded", valid only for bounded gates, is refused."""
+    monkeypatch.setattr(mg, "FIXED_FORM", fixed)
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 200, 2, 64), jnp.bfloat16),) * 3 + (None, sd((1, 200, 2, 64), jnp.float32),
+                                                        None)
+    do, dstate = jnp.ones((1, 200, 2, 64)), jnp.ones((1, 2, 64, 64))
+    grads = jax.jit(jax.grad(_loss(_op(), do, dstate), argnums=(0, 1, 2, 4)))
+    if fixed == "bounded":
+        with pytest.raises(ValueError, match="FIXED_FORM"):
+            grads.trace(*args)
+        return
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1 + 1 + 3 + 1
+    assert "stablehlo.case" not in text
 
 
 @needs_interpreter
@@ -164,6 +185,8 @@ def test_interpret_matches_oracle(B, T, H, K, V, with_g, with_s0, segments, gk_l
 @needs_interpreter
 @pytest.mark.parametrize("B,T,H,K,V,with_g,with_s0,segments,gk_low,min_piece", [
     (1, 150, 2, 64, 128, True, True, False, -1.0, 1),     # g and gk, s0, 2 pieces
+    (1, 150, 2, 128, 64, False, True, False, -0.12, 16),  # mild: bounded form fwd and bwd
+    (1, 150, 2, 64, 64, False, False, False, -2.5, 16),   # blocks to ~-50: bounded too
     (1, 130, 1, 128, 64, False, False, True, -20.0, 16),  # segments (dgk 0), strong
     (1, 1, 1, 64, 64, False, False, False, -1.0, 16),     # T = 1 (dgk is exactly 0)
 ])
@@ -194,6 +217,65 @@ def test_interpret_gradients_match_oracle(B, T, H, K, V, with_g, with_s0, segmen
         assert_close(a, b, GATE_GRAD_TOL if name in ("g", "gk") else TOL_BF16, f"d{name}")
 
 
+def _steps_in_chunks(gk, chunks, value=-80.0):
+    """gk with ``value`` at row 5 of each chunk in ``chunks`` on channel 3."""
+    for n in chunks:
+        gk = gk.at[:, n * mk.CHUNK + 5, :, 3].set(value)
+    return gk
+
+
+@pytest.mark.parametrize("chunks,form", [((), 0), ((2,), 1), ((0, 1), 1), ((0, 1, 3), 2)])
+def test_gate_bounds_pick_the_prepass_form(chunks, form):
+    """gate_bounds: "bounded" (0) where every diagonal block sums to >= -BOUNDED_DECAY,
+    "per_chunk" (1) where at least BOUNDED_SHARE of the (chunk, head) pairs do, else "exact"
+    (2), with the block sums of numpy."""
+    lg = _steps_in_chunks(log_gate(jax.random.PRNGKey(4), (2, 256, 2, 64), -0.5, -0.01), chunks)
+    least = _block_minima(lg).min(axis=-1)   # [B, H, N]
+    share = np.mean(least >= -mp.BOUNDED_DECAY)
+    assert (least.min() >= -mp.BOUNDED_DECAY) == (form == 0)
+    assert (share >= mg.BOUNDED_SHARE) == (form < 2)
+    assert int(mg.gate_bounds(lg)) == form
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunks", [(), (2,), (0, 1, 3)])
+def test_interpret_forward_in_each_prepass_form_matches_oracle(chunks):
+    """The op's output and final state in each prepass form (picked as in
+    ``test_gate_bounds_pick_the_prepass_form``: bounded, per chunk, exact) against the float64
+    oracle."""
+    B, T, H, K, V = 1, 250, 1, 64, 64
+    q, k, v, _, gk, _ = _inputs(6, B, T, H, K, V, False, False, gk_low=-0.5)
+    gk = _steps_in_chunks(gk, chunks)
+    o, s = _op(plgpu.InterpretGPUParams(detect_races=True))(q, k, v, None, gk, None)
+    with jax.enable_x64(True):
+        ro, rs = (np.asarray(x) for x in _reference()(*map(_f64, (q, k, v, None, gk, None))))
+    assert_close(o, ro, TOL_BF16, "o")
+    assert_close(s, rs, TOL_BF16, "final state")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunks,form", [((), 0), ((2,), 1), ((2,), 2)])
+def test_interpret_gradients_in_each_form_match_oracle(chunks, form, monkeypatch):
+    """Gradients of every input with the prepass and pullback kernels in one form (forced
+    here; ``test_gate_bounds_pick_the_prepass_form`` checks the choice): bounded on mild gates,
+    per chunk and exact with a step of -80 in chunk 2, against the float64 oracle."""
+    B, T, H, K, V = 1, 250, 1, 64, 64
+    q, k, v, _, gk, s0 = _inputs(8, B, T, H, K, V, False, True, gk_low=-0.5)
+    gk = _steps_in_chunks(gk, chunks)
+    monkeypatch.setattr(mg, "gate_bounds", lambda lg: jnp.int32(form))
+    kd, ks = jax.random.split(jax.random.PRNGKey(form), 2)
+    do = normal(kd, (B, T, H, V), jnp.bfloat16).astype(jnp.float32)
+    dstate = normal(ks, (B, H, K, V))
+    inputs, argnums = (q, k, v, None, gk, s0), (0, 1, 2, 4, 5)
+    got = jax.grad(_loss(_op(plgpu.InterpretGPUParams()), do, dstate), argnums)(*inputs)
+    with jax.enable_x64(True):
+        want = jax.grad(_loss(_reference(), _f64(do), _f64(dstate)), argnums)(
+            *map(_f64, inputs))
+    for i, a, b in zip(argnums, got, want):
+        name = NAMES[i]
+        assert_close(a, np.asarray(b), GATE_GRAD_TOL if name == "gk" else TOL_BF16, f"d{name}")
+
+
 def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     """q, k (``dtype``) and the chunk-local gate sums b (``cumsum``; else the log gates
     themselves), padded to whole chunks as in the op.
@@ -207,6 +289,15 @@ def _prepass_inputs(seed, B, T, H, K, dtype, cumsum=True):
     Tp = -(-T // mk.CHUNK) * mk.CHUNK
     q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
     return q, k, xla_prepass.chunk_log_gates(lg, mk.CHUNK) if cumsum else lg
+
+
+def _block_minima(lg):
+    """Per chunk, head and channel, the least sum of lg over a diagonal block of the prepass
+    [B, H, N, K]."""
+    B, Tp, H, K = lg.shape
+    block = mp.DIAGONAL_BLOCK
+    sums = np.asarray(lg, np.float64).reshape(B, Tp // mk.CHUNK, mk.CHUNK // block, block, H, K)
+    return sums.sum(axis=3).min(axis=2).transpose(0, 2, 1, 3)
 
 
 def _prepass_oracle(q, k, b, scale):
@@ -326,21 +417,41 @@ def test_pullback_kernel_lowers_for_cuda(K, V, channels):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("B,T,H,K,V,steep,channels", [
-    (1, 150, 2, 128, 64, False, 64),  # padded last chunk, steps of -30, resets of -80, K blocks
-    (1, 100, 1, 64, 128, True, 64),   # -5 on every step and channel
-    (1, 100, 1, 64, 64, False, 32),   # 32 channels per CTA (the default; op tests run it too)
+@pytest.mark.parametrize("B,T,H,K,V,gates,channels", [
+    (1, 150, 2, 128, 64, "strong", 64),  # padded last chunk, steps of -30, resets of -80
+    (1, 100, 1, 64, 128, "steep", 64),   # -5 on every step and channel
+    (1, 100, 1, 64, 64, "strong", 32),   # 32 channels per CTA (the default)
+    (1, 187, 2, 128, 64, "mild", 32),    # the bounded form (middle anchors)
+    (1, 120, 1, 64, 64, "mild", 64),
+    (1, 187, 2, 128, 64, "sigmoid", 32),  # log_sigmoid(N(0, 1)): ~-0.8 a step, bounded
+    (1, 187, 2, 128, 64, "mixed", 32),   # per chunk: the CTAs of one chunk's channels 0..31 not
 ])
-def test_pullback_kernel_matches_vjp(B, T, H, K, V, steep, channels):
+def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
     """dq, dk of the Mosaic GPU pullback (race detection on) from the raw log gates at random
     cotangents of q~, k^ and of A as the kernel forms it, dA = dO v^T per chunk (all of it:
     its upper triangle must be ignored), against float64 autodiff of the oracle and the float32
     ``jax.vjp`` of ``decayed_tiles``; its chunk-local suffix sums L_i = sum_{t >= i in the
     chunk} (q ⊙ dq - k ⊙ dk)_t against the same sums of the float64 dq, dk (float32 inside the
-    kernel: measured 3e-6)."""
+    kernel: measured 3e-6). "mild" and "sigmoid": every 32-row block's gates sum to
+    >= -BOUNDED_DECAY, so the kernel runs in its bounded form (middle anchors): mild gates with
+    one block summing to ~-56 on channel 40 (anchor factors up to e^{+-56}), or gates of
+    log_sigmoid(N(0, 1)) on every channel (blocks down to ~-36); "mixed": mild with a step of
+    -80 on channel 5 of chunk 1, per chunk (that CTA the bisection, the others bounded); else
+    the bisection."""
     q, k, lg = _prepass_inputs(T + 3, B, T, H, K, jnp.bfloat16, cumsum=False)
-    if steep:
+    if gates == "steep":
         lg = jnp.full(lg.shape, -5.0, jnp.float32)
+    elif gates == "mixed":
+        mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
+        lg = mild.at[:, 70, :, 5].set(-80.0)
+    elif gates == "sigmoid":
+        lg = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape))
+        assert -mpb.BOUNDED_DECAY <= _block_minima(lg).min() < -30.0
+    elif gates == "mild":
+        mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
+        lg = mild.at[:, min(T, 150) - 1, :, 40].set(-55.0)
+        least = _block_minima(lg)
+        assert least.min() >= -mpb.BOUNDED_DECAY and least[..., 40].min() < -55.0
     scale = K ** -0.5
     ks = jax.random.split(jax.random.PRNGKey(T), 4)
     do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])
@@ -350,6 +461,8 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, steep, channels):
         da = np.asarray(da.reshape(B, H, q.shape[1], mk.CHUNK), np.float32)
     cots = (normal(ks[0], q.shape), normal(ks[1], k.shape), jnp.asarray(da))
     got = mpb.gk_pullback(q, k, lg, *cots[:2], do, v, scale, channels=channels,
+                          form={"mild": "bounded", "sigmoid": "bounded",
+                                "mixed": "per_chunk"}.get(gates, "exact"),
                           interpret=plgpu.InterpretGPUParams(detect_races=True))
     b = xla_prepass.chunk_log_gates(lg, mk.CHUNK)
     f32 = lambda x: x.astype(jnp.float32)
@@ -389,6 +502,19 @@ def test_prepass_interval_matrices_cover_each_pair_once():
             np.testing.assert_array_equal(both, (rows > j) & (rows <= i))
 
 
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_prepass_middle_anchor_matrix_gives_offsets_from_the_block_middle(block):
+    """(E_mid @ lg)[r] = b_r - b_m(r), m(r) the middle row of r's diagonal block: the factors
+    e^{x_i} e^{-x_j} of a bounded chunk multiply to e^{b_i - b_j} for i, j in one block."""
+    C = mk.CHUNK
+    lg = -np.random.default_rng(block).uniform(0, 1, (C, 3))
+    b = np.cumsum(lg, axis=0)
+    m = np.arange(C) - np.arange(C) % block + block // 2 - 1
+    e = mp.middle_anchor_matrix(block)
+    assert set(np.unique(e)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_allclose(e @ lg, b - b[m], atol=1e-12)
+
+
 @needs_interpreter
 def test_prepass_kernel_exact_with_steep_gates_on_every_channel():
     """Log gates of -5 on every step and channel (the decay across a chunk is e^{-315}, across
@@ -410,6 +536,51 @@ def test_prepass_kernel_exact_with_steep_gates_on_every_channel():
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert_close(g, w, TOL_BF16, name)
     assert not np.any(np.asarray(got[3])), "d"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block", [32, 16, 64])
+def test_prepass_kernel_bounded_chunks_take_the_middle_anchor(monkeypatch, block):
+    """Chunks whose diagonal blocks' gates sum to >= -BOUNDED_DECAY on every channel take one
+    anchor per block (the levels above the block stay), the others the bisection, in one call:
+    chunk 0 mild gates, chunk 1 a step of -80 on one channel (bisection), chunk 2 mild but one
+    channel summing to ~-57 in one block (factors up to e^{+-57}). Both match the float64
+    oracle (chunk 2's A to 5e-3, the bf16 rounding's order), and the bounded chunks' A differs
+    from the all-bisection kernel's
+    (BOUNDED_DECAY = -1: no chunk bounded) by rounding, while chunk 1's is the same bits."""
+    monkeypatch.setattr(mp, "DIAGONAL_BLOCK", block)
+    B, T, H, K = 1, 187, 2, 128
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    q, k = (normal(x, (B, T, H, K), jnp.bfloat16) for x in ks[:2])
+    lg = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)) + 4.0)
+    lg = lg.at[:, 70, :, 5].set(-80.0).at[:, 150, :, 3].set(-56.0)
+    Tp = -(-T // mk.CHUNK) * mk.CHUNK
+    q, k, lg = (cc.pad_time(x, Tp) for x in (q, k, lg))
+    sums = np.asarray(lg).reshape(B, -1, mk.CHUNK // block, block, H, K).sum(axis=3)
+    bounded = sums.min(axis=(0, 2, 3, 4)) >= -mp.BOUNDED_DECAY
+    assert list(bounded) == [True, False, True]
+    scale = K ** -0.5
+    run = lambda form="per_chunk": mp.gk_prepass(
+        q, k, lg, scale, form=form, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    got = run()
+    with jax.enable_x64(True):
+        b = cc.chunk_cumsum(_f64(lg), mk.CHUNK, axis=1)
+        want = [np.asarray(x) for x in _prepass_oracle(_f64(q), _f64(k), b, scale)]
+    for name, g, w in zip(("q~", "k^", "A"), got, want):
+        assert_close(g, w, TOL_BF16, name)
+    by_chunk = lambda x: np.asarray(x, np.float32).reshape(B, H, -1, mk.CHUNK, mk.CHUNK)
+    assert_close(by_chunk(got[2])[:, :, 2], by_chunk(want[2])[:, :, 2], 5e-3, "A of chunk 2")
+    if block == 32:   # the static forms: the same bits as the per-chunk branch where it agrees
+        for form in ("bounded", "exact"):
+            a_static = by_chunk(run(form)[2])
+            for n, fast in enumerate(bounded):
+                if fast == (form == "bounded"):
+                    assert np.array_equal(a_static[:, :, n], by_chunk(got[2])[:, :, n]), form
+    monkeypatch.setattr(mp, "BOUNDED_DECAY", -1.0)
+    a_fast, a_bisection = by_chunk(got[2]), by_chunk(run()[2])
+    for n, fast in enumerate(bounded):
+        same = np.array_equal(a_fast[:, :, n], a_bisection[:, :, n])
+        assert same != fast, f"chunk {n}"
 
 
 def test_accepts_declines_unsupported_calls():

@@ -10,6 +10,10 @@ head) makes, from the raw log gates lg, q~ = scale q e^{b}, k^ = k e^{b_last - b
 intra-chunk scores A in bf16 and the state decays d = e^{b_last} in float32 (b, the chunk-local
 cumulative sums of lg, never leave the kernel: every exponent is an interval sum of lg on the
 tensor cores); one walk gives o_n = q~_n S_n + A_n v_n and S_{n+1} = d_n ⊙_rows S_n + k^_n^T v_n.
+The prepass (and the backward's pullback) runs in one of three forms for the whole call
+(``gate_bounds``, one XLA pass over lg): with one anchor per 32-row block where every block's
+gates sum to >= -60 ("bounded"), by the bisection ("exact"), or checking per chunk
+("per_chunk"); the prepass's docstring has the forms and their measured costs.
 
 Why a prepass (design option 1) rather than the gating fused into the walk (option 2): the
 numerically safe intra-chunk scores need an anchor per bisection level (log2(C) = 6 more
@@ -33,7 +37,8 @@ the cotangent of that state (dS_N = the final state's cotangent):
 and the initial state's cotangent is the dv walk's final state dS_0. dq and dk then come from
 the pullback of the prepass at the cotangents (dq~, dk^, dA), with the gates held fixed: a
 chunk-parallel Mosaic GPU kernel (``mosaic_gpu_gk_pullback``, the same bisection levels as the
-prepass, hi + lo operands; its docstring counts the work). The walks take q~ and k^ as bf16
+prepass, hi + lo operands; its docstring counts the work), in the prepass's form for the call
+(``gate_bounds``). The walks take q~ and k^ as bf16
 hi + lo parts from the prepass's first two exponent tiles (``gk_decays``, a Mosaic GPU kernel:
 in h200_2026-12-06_s10_call1's profile at the anchor below, XLA's chunk-local cumsum took
 0.46 ms and the fusions that look like the exponentials and split 0.39), and the dv walk the
@@ -63,7 +68,8 @@ in float32 outside the kernel); so these two walks get the rounded operand as hi
 state (accumulated from hi + lo k^), not the forward's. Then dg and dgk match the oracle to
 3e-5..1.6e-4 in the tests (the most with strong gates and resets; dq, dk, dv ~2e-3, the bf16
 rounding of the outputs). Saved between forward
-and backward: q, k, v, lg, the initial state and the forward's scores A (bf16); fla 0.6.0's
+and backward: q, k, v, lg, the initial state, the forward's scores A (bf16) and its form (a
+scalar); fla 0.6.0's
 chunk_gla saves q, k, v, its gates and, in float32, their chunk-local cumulative sums [B, T, H,
 K] and A [B, T, H, 64] (``ctx.save_for_backward``): more than here.
 
@@ -96,11 +102,19 @@ from pallas_kernels import common
 from pallas_kernels.linear.mosaic_gpu import RESET_LOG_GATE, pieces_for
 from pallas_kernels.linear.mosaic_gpu_gk_kernel import CHUNK, HEAD_DIMS, gk_walk
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import gk_decays, gk_prepass
+from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
 from pallas_kernels.linear.mosaic_gpu_gk_pullback import gk_pullback
 from pallas_kernels.mosaic_gpu_common import (hopper_accepts, piece_starts,
                                               transposes_swizzled_tiles)
 
 F32 = jnp.float32
+# the share of bounded (chunk, head) pairs from which the per-chunk prepass beats the static
+# bisection: break-even 0.41 .. 0.61 from the anchor's forward times (s13_call3 / call4: per-chunk
+# 0.695 / 0.686 ms all bounded, 1.091 / 1.313 none; static bisection 0.930)
+BOUNDED_SHARE = 0.5
+# None: each call's form from ``gate_bounds``; "per_chunk" or "exact" (both valid for any
+# gates): that form always, with no choice in XLA (read at trace time; the benchmark's variants)
+FIXED_FORM: str | None = None
 
 
 def _num_pieces(q: jax.Array) -> int:
@@ -136,16 +150,47 @@ def _walk_pieces(x, y, z, a, d, s0, *, pieces: int, reverse: bool = False, decay
     return out, finals.reshape(B, pieces, H, Dk, Dv)[:, 0 if reverse else pieces - 1]
 
 
+def gate_bounds(lg: jax.Array) -> jax.Array:
+    """The padded log gates lg [B, Tp, H, K] -> the kernels' form for the call, an int32 index
+    into the prepass's ``FORMS``. With s_b the sum of lg over diagonal block b (DIAGONAL_BLOCK
+    rows) on one channel: "bounded" where min s_b >= -BOUNDED_DECAY everywhere, "per_chunk"
+    where at least BOUNDED_SHARE of the (chunk, head) pairs are, else "exact" (one pass over lg
+    in XLA)."""
+    B, Tp, H, K = lg.shape
+    block = prepass.DIAGONAL_BLOCK
+    sums = jnp.sum(lg.reshape(B, Tp // CHUNK, CHUNK // block, block, H, K), axis=3)
+    chunk_least = jnp.min(sums, axis=(2, 4))   # [B, N, H]
+    least = jnp.min(chunk_least)
+    share = jnp.mean((chunk_least >= -prepass.BOUNDED_DECAY).astype(F32))
+    return jnp.where(least >= -prepass.BOUNDED_DECAY, 0, jnp.where(share >= BOUNDED_SHARE, 1, 2))
+
+
+def _fixed_form() -> int:
+    if FIXED_FORM not in ("per_chunk", "exact"):
+        raise ValueError(f"FIXED_FORM={FIXED_FORM!r}: None, 'per_chunk' or 'exact'")
+    return prepass.FORMS.index(FIXED_FORM)
+
+
+def _in_form(form: jax.Array, kernels: list, *args) -> Any:
+    """``kernels[form](*args)``: by ``lax.switch`` on the call's form, or the FIXED_FORM one."""
+    if FIXED_FORM is None:
+        return jax.lax.switch(form, kernels, *args)
+    return kernels[_fixed_form()](*args)
+
+
 def _forward(q, k, v, lg, s0, scale: float, interpret: Any):
     """[B, T, H, *] inputs -> (o [B, T, H, V] in q's dtype, final state [B, H, K, V] f32,
-    the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence)."""
+    the scores A [B, H, Tp, CHUNK] bf16 of the padded sequence, the form of the prepass and
+    pullback kernels for this call: an int32 index into FORMS, ``gate_bounds``)."""
     T, dt, P = q.shape[1], q.dtype, _num_pieces(q)
     q, k, v, lg = _pad(T, P, q, k, v, lg)
-    q_t, k_h, a, d = gk_prepass(q, k, lg, scale, interpret=interpret)
+    form = gate_bounds(lg) if FIXED_FORM is None else jnp.int32(_fixed_form())
+    run = lambda f: functools.partial(gk_prepass, scale=scale, form=f, interpret=interpret)
+    q_t, k_h, a, d = _in_form(form, [run(f) for f in prepass.FORMS], q, k, lg)
     o, final = _walk_pieces(q_t, k_h, v, a, d,
                             None if s0 is None else s0.astype(F32), pieces=P, out_dtype=dt,
                             interpret=interpret)
-    return o[:, :T], final, a
+    return o[:, :T], final, a, form
 
 
 def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
@@ -169,8 +214,9 @@ def _gate_gradient(local: jax.Array, T: int, last_term: jax.Array | None,
     return jnp.where(first, 0.0, dlg)
 
 
-def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
-    """dq, dk, dv, dlg, ds0 (module docstring); ``a``: the forward's scores."""
+def _backward(q, k, v, lg, s0, a, form, do, dstate, scale: float, interpret: Any):
+    """dq, dk, dv, dlg, ds0 (module docstring); ``a``, ``form``: the forward's scores and
+    its kernels' form, the pullback's too."""
     T = q.shape[1]
     dt, P = q.dtype, _num_pieces(q)
     qp, kp, vp, lgp, dop = _pad(T, P, q, k, v, lg, do)
@@ -184,7 +230,9 @@ def _backward(q, k, v, lg, s0, a, do, dstate, scale: float, interpret: Any):
     dk_h, _ = run(vp, dop, q_hi, None, d, swap(carry), z_lo=q_lo, split_state=True,
                   reverse=True, decay_axis=1, out_dtype=F32)
     dv, ds0 = run(k_hi, q_hi, dop, a.astype(dt), d, carry, reverse=True, out_dtype=v.dtype)
-    dq, dk, local = gk_pullback(qp, kp, lgp, dq_t, dk_h, dop, vp, scale, interpret=interpret)
+    pullback = lambda f: functools.partial(gk_pullback, scale=scale, form=f, interpret=interpret)
+    dq, dk, local = _in_form(form, [pullback(f) for f in prepass.FORMS],
+                             qp, kp, lgp, dq_t, dk_h, dop, vp)
     last_term = jnp.sum(dstate * swap(final_t), axis=-1) if with_state else None
     dlg = _gate_gradient(local, T, last_term, s0 is not None)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
@@ -198,17 +246,17 @@ def _recurrence(q, k, v, lg, s0, scale, interpret):
 
 def _recurrence_fwd(q, k, v, lg, s0, scale, interpret):
     q, k, v, lg, s0 = jax.tree.map(lambda p: p.value, (q, k, v, lg, s0))  # symbolic_zeros
-    o, state, a = _forward(q, k, v, lg, s0, scale, interpret)
-    return (o, state), (q, k, v, lg, s0, a)
+    o, state, a, form = _forward(q, k, v, lg, s0, scale, interpret)
+    return (o, state), (q, k, v, lg, s0, a, form)
 
 
 def _recurrence_bwd(scale, interpret, residuals, cotangents):
     """The Mosaic GPU backward (``_backward``); a final-state cotangent that is a symbolic zero
     costs nothing."""
-    q, k, v, lg, s0, a = residuals
+    q, k, v, lg, s0, a, form = residuals
     do, dstate = cotangents
     do = jnp.zeros(q.shape[:3] + v.shape[-1:], q.dtype) if isinstance(do, SymbolicZero) else do
-    return _backward(q, k, v, lg, s0, a, do.astype(q.dtype), dstate, scale, interpret)
+    return _backward(q, k, v, lg, s0, a, form, do.astype(q.dtype), dstate, scale, interpret)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)

@@ -30,7 +30,36 @@ with M_h the pairs of level h: h <= (i XOR j) < 2h and i > j. S_h is right on th
 finite elsewhere (every factor is <= 1), so the operands need no masks; the [C, C] select does
 it (``level_mask``).
 
-Work per chunk (K = 128), against the kernel this replaces (same math, same products):
+Bounded chunks. Where every diagonal block of DIAGONAL_BLOCK = 32 rows has log gates summing
+to >= -BOUNDED_DECAY = -60 on every channel (checked from lg's block sums before any
+exponent: see Forms below), one anchor per block replaces the levels below it: with m(r) the
+middle row of r's block and x_r = b_r - b_{m(r)} (one exponent tile, E_mid with entries -1, 0,
+1),
+
+    S_mid = (q ⊙ e^{x}) (k ⊙ e^{-x})^T   on the pairs i >= j of one block
+
+(e^{x_i} e^{-x_j} = e^{b_i - b_j}), plus the exact levels above the block (h = 32). Every
+factor lies within e^{+-60}: e^{60} ~ 1e26 (masked entries, i < j, are at most that times
+|q||k| K, far below float32's and bf16's 3e38) and e^{-60} ~ 9e-27 (far above their least
+normal, 1e-38), so nothing overflows or flushes. Floating-point products keep relative
+precision at any magnitude, so the cost of a wide range is only x's own error: x_i - x_j is a
+difference of two sums from the hi + lo exponent tile, absolute error ~2^-17 (|x_i| + |x_j|)
+<= 2^-17 · 120 ~ 9e-4 relative in the score, below the bf16 rounding of A (2^-9). Gates of
+log_sigmoid(N(0, 1)) (~-0.8 a step, blocks ~-26) stay bounded; a segment reset is not. Four
+exponent tiles (q~, k^, the anchor's, level 32's) and two score products instead of eight and
+seven. The same idea (a bound on sub-chunk decays deciding between a factored and
+an exact form) is FlashKDA's and jax-linear-attention's "bounded chunks". The backward's
+pullback differentiates the bisection form (the same function).
+
+Forms (``form``, static): "bounded" (every chunk bounded: the caller checked), "exact" (the
+bisection everywhere) and "per_chunk" (each CTA checks its chunk from lg's block sums and
+branches, ``lax.cond``). The branch has a price: at the anchor the per-chunk kernel's forward
+took 0.695 ms with every chunk bounded where the static bounded form took 0.612, and 1.091
+with none bounded where the static bisection took 0.930 (one H100 run,
+h100_2026-12-07_s13_call3); so the op picks one static form for the whole call where it can
+(``mosaic_gpu_gk.gate_bounds``).
+
+Work per chunk (K = 128), unbounded chunks, against the kernel this replaces (same math):
 
     exponent tiles       8 (q~, k^, six levels), 2 wgmmas [64, 64] x [64, 128] each
     exponentials         8 · C · K = 64 Ki, as ex2.approx (``approx_math``, relative error
@@ -52,8 +81,8 @@ Alternatives counted and not taken. Column anchors per 16-row sub-chunk J (ancho
 row) for the off-diagonal 16 x 16 blocks take one exponent tile per J (3) where levels 32 and
 16 take 2. An elementwise diagonal (e^{b_i - b_j} per pair and channel, as fla's chunk_gla)
 takes 16 exponentials per element of q where levels 8 .. 1 take 4. One anchor in the middle of
-a diagonal block (exponents up to +-8 steps of gates) overflows float32 for gates below about
--11 per step unless the gates are clamped, which changes the value.
+a diagonal block for every chunk overflows float32 for strong gates unless they are clamped,
+which changes the value: hence the per-chunk bound above.
 
 Shared memory ~107 KB (q, k, lg hi / lo, X, Y 16 KB each, one interval matrix; lg's float32
 tile shares its space with X and Y), so two CTAs fit on an SM and one's loads overlap the
@@ -62,7 +91,7 @@ other's compute.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +103,9 @@ from pallas_kernels.mosaic_gpu_common import (pl, plgpu, store_split, summed_pro
 CHUNK = 64
 LEVELS = tuple(CHUNK >> i for i in range(1, CHUNK.bit_length()))   # h = 32, 16, ..., 1
 F32 = jnp.float32
+DIAGONAL_BLOCK = 32     # rows of the diagonal blocks a bounded chunk runs through one anchor
+BOUNDED_DECAY = 60.0    # bounded: every diagonal block's log gates sum to >= -this per channel
+FORMS = ("bounded", "per_chunk", "exact")   # module docstring
 
 
 def interval_matrices(chunk: int = CHUNK) -> np.ndarray:
@@ -86,6 +118,15 @@ def interval_matrices(chunk: int = CHUNK) -> np.ndarray:
         m = r - r % (2 * h) + h - 1
         bounds.append((np.minimum(r, m), np.maximum(r, m)))
     return np.stack([(u > lo) & (u <= hi) for lo, hi in bounds]).astype(np.float32)
+
+
+def middle_anchor_matrix(block: int, chunk: int = CHUNK) -> np.ndarray:
+    """E_mid [C, C] float32 in {-1, 0, 1}: (E_mid @ lg)[r] = b_r - b_m with m(r) the middle
+    row (block/2 - 1) of r's diagonal block of ``block`` rows: the sum of lg over (m, r] for
+    r > m, minus the sum over (r, m] for r < m; exact in bf16."""
+    r, u = np.arange(chunk)[:, None], np.arange(chunk)[None, :]
+    m = r - r % block + block // 2 - 1
+    return (((u > m) & (u <= r)).astype(np.float32) - ((u > r) & (u <= m)).astype(np.float32))
 
 
 def _iota(shape, dim: int) -> jax.Array:
@@ -102,6 +143,40 @@ def symmetric_level_mask(C: int, h: int) -> jax.Array:
     h <= i XOR j < 2h (``level_mask`` and its transpose)."""
     code = _iota((C, C), 0) ^ _iota((C, C), 1)
     return (code >= h) & (code < 2 * h)
+
+
+def block_lower_mask(C: int, block: int, strict: bool = False, upper: bool = False
+                     ) -> jax.Array:
+    """[C, C] bool in the WGMMA layout: the pairs i >= j (``strict``: i > j; ``upper``: the
+    mirror image, j >= i or j > i) within one diagonal block of ``block`` rows (a power of
+    two: i and j agree above bit ``block``)."""
+    i, j = _iota((C, C), 0), _iota((C, C), 1)
+    i, j = (j, i) if upper else (i, j)
+    return ((i ^ j) < block) & ((i > j) if strict else (i >= j))
+
+
+def bounded_chunk(lg: jax.Array, bound: float, b_last: jax.Array | None = None) -> jax.Array:
+    """Whether every diagonal block (DIAGONAL_BLOCK rows) of the log gates ``lg`` [C, W]
+    (WGMMA layout) sums to >= -``bound`` on every channel: a scalar bool, the same in every
+    thread. ``b_last``: lg's column sums, where the caller has them (one block per chunk)."""
+    C = lg.shape[0]
+    row_block = _iota(lg.shape, 0) // DIAGONAL_BLOCK
+    if C == DIAGONAL_BLOCK:
+        sums = [jnp.sum(lg, axis=0) if b_last is None else b_last]
+    else:
+        sums = [jnp.sum(jnp.where(row_block == n, lg, 0.0), axis=0)
+                for n in range(C // DIAGONAL_BLOCK)]
+    return functools.reduce(jnp.minimum, [jnp.min(x) for x in sums]) >= -bound
+
+
+def in_form(form: str, bounded: Any, fast: Callable[[], Any], exact: Callable[[], Any]) -> Any:
+    """``fast()`` (the bounded form) or ``exact()`` (the bisection) as the static ``form`` says
+    (one of FORMS); "per_chunk": ``lax.cond`` on this CTA's ``bounded``."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}, expected one of {FORMS}")
+    if form == "per_chunk":
+        return jax.lax.cond(bounded, fast, exact)
+    return (fast if form == "bounded" else exact)()
 
 
 def level_mask(C: int, h: int) -> jax.Array:
@@ -150,10 +225,12 @@ class ExponentTiles:
 
 
 def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem,
-                d_smem, loaded, e_loaded) -> tuple[ExponentTiles, Any, Any, Any]:
+                d_smem, loaded, e_loaded, flag: bool = False
+                ) -> tuple[ExponentTiles, Any, Any, Any, Any]:
     """The first steps of both kernels here: q, k and lg of this CTA's chunk into SMEM, lg split
     into bf16 hi + lo for the exponent tiles, d = e^{b_last} written out; E_0 on its way.
-    Returns the exponent tiles and the chunk's (batch row, rows, head) indices."""
+    Returns the exponent tiles, the chunk's (batch row, rows, head) indices and (``flag``)
+    whether the chunk is bounded (b_last >= -BOUNDED_DECAY on every channel), else None."""
     n, hd, bi = (jax.lax.axis_index(a) for a in ("chunks", "heads", "rows"))
     C, K = q_smem.shape
     exponents = ExponentTiles(e_ref, e_smem, e_loaded, (lg_hi, lg_lo))
@@ -166,27 +243,42 @@ def _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo
         plgpu.copy_gmem_to_smem(lg_ref.at[bi, rows, hd], lg_smem, loaded)
         plgpu.barrier_wait(loaded)
         lg = load_wgmma(lg_smem)
-        d_smem[...] = jnp.exp(jnp.sum(lg, axis=0))
+        b_last = jnp.sum(lg, axis=0)
+        d_smem[...] = jnp.exp(b_last)
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(d_smem, d_out.at[bi, hd, n])
+        return bounded_chunk(lg, BOUNDED_DECAY, b_last) if flag else None
 
-    pl.run_scoped(split_gates, tiled_smem((C, K), F32))
-    return exponents, bi, rows, hd
+    bounded = pl.run_scoped(split_gates, tiled_smem((C, K), F32))
+    return exponents, bi, rows, hd, bounded
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, kh_out, a_out,
-            d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
+def _kernel(scale: float, form: str, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out,
+            kh_out, a_out, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded):
     C, K = q_smem.shape
-    exponents, bi, rows, hd = _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem,
-                                          lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded)
-    tiles, load = exponents.count, load_wgmma
+    exponents, bi, rows, hd, bounded = _load_chunk(
+        q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, d_smem,
+        loaded, e_loaded, flag=form == "per_chunk")
+    load = load_wgmma
 
-    def tiles_and_scores(x_smem, y_smem):
+    def write_scores(a: jax.Array) -> None:
+        a_smem = e_smem   # every interval product is done
+        a_smem[...] = (scale * a).astype(a_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(a_smem, a_out.at[bi, hd, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    def tiles_and_scores(plan, with_diagonal: bool, x_smem, y_smem):
+        """q~ (tile 0), k^ (tile 1), then per entry (E index, level h) of ``plan`` the scores
+        (q ⊙ e^x)(k ⊙ e^x)^T on the pairs of level h, or with h = None (the middle anchor)
+        (q ⊙ e^x)(k ⊙ e^{-x})^T on the diagonal blocks; diag(q k^T) at tile 1 when
+        ``with_diagonal``. Each tile's scores are issued with the next tile's exponents."""
+        sequence = [0, 1] + [index for index, _ in plan]
         (x,) = summed_products((wgmma_zeros((C, K)),), (exponents.products(0),), interpret)
-        exponents.fetch(1)   # loads while this tile's exponentials and stores run
+        exponents.fetch(sequence[1])   # loads while this tile's exponentials and stores run
         a = None
-        for t in range(tiles):
+        for t in range(len(sequence)):
             f = jnp.exp(x)
             if t == 0:
                 x_smem[...] = (scale * load(q_smem) * f).astype(x_smem.dtype)   # q~
@@ -196,36 +288,42 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, qt_out, 
                 if t == 2:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q~, k^ have left
                 x_smem[...] = (load(q_smem) * f).astype(x_smem.dtype)
-                y_smem[...] = (load(k_smem) * f).astype(y_smem.dtype)
+                g = jnp.exp(-x) if plan[t - 2][1] is None else f
+                y_smem[...] = (load(k_smem) * g).astype(y_smem.dtype)
             plgpu.commit_smem()
             if t == 1:
                 plgpu.copy_smem_to_gmem(x_smem, qt_out.at[bi, rows, hd])
                 plgpu.copy_smem_to_gmem(y_smem, kh_out.at[bi, rows, hd])
-            # this tile's scores (or diag(q k^T)) and the next tile's exponent, issued together
             inits, operands = [], []
-            if t >= 1:
+            scored = t >= 2 or (t == 1 and with_diagonal)
+            if scored:
                 pair = (q_smem, k_smem) if t == 1 else (x_smem, y_smem)
                 inits.append(wgmma_zeros((C, C)))
                 operands.append([(pair[0], transposed(pair[1]))])
-            if t + 1 < tiles:
+            if t + 1 < len(sequence):
                 inits.append(wgmma_zeros((C, K)))
-                operands.append(exponents.products(t + 1))
+                operands.append(exponents.products(sequence[t + 1]))
             outs = summed_products(tuple(inits), tuple(operands), interpret)
-            if t + 1 < tiles:
+            if t + 1 < len(sequence):
                 x = outs[-1]
-            if t + 2 < tiles:
-                exponents.fetch(t + 2)
-            if t == 1:
-                a = jnp.where(diagonal_mask(C), outs[0], 0.0)
-            elif t >= 2:
-                a = a + jnp.where(level_mask(C, LEVELS[t - 2]), outs[0], 0.0)
-        a_smem = e_smem   # every interval product is done
-        a_smem[...] = (scale * a).astype(a_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(a_smem, a_out.at[bi, hd, rows])
-        plgpu.wait_smem_to_gmem(0)
+            if t + 2 < len(sequence):
+                exponents.fetch(sequence[t + 2])
+            if scored:
+                h = None if t == 1 else plan[t - 2][1]
+                mask = (diagonal_mask(C) if t == 1 else level_mask(C, h) if h is not None
+                        else block_lower_mask(C, DIAGONAL_BLOCK))
+                term = jnp.where(mask, outs[0], 0.0)
+                a = term if a is None else a + term
+        write_scores(a)
 
-    pl.run_scoped(tiles_and_scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
+    levels = [(2 + n, h) for n, h in enumerate(LEVELS)]
+    bounded_plan = [(2 + len(LEVELS), None)] + [(n, h) for n, h in levels if h >= DIAGONAL_BLOCK]
+
+    def scores(x_smem, y_smem):
+        in_form(form, bounded, lambda: tiles_and_scores(bounded_plan, False, x_smem, y_smem),
+                lambda: tiles_and_scores(levels, True, x_smem, y_smem))
+
+    pl.run_scoped(scores, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
 
 def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q_hi_out,
@@ -233,8 +331,9 @@ def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q
                    d_smem, loaded, e_loaded):
     """q~ and k^ as bf16 hi + lo parts (``store_split``) and d, for the backward's walks."""
     C, K = q_smem.shape
-    exponents, bi, rows, hd = _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem, k_smem,
-                                          lg_hi, lg_lo, e_smem, d_smem, loaded, e_loaded)
+    exponents, bi, rows, hd, _ = _load_chunk(q_ref, k_ref, lg_ref, e_ref, d_out, q_smem,
+                                             k_smem, lg_hi, lg_lo, e_smem, d_smem, loaded,
+                                             e_loaded)
 
     def decayed(hi_smem, lo_smem):
         for t, (x_smem, factor, hi_out, lo_out) in enumerate(
@@ -253,9 +352,10 @@ def _decays_kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, q
     pl.run_scoped(decayed, *[tiled_smem((C, K), q_smem.dtype)] * 2)
 
 
-def _launch(body, name: str, tiles: int, out_type: tuple, q: jax.Array, k: jax.Array,
-            lg: jax.Array, interpret: Any) -> Any:
-    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk``; E_0 .. E_{tiles-1}."""
+def _launch(body, name: str, matrices: np.ndarray, out_type: tuple, q: jax.Array,
+            k: jax.Array, lg: jax.Array, interpret: Any) -> Any:
+    """One CTA per (chunk, head, batch row) with the SMEM of ``_load_chunk``; ``matrices``:
+    its exponent matrices E_t [tiles, C, C]."""
     B, Tp, H, K = q.shape
     C, dtype = CHUNK, q.dtype
     return plgpu.kernel(
@@ -274,7 +374,7 @@ def _launch(body, name: str, tiles: int, out_type: tuple, q: jax.Array, k: jax.A
         grid_names=("chunks", "heads", "rows"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C)[:tiles], dtype))
+    )(q, k, lg.astype(F32), jnp.asarray(matrices, dtype))
 
 
 def _decays_type(q: jax.Array) -> jax.ShapeDtypeStruct:
@@ -283,15 +383,17 @@ def _decays_type(q: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 def gk_prepass(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
-               interpret: Any = None):
+               form: str = "per_chunk", interpret: Any = None):
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK), lg [B, Tp, H, K] float32 total log
     gates -> (q~, k^, A [B, H, Tp, CHUNK], d [B, H, Tp / CHUNK, K] float32); q~, k^ [B, Tp, H, K]
-    and A in q's dtype."""
+    and A in q's dtype. ``form``: one of FORMS (module docstring); "bounded" only where every
+    diagonal block's gates sum to >= -BOUNDED_DECAY on every channel."""
     B, Tp, H, K = q.shape
     tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
     out_type = (tile, tile, jax.ShapeDtypeStruct((B, H, Tp, CHUNK), q.dtype), _decays_type(q))
-    return _launch(functools.partial(_kernel, float(scale)), "gla_prepass",
-                   2 + len(LEVELS), out_type, q, k, lg, interpret)
+    matrices = np.concatenate([interval_matrices(), middle_anchor_matrix(DIAGONAL_BLOCK)[None]])
+    return _launch(functools.partial(_kernel, float(scale), form), "gla_prepass", matrices,
+                   out_type, q, k, lg, interpret)
 
 
 def gk_decays(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
@@ -301,6 +403,7 @@ def gk_decays(q: jax.Array, k: jax.Array, lg: jax.Array, scale: float, *,
     d, from the same inputs -> ((q~ hi, q~ lo), (k^ hi, k^ lo), d); no scores."""
     tile = jax.ShapeDtypeStruct(q.shape, q.dtype)
     q_hi, q_lo, k_hi, k_lo, d = _launch(functools.partial(_decays_kernel, float(scale)),
-                                        "gla_decays", 2, (tile,) * 4 + (_decays_type(q),),
+                                        "gla_decays", interval_matrices()[:2],
+                                        (tile,) * 4 + (_decays_type(q),),
                                         q, k, lg, interpret)
     return (q_hi, q_lo), (k_hi, k_lo), d

@@ -45,6 +45,30 @@ and dA's float32 round trip through HBM: the op's forward+backward at the anchor
 dA from XLA, 4.209 with dA formed here, 4.402 with D also kept in SMEM instead of registers
 (one H100 run, h100_2026-12-07_s12_call1).
 
+Bounded form (where the log gates sum to >= -BOUNDED_DECAY = -60 in every diagonal block of the
+prepass's DIAGONAL_BLOCK = 32 rows: on every channel of every chunk with ``form="bounded"``,
+checked per CTA with "per_chunk"; the prepass's forms), the levels below the block give way to
+one anchor per block, as in the prepass's bounded form: with
+x = b - b_{m(r)} (the E_mid tile) and the block's strictly lower pairs P = M_blk ⊙ D,
+
+    dq += e^{x} ⊙ (P (k ⊙ e^{-x})),      dk += e^{-x} ⊙ (P^T (q ⊙ e^{x}))
+
+(two products, hi + lo as the levels; P^T is D on the mirrored mask, D being symmetric), after
+level 32: 13 wgmmas instead of 30 for the off-diagonal pairs. The bound is the prepass's:
+factors within e^{+-60} neither overflow nor flush (P's mask is applied to D before the
+product). The exponents' error, at most ~2^-17 (|x_i| + |x_j|) relative in a term where the
+bisection's is ~2^-17 |b_i - b_j|, was the worry for dg, which needs dq and dk float32-close;
+measured in interpret mode, it does not show: the chunk-local sums L are 1.36e-5 from float64
+autodiff with gates of log_sigmoid(N(0, 1)) on every channel (blocks to -36), 1.21e-5 with the
+bisection; 9.8e-6 / 8.1e-6 with blocks to -59 (log_sigmoid(N(0, 1) - 1)); 9.1e-6 / 9.0e-6 for
+mild gates with one block at -56; and the op's dgk 4.9e-5 from the float64 oracle
+with gates uniform in [-2.5, 0] (blocks to ~-50), 4.6e-5 with the bisection. (Session 12's
+bound was 4, from the worst case alone.) The form is the forward prepass's, one for the whole
+call (``mosaic_gpu_gk.gate_bounds``): a branch inside the kernel costs time where it is not
+needed (one H100 run at the anchor, forward+backward: bounded everywhere 3.58 ms as one static
+form, 3.93 with the per-chunk branch; bisection everywhere 4.54 static, 5.54 with the branch;
+h100_2026-12-07_s13_call3).
+
 Accuracy. The gate gradient subtracts k ⊙ dk from q ⊙ dq and sums over the sequence
 (``mosaic_gpu_gk``), so dq and dk must be close to float32-exact: every level product takes
 its float32 operands as bf16 hi + lo parts (``store_split``) and sums hi·hi + hi·lo + lo·hi
@@ -104,23 +128,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pallas_kernels.linear import mosaic_gpu_gk_prepass as prepass
 from pallas_kernels.linear.mosaic_gpu_gk_prepass import (CHUNK, LEVELS, ExponentTiles,
-                                                         diagonal_mask, interval_matrices,
+                                                         block_lower_mask, bounded_chunk,
+                                                         diagonal_mask, in_form,
+                                                         interval_matrices,
                                                          load_wgmma, lower_triangle,
-                                                         second_halves, suffix_sums,
-                                                         symmetric_level_mask)
+                                                         middle_anchor_matrix, second_halves,
+                                                         suffix_sums, symmetric_level_mask)
 from pallas_kernels.mosaic_gpu_common import (load_transposed, per_row, pl, plgpu,
                                               store_split, summed_products, tiled_smem,
                                               transposed, wgmma_zeros)
 
 CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
+BOUNDED_DECAY = prepass.BOUNDED_DECAY  # bounded form (module docstring); read at trace time
 F32 = jnp.float32
 
 
-def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref, dkh_ref, do_ref,
-            v_ref, dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo, e_smem, da_smem,
-            scores_loaded, loaded, e_loaded):
+def _kernel(scale: float, interpret: bool, form: str, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
+            dkh_ref, do_ref, v_ref, dq_out, dk_out, dlg_out, q_smem, k_smem, lg_hi, lg_lo,
+            e_smem, da_smem, scores_loaded, loaded, e_loaded):
     nb, hd, bi = (jax.lax.axis_index(a) for a in ("blocks", "heads", "rows"))
     C = q_smem.shape[0]
     W = q_smem.shape[1]
@@ -132,10 +161,11 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
     tile = lambda: _operand((C, W), q_smem.dtype, W)
     zeros = lambda: wgmma_zeros((C, W))
 
-    def exponent(t: int) -> jax.Array:
-        """x_t alone; starts loading E_{t+1}."""
+    def exponent(t: int, fetch: int | None) -> jax.Array:
+        """x_t alone; starts loading E_``fetch``."""
         (x,) = summed_products((zeros(),), (exponents.products(t),), interpret)
-        exponents.fetch(t + 1)
+        if fetch is not None:
+            exponents.fetch(fetch)
         return x
 
     def score_cotangents(do_smem, v_smem):
@@ -156,26 +186,53 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
                   tiled_smem((C, V), q_smem.dtype))
 
     def direct_terms(lg_smem, dqt_smem, dkh_smem):
-        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2 and D (docstring)."""
+        """dq, dk from dq~, dk^ and the diagonal; returns them, x_2, D and (form "per_chunk")
+        whether this CTA's chunk and channels are bounded, else None."""
         for src, dst in ((lg_ref, lg_smem), (dqt_ref, dqt_smem), (dkh_ref, dkh_smem)):
             plgpu.copy_gmem_to_smem(src.at[bi, rows, hd, cols], dst, loaded)
         plgpu.barrier_wait(loaded)
-        store_split((lg_hi, lg_lo), load_wgmma(lg_smem))
+        lg = load_wgmma(lg_smem)
+        store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
+        bounded = bounded_chunk(lg, BOUNDED_DECAY) if form == "per_chunk" else None
         sym = scale * jnp.where(lower_triangle(C), load_wgmma(da_smem),
                                 load_transposed(da_smem))
         diag = per_row(jnp.sum(jnp.where(diagonal_mask(C), sym, 0.0), axis=1), (C, W))
-        dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0)) + diag * load_wgmma(k_smem)
-        dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1)) + diag * load_wgmma(q_smem)
-        return dq, dk, exponent(2), sym
+        dq = scale * load_wgmma(dqt_smem) * jnp.exp(exponent(0, 1)) + diag * load_wgmma(k_smem)
+        dk = load_wgmma(dkh_smem) * jnp.exp(exponent(1, 2)) + diag * load_wgmma(q_smem)
+        return dq, dk, exponent(2, None), sym, bounded
 
-    dq, dk, x, sym = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
-                                   tiled_smem((C, W), F32), tiled_smem((C, W), F32))
+    dq, dk, x, sym, bounded = pl.run_scoped(direct_terms, tiled_smem((C, W), F32),
+                                            tiled_smem((C, W), F32), tiled_smem((C, W), F32))
 
-    def levels(dq, dk, x, s_hi, s_lo, y_hi, y_lo):
-        """The six levels, each level's products issued with the next exponent tile's."""
-        for t, h in enumerate(LEVELS, start=2):
+    def pairs(plan, dq, dk, x, s_hi, s_lo, y_hi, y_lo):
+        """The off-diagonal pairs, per entry (E index, level h) of ``plan``: level h's one
+        symmetric product, or with h = None (last) the middle anchors' two (docstring); each
+        level's products issued with the next entry's exponent tile."""
+        if plan[0][0] != 2:   # direct_terms formed x_2; this plan starts elsewhere
+            exponents.fetch(plan[0][0])
+            x = exponent(plan[0][0], None)
+        if len(plan) > 1:
+            exponents.fetch(plan[1][0])
+        for n, (_, h) in enumerate(plan):
             f = jnp.exp(x)
+            following = plan[n + 1][0] if n + 1 < len(plan) else None
+            if h is None:
+                g = jnp.exp(-x)
+                for upper, y, factor, first in ((False, load_wgmma(k_smem) * g, f, True),
+                                                (True, load_wgmma(q_smem) * f, g, False)):
+                    block = block_lower_mask(C, prepass.DIAGONAL_BLOCK, strict=True,
+                                             upper=upper)
+                    store_split((y_hi, y_lo), y)
+                    store_split((s_hi, s_lo), jnp.where(block, sym, 0.0))
+                    plgpu.commit_smem()
+                    (z,) = summed_products((zeros(),), ([(s_hi, y_hi), (s_hi, y_lo),
+                                                         (s_lo, y_hi)],), interpret)
+                    if first:
+                        dq = dq + factor * z
+                    else:
+                        dk = dk + factor * z
+                continue
             second = second_halves((C, W), h)
             y = jnp.where(second, load_wgmma(q_smem), load_wgmma(k_smem)) * f
             store_split((y_hi, y_lo), y)
@@ -183,19 +240,27 @@ def _kernel(scale: float, interpret: bool, q_ref, k_ref, lg_ref, e_ref, dqt_ref,
             plgpu.commit_smem()
             inits = [zeros()]
             operands = [[(s_hi, y_hi), (s_hi, y_lo), (s_lo, y_hi)]]
-            if t + 1 < exponents.count:
+            if following is not None:
                 inits.append(zeros())
-                operands.append(exponents.products(t + 1))
+                operands.append(exponents.products(following))
             outs = summed_products(tuple(inits), tuple(operands), interpret)
-            if t + 2 < exponents.count:
-                exponents.fetch(t + 2)
+            if n + 2 < len(plan):
+                exponents.fetch(plan[n + 2][0])
             z = f * outs[0]
             dq, dk = dq + jnp.where(second, z, 0.0), dk + jnp.where(second, 0.0, z)
-            if t + 1 < exponents.count:
+            if following is not None:
                 x = outs[1]
         return dq, dk
 
-    dq, dk = pl.run_scoped(functools.partial(levels, dq, dk, x),
+    levels = [(2 + n, h) for n, h in enumerate(LEVELS)]
+    bounded_plan = ([(t, h) for t, h in levels if h >= prepass.DIAGONAL_BLOCK]
+                    + [(2 + len(LEVELS), None)])
+
+    def off_diagonal(*scratch):
+        return in_form(form, bounded, lambda: pairs(bounded_plan, dq, dk, x, *scratch),
+                       lambda: pairs(levels, dq, dk, x, *scratch))
+
+    dq, dk = pl.run_scoped(off_diagonal,
                            *[_operand((C, C), q_smem.dtype, W) for _ in range(2)],
                            *[tile() for _ in range(2)])
 
@@ -225,23 +290,27 @@ def _operand(shape: tuple[int, int], dtype: Any, W: int) -> Any:
 
 
 def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h: jax.Array,
-                do: jax.Array, v: jax.Array, scale: float, *, channels: int | None = None,
-                interpret: Any = None
+                do: jax.Array, v: jax.Array, scale: float, *, form: str = "exact",
+                channels: int | None = None, interpret: Any = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k [B, Tp, H, K] bf16 (Tp a multiple of CHUNK, K a multiple of 64), lg [B, Tp, H, K]
     the total log gates, dq~, dk^ [B, Tp, H, K] float32 and dO, v [B, Tp, H, V] bf16 -> (dq, dk)
     [B, Tp, H, K] in q's dtype, the pullback of the prepass (q~, k^, A) at (dq~, dk^, dA =
     dO v^T chunk by chunk) with the gates held fixed, and the chunk-local suffix sums of
-    q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring). ``channels``: W, the key
-    channels per CTA (32 or 64; K a multiple of it), default ``CHANNELS`` (read at trace
-    time)."""
+    q ⊙ dq - k ⊙ dk [B, Tp, H, K] float32 (module docstring). ``form``: one of the prepass's
+    FORMS: "bounded" (only where every diagonal block's gates sum to >= -BOUNDED_DECAY on
+    every channel), "per_chunk" (each CTA checks its chunk and channels and branches) or
+    "exact" (the bisection). ``channels``: W, the key channels per CTA (32 or 64; K a multiple
+    of it), default ``CHANNELS`` (read at trace time)."""
     B, Tp, H, K = q.shape
     C, dtype, W = CHUNK, q.dtype, CHANNELS if channels is None else channels
     if W not in (32, 64) or K % W:
         raise ValueError(f"gk_pullback: channels={W} must be 32 or 64 and divide K={K}")
     grad = jax.ShapeDtypeStruct(q.shape, dtype)
+    matrices = np.concatenate([interval_matrices(C),
+                               middle_anchor_matrix(prepass.DIAGONAL_BLOCK, C)[None]])
     return plgpu.kernel(
-        functools.partial(_kernel, float(scale), interpret is not None),
+        functools.partial(_kernel, float(scale), interpret is not None, form),
         out_type=(grad, grad, jax.ShapeDtypeStruct(q.shape, F32)),
         kernel_name="gla_pullback",
         scratch_types=[
@@ -257,5 +326,5 @@ def gk_pullback(q: jax.Array, k: jax.Array, lg: jax.Array, dq_t: jax.Array, dk_h
         grid_names=("blocks", "heads", "rows"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, lg.astype(F32), jnp.asarray(interval_matrices(C), dtype), dq_t.astype(F32),
+    )(q, k, lg.astype(F32), jnp.asarray(matrices, dtype), dq_t.astype(F32),
       dk_h.astype(F32), do.astype(dtype), v.astype(dtype))
