@@ -65,6 +65,10 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # H100 (h100_2026-12-07_s11_call1): forward 0.900 ms, fwd+bwd 4.467 ms (jla 0.823 / 4.168).
 # With dA formed in the pullback kernel (603da27) the three cases passed again (dg <= 4.5e-5)
 # and bench_linear's gk checks at T = 1k, 4k, 16k, 64k (h100_2026-12-07_s12_call1).
+# With the prepass and pullback in three forms, one per call (78f292a: bounded, per chunk, exact),
+# bench_linear's gk checks passed at T = 1k (forward and backward) and 16k (forward), gates bounded
+# (h100_2026-12-07_s14_call1); the per-chunk and exact forms are interpret-checked and compiled
+# there (lax.switch compiles every form), but not yet run on a GPU at their bound of -60.
 GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 
