@@ -31,16 +31,16 @@ GATE_SHIFT = 4.0   # log gates log_sigmoid(N(0, 1) + GATE_SHIFT) (--gate-shift; 
 JLA_KIND = {"none": "simple_gla", "g": "simple_gla", "gk": "gla"}
 
 
-def make_inputs(gate: str, B: int, T: int):
+def make_inputs(gate: str, B: int, T: int, shift: float = GATE_SHIFT):
     def make(seed: int, check: bool):
         b, t = (1, min(T, 512)) if check else (B, T)
         ks = jax.random.split(jax.random.key(seed), 6)
         q, k, v, do = (jax.random.normal(ks[i], (b, t, H, d), jnp.bfloat16) for i, d in enumerate((K, K, V, V)))
         gates = ()
         if gate == "g":
-            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, H)) + GATE_SHIFT),)
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, H)) + shift),)
         elif gate == "gk":
-            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, H, K)) + GATE_SHIFT),)
+            gates = (jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, H, K)) + shift),)
         return (q, k, v, *gates, do)
     return make
 
@@ -164,11 +164,11 @@ def main() -> None:
     ap.add_argument("--gate-shift", type=float, default=GATE_SHIFT,
                     help="gates log_sigmoid(N(0, 1) + shift): 4 mild (~-0.02 a step), 0 strong")
     args = ap.parse_args()
-    globals()["GATE_SHIFT"] = args.gate_shift
 
     def problem_for(gate: str, B: int, T: int) -> bc.Problem:
         names = ("q", "k", "v") + (() if gate == "none" else (gate,))
-        return bc.Problem.build(names, make_inputs(gate, B, T), reference_for(gate))
+        return bc.Problem.build(names, make_inputs(gate, B, T, args.gate_shift),
+                                reference_for(gate))
 
     points = [(gate, T) for T in args.T for gate in args.gates]
     bc.run_sweep("bench_linear", args, points, IMPLS, problem_for, counts, PEERS)

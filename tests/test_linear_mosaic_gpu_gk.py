@@ -446,12 +446,12 @@ def test_pullback_kernel_matches_vjp(B, T, H, K, V, gates, channels):
         lg = mild.at[:, 70, :, 5].set(-80.0)
     elif gates == "sigmoid":
         lg = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape))
-        assert -mpb.BOUNDED_DECAY <= _block_minima(lg).min() < -30.0
+        assert -mp.BOUNDED_DECAY <= _block_minima(lg).min() < -30.0
     elif gates == "mild":
         mild = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), lg.shape) + 4.0)
         lg = mild.at[:, min(T, 150) - 1, :, 40].set(-55.0)
         least = _block_minima(lg)
-        assert least.min() >= -mpb.BOUNDED_DECAY and least[..., 40].min() < -55.0
+        assert least.min() >= -mp.BOUNDED_DECAY and least[..., 40].min() < -55.0
     scale = K ** -0.5
     ks = jax.random.split(jax.random.PRNGKey(T), 4)
     do, v = (normal(x, q.shape[:3] + (V,), jnp.bfloat16) for x in ks[2:])

@@ -143,7 +143,6 @@ from pallas_kernels.mosaic_gpu_common import (load_transposed, per_row, pl, plgp
                                               transposed, wgmma_zeros)
 
 CHANNELS = 32  # key channels per CTA, W below (or 64: module docstring)
-BOUNDED_DECAY = prepass.BOUNDED_DECAY  # bounded form (module docstring); read at trace time
 F32 = jnp.float32
 
 
@@ -194,7 +193,7 @@ def _kernel(scale: float, interpret: bool, form: str, q_ref, k_ref, lg_ref, e_re
         lg = load_wgmma(lg_smem)
         store_split((lg_hi, lg_lo), lg)
         plgpu.commit_smem()
-        bounded = bounded_chunk(lg, BOUNDED_DECAY) if form == "per_chunk" else None
+        bounded = bounded_chunk(lg, prepass.BOUNDED_DECAY) if form == "per_chunk" else None
         sym = scale * jnp.where(lower_triangle(C), load_wgmma(da_smem),
                                 load_transposed(da_smem))
         diag = per_row(jnp.sum(jnp.where(diagonal_mask(C), sym, 0.0), axis=1), (C, W))
