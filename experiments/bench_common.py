@@ -223,6 +223,7 @@ def torch_from_jax(x: Any, requires_grad: bool = False) -> Any:
 # ----------------------------------------------------------------------------- floors
 
 
+DIRECTIONS = ("fwd", "fwd+bwd")
 ASSUMED_CEILINGS = {"matmul_bf16_tflops": 710.0, "hbm_tbps": 2.7, "assumed_from_DESIGN_md": 1.0}
 
 
@@ -240,6 +241,8 @@ def add_common_args(ap: Any) -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="B*T per point (B = max(1, tokens // T))")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip cases that would start after this")
     ap.add_argument("--assume-ceilings", action="store_true", help="use DESIGN.md's floors instead of measuring")
+    ap.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS,
+                    help="which passes to check and time (each costs its own compile)")
 
 
 def measure_ceilings() -> dict[str, float]:
@@ -431,7 +434,7 @@ class Problem:
 
 
 def run_impl(bench: Bench, problem: Problem, f: Callable[..., Any], framework: str, template: Row,
-             flops: dict[str, float], nbytes: dict[str, float], directions: Sequence[str] = ("fwd", "fwd+bwd"),
+             flops: dict[str, float], nbytes: dict[str, float], directions: Sequence[str] = DIRECTIONS,
              tol: float = TOL_BF16) -> None:
     """Check then time ``f(*inputs) -> o`` forward and forward+backward (gradients of every input)."""
     if framework == "jax":
@@ -526,7 +529,7 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
             except Exception as e:  # not installed, not landed yet, or refused by the library
                 bench.skip(template, f"unavailable: {type(e).__name__}: {e}"[:200])
                 continue
-            run_impl(bench, problem, f, framework, template, flops, nbytes)
+            run_impl(bench, problem, f, framework, template, flops, nbytes, args.directions)
         del problem
     print(bench.summary(peers), flush=True)
     plot(bench, os.path.join(args.out, f"{name}.png"))

@@ -92,6 +92,21 @@ def test_harness_gate_passes_the_oracle_and_fails_wrong_outputs(tmp_path, varian
     assert (tmp_path / "t.json").exists() and (tmp_path / "t.csv").exists()
 
 
+def test_directions_flag_limits_the_passes_checked_and_timed(tmp_path):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bc.add_common_args(ap)
+    assert ap.parse_args([]).directions == list(bc.DIRECTIONS)
+    args = ap.parse_args(["--directions", "fwd+bwd"])
+    problem, ref = _problem()
+    bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
+    template = bc.Row("t", "c", "exact", "", B, T, H, K, K)
+    bc.run_impl(bench, problem, lambda q, k, v: ref(q, k, v).astype(q.dtype), "jax", template,
+                {"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(problem), args.directions)
+    assert [(r.direction, r.status) for r in bench.rows] == [("fwd+bwd", "ok")]
+
+
 def test_json_from_log_reads_back_the_rows_bench_prints(tmp_path):
     from experiments.json_from_log import rebuild
 
