@@ -77,15 +77,22 @@ def _problem():
     return bc.Problem.build(("q", "k", "v"), make, ref, rotations=2), ref
 
 
+def _run_harness(tmp_path, impl, problem, f, directions=bc.DIRECTIONS):
+    """run_impl on ``f`` for ``problem`` with fixed FLOP counts; returns the Bench with its rows."""
+    bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
+    template = bc.Row("t", "c", impl, "", B, T, H, K, K)
+    bc.run_impl(bench, problem, f, "jax", template, {"fwd": 1e6, "fwd+bwd": 3e6},
+                bc.io_bytes(problem), directions)
+    return bench
+
+
 @pytest.mark.parametrize("variant, status", [("exact", "ok"), ("scaled", "wrong"), ("nan", "wrong")])
 def test_harness_gate_passes_the_oracle_and_fails_wrong_outputs(tmp_path, variant, status):
     problem, ref = _problem()
     f = {"exact": lambda q, k, v: ref(q, k, v).astype(q.dtype),
          "scaled": lambda q, k, v: 1.05 * ref(q, k, v),
          "nan": lambda q, k, v: ref(q, k, v).at[:, -1].set(jnp.nan)}[variant]
-    bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
-    template = bc.Row("t", "c", variant, "", B, T, H, K, K)
-    bc.run_impl(bench, problem, f, "jax", template, {"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(problem))
+    bench = _run_harness(tmp_path, variant, problem, f)
     assert [r.status for r in bench.rows] == [status, status]
     assert all(r.ms is not None and r.ms > 0 for r in bench.rows)
     assert set(bench.rows[1].err) == {"o", "dq", "dk", "dv"}
@@ -100,10 +107,8 @@ def test_directions_flag_limits_the_passes_checked_and_timed(tmp_path):
     assert ap.parse_args([]).directions == list(bc.DIRECTIONS)
     args = ap.parse_args(["--directions", "fwd+bwd"])
     problem, ref = _problem()
-    bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
-    template = bc.Row("t", "c", "exact", "", B, T, H, K, K)
-    bc.run_impl(bench, problem, lambda q, k, v: ref(q, k, v).astype(q.dtype), "jax", template,
-                {"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(problem), args.directions)
+    bench = _run_harness(tmp_path, "exact", problem, lambda q, k, v: ref(q, k, v).astype(q.dtype),
+                         args.directions)
     assert [(r.direction, r.status) for r in bench.rows] == [("fwd+bwd", "ok")]
 
 
