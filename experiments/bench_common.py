@@ -499,11 +499,13 @@ def io_bytes(problem: Problem) -> dict[str, float]:
 
 def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: dict[str, tuple[str, Callable]],
               problem_for: Callable[[str, int, int], Problem], counts_for: Callable[..., tuple[dict, dict]],
-              peers: Sequence[str]) -> Bench:
+              peers: Sequence[str], tag: str = "") -> Bench:
     """For each (case, T): build the problem (B = tokens // T), then check and time every impl.
 
     ``impls`` maps a name to (framework, builder); ``builder(case)`` returns ``f(*inputs) -> o``
-    or raises when the implementation is missing (recorded as unavailable).
+    or raises when the implementation is missing (recorded as unavailable). ``tag`` names inputs
+    that differ from the bench's defaults: every row's impl reads "<impl> (<tag>)", so rows of
+    such runs never pass for default ones when results are merged into one table.
     """
     start = time.time()
     bench = Bench(name, args.out, ASSUMED_CEILINGS if args.assume_ceilings else None)
@@ -520,7 +522,7 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
         V = problem.full[0][-1].shape[-1]
         for impl in args.impls:
             framework, build = impls[impl]
-            template = Row(name, case, impl, "", B, T, H, K, V)
+            template = Row(name, case, f"{impl} ({tag})" if tag else impl, "", B, T, H, K, V)
             if time.time() - start > args.deadline_s:
                 bench.skip(template, "skipped: deadline")
                 continue
@@ -531,7 +533,7 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
                 continue
             run_impl(bench, problem, f, framework, template, flops, nbytes, args.directions)
         del problem
-    print(bench.summary(peers), flush=True)
+    print(bench.summary([f"{p} ({tag})" if tag else p for p in peers]), flush=True)
     plot(bench, os.path.join(args.out, f"{name}.png"))
     return bench
 

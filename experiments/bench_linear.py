@@ -171,7 +171,8 @@ def main() -> None:
                                 reference_for(gate))
 
     points = [(gate, T) for T in args.T for gate in args.gates]
-    bc.run_sweep("bench_linear", args, points, IMPLS, problem_for, counts, PEERS)
+    tag = "" if args.gate_shift == GATE_SHIFT else f"gate shift {args.gate_shift:g}"
+    bc.run_sweep("bench_linear", args, points, IMPLS, problem_for, counts, PEERS, tag)
 
 
 if __name__ == "__main__":

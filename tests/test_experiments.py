@@ -112,6 +112,26 @@ def test_directions_flag_limits_the_passes_checked_and_timed(tmp_path):
     assert [(r.direction, r.status) for r in bench.rows] == [("fwd+bwd", "ok")]
 
 
+def test_sweep_tag_names_every_row_and_keeps_the_peer_ratios(tmp_path):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bc.add_common_args(ap)
+    args = ap.parse_args(["--out", str(tmp_path), "--assume-ceilings", "--directions", "fwd",
+                          "--tokens", str(B * T)])
+    args.impls = ["mine", "peer"]
+    problem, ref = _problem()
+    exact = lambda case: (lambda q, k, v: ref(q, k, v).astype(q.dtype))
+    impls = {"mine": ("jax", exact), "peer": ("jax", exact)}
+    counts = lambda case, p, b, t: ({"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(p))
+    bench = bc.run_sweep("t", args, [("c", T)], impls, lambda case, b, t: problem, counts,
+                         ["peer"], tag="gate shift 0")
+    assert [(r.impl, r.status) for r in bench.rows] == [("mine (gate shift 0)", "ok"),
+                                                        ("peer (gate shift 0)", "ok")]
+    summary = (tmp_path / "t_summary.txt").read_text()
+    assert "xpeer (gate shift 0)" in summary
+
+
 def test_json_from_log_reads_back_the_rows_bench_prints(tmp_path):
     from experiments.json_from_log import rebuild
 
