@@ -3,7 +3,7 @@ bench, case, T, implementation; where several runs measured a case, each figure 
 its run folder's suffix, so nothing measured is hidden or averaged).
 
     python -m experiments.results_table [results_dir]
-    python -m experiments.results_table --plot bench_linear OUT.png RUN [RUN ...]   # runs merged
+    python -m experiments.results_table --plot bench_linear OUT.png RUN [RUN ...] [--impls I ...]
 """
 from __future__ import annotations
 
@@ -61,23 +61,43 @@ def markdown(results_dir: str) -> str:
     return "\n".join(out)
 
 
-def plot_runs(bench: str, path: str, runs: list[str], results_dir: str = "experiments/results") -> None:
+def select_rows(bench: str, runs: list[str], impls: list[str] | None = None,
+                results_dir: str = "experiments/results") -> tuple[list[dict], dict]:
+    """``bench``'s rows from ``runs`` (only ``impls`` where given): one row per (case, direction,
+    impl, T), the one of the run listed last in ``runs``; also the last run's env."""
+    env_of, rows = load(results_dir)
+    missing = [run for run in runs if run not in env_of]
+    if missing:
+        raise ValueError(f"no results folder for run(s) {missing} in {results_dir}")
+    chosen = {}
+    for r in sorted(rows, key=lambda r: runs.index(r["run"]) if r["run"] in runs else -1):
+        if r["bench"] == bench and r["run"] in runs and (impls is None or r["impl"] in impls):
+            chosen[(r["case"], r["direction"], r["impl"], r["T"])] = r
+    return list(chosen.values()), env_of[runs[-1]][0]
+
+
+def plot_runs(bench: str, path: str, runs: list[str], impls: list[str] | None = None,
+              results_dir: str = "experiments/results") -> None:
     """One plot (``bench_common.plot``) of ``bench``'s rows from several runs (e.g. the T = 4096
-    points of one call and the other T of the next); a point measured twice keeps the later run's."""
+    points of one call and the other T of the next); see ``select_rows``."""
     from types import SimpleNamespace
 
     from experiments.bench_common import plot
 
-    env_of, rows = load(results_dir)
-    latest = {}
-    for r in rows:
-        if r["bench"] == bench and r["run"] in runs:
-            latest[(r["case"], r["direction"], r["impl"], r["T"])] = SimpleNamespace(**r)
-    plot(SimpleNamespace(name=bench, rows=list(latest.values()), env=env_of[runs[-1]][0]), path)
+    rows, env = select_rows(bench, runs, impls, results_dir)
+    plot(SimpleNamespace(name=bench, rows=[SimpleNamespace(**r) for r in rows], env=env), path)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--plot"]:
-        plot_runs(sys.argv[2], sys.argv[3], sys.argv[4:])
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="results_table --plot")
+        ap.add_argument("bench")
+        ap.add_argument("out")
+        ap.add_argument("runs", nargs="+", help="run names, oldest first (a later run's point wins)")
+        ap.add_argument("--impls", nargs="+", help="only these implementations")
+        args = ap.parse_args(sys.argv[2:])
+        plot_runs(args.bench, args.out, args.runs, args.impls)
     else:
         print(markdown(sys.argv[1] if len(sys.argv) > 1 else "experiments/results"))

@@ -67,9 +67,10 @@ SWIZZLE = 128  # bytes: 64 bf16 per swizzled row segment
 # and bench_linear's gk checks at T = 1k, 4k, 16k, 64k (h100_2026-12-07_s12_call1).
 # With the prepass and pullback in three forms, one per call (78f292a: bounded, per chunk, exact),
 # bench_linear's gk checks passed at T = 1k (forward and backward) and 16k (forward), gates bounded
-# (h100_2026-12-07_s14_call1), and at 4k and 64k forward (s15_call3, s15_call1); the per-chunk
-# and exact forms are interpret-checked and compiled there (lax.switch compiles every form), but
-# not yet run on a GPU at their bound of -60.
+# (h100_2026-12-07_s14_call1), and at 4k and 64k forward (s15_call3, s15_call1); at 6d501c8 the
+# fwd+bwd checks at 4k, 16k, 64k (s16_call1), check_mosaic_linear's gk case 10 (bounded, dg 3e-5)
+# and at 4k (s16_call3) the per-chunk and exact forms forced with FIXED_FORM, forward and fwd+bwd,
+# plus the chosen form with strong gates (still bounded) and steep ones (the choice took exact).
 GPU_CHECKED: frozenset[str] = frozenset({"delta", "linear", "linear_gk", "sparse"})
 
 

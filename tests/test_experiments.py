@@ -178,3 +178,22 @@ def test_traced_with_reaches_a_custom_vjp_backward():
     with bc.patched(variant):
         assert float(grad()) == 3.0
     assert switches.FACTOR == 1.0
+
+
+def test_select_rows_keeps_the_last_listed_run_and_only_the_named_impls(tmp_path):
+    import json
+
+    from experiments.results_table import select_rows
+
+    env = {"date_utc": "2026-12-07 17:00 UTC", "device": "cpu"}
+    for run, ms in (("h100_2026-12-07_a", 1.0), ("h100_2026-12-07_b", 2.0)):
+        rows = [dict(bench="bench_linear", case="gk", T=4096, B=8, direction="fwd", impl=impl,
+                     status="ok", ms=ms, err={}) for impl in ("ours", "peer", "variant")]
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "bench_linear.json").write_text(
+            json.dumps({"env": env, "ceilings": {}, "rows": rows}))
+    for order, want in ((["a", "b"], 2.0), (["b", "a"], 1.0)):
+        rows, _ = select_rows("bench_linear", order, ["ours", "peer"], str(tmp_path))
+        assert sorted((r["impl"], r["ms"]) for r in rows) == [("ours", want), ("peer", want)]
+    with pytest.raises(ValueError, match=r"\['c'\]"):
+        select_rows("bench_linear", ["a", "c"], None, str(tmp_path))
