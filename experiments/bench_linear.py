@@ -108,6 +108,19 @@ def attnlab_gk_form_fn(form: str):
     return build
 
 
+def attnlab_gk_no_choice_fn(gate: str):
+    """The Hopper GLA kernels in the bounded form with no choice made (``gate_bounds`` replaced
+    by the bounded form's index, read while tracing): the default call without its XLA pass
+    over the gates and the conditional, so the pair of rows times what the choice costs. Valid
+    only for bounded gates, as the bench's default ones are (the harness's check fails it on
+    others)."""
+    from pallas_kernels.linear import mosaic_gpu_gk
+
+    bounded = mosaic_gpu_gk.prepass.FORMS.index("bounded")
+    return bc.traced_with(mosaic_gpu_gk, "gate_bounds", lambda lg: jnp.int32(bounded),
+                          attnlab_gk_fn(gate))
+
+
 def jla_fn(gate: str):
     from jla.ops import linear_attention
 
@@ -143,6 +156,7 @@ IMPLS = {  # name -> (framework, builder)
     "attnlab mosaic_gpu_gk w64": ("jax", attnlab_gk_w64_fn),
     "attnlab mosaic_gpu_gk per_chunk": ("jax", attnlab_gk_form_fn("per_chunk")),
     "attnlab mosaic_gpu_gk exact": ("jax", attnlab_gk_form_fn("exact")),
+    "attnlab mosaic_gpu_gk no_choice": ("jax", attnlab_gk_no_choice_fn),
     "jla mosaic_gpu": ("jax", jla_fn),
     "fla triton": ("torch", fla_fn),
 }

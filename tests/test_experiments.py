@@ -197,3 +197,21 @@ def test_select_rows_keeps_the_last_listed_run_and_only_the_named_impls(tmp_path
         assert sorted((r["impl"], r["ms"]) for r in rows) == [("ours", want), ("peer", want)]
     with pytest.raises(ValueError, match=r"\['c'\]"):
         select_rows("bench_linear", ["a", "c"], None, str(tmp_path))
+
+
+def test_no_choice_variant_takes_the_form_the_choice_takes_for_the_bench_gates():
+    """The bench's gates (and strong ones, shift 0) are bounded, so its no_choice variant times
+    the default call's form; steep gates (shift -3) take the exact form."""
+    from experiments import bench_linear as bl
+    from pallas_kernels.linear import mosaic_gpu_gk as mg
+
+    forms = mg.prepass.FORMS
+    for shift, form in ((bl.GATE_SHIFT, "bounded"), (0.0, "bounded"), (-3.0, "exact")):
+        lg = bl.make_inputs("gk", 1, 1024, shift)(0, False)[3]
+        assert int(mg.gate_bounds(lg)) == forms.index(form), shift
+    real = mg.gate_bounds
+    variant = bl.attnlab_gk_no_choice_fn("gk")
+    with bc.patched(variant):
+        steep = bl.make_inputs("gk", 1, 1024, -3.0)(0, False)[3]
+        assert int(mg.gate_bounds(steep)) == forms.index("bounded")
+    assert mg.gate_bounds is real
