@@ -497,6 +497,11 @@ def io_bytes(problem: Problem) -> dict[str, float]:
     return {"fwd": float(inputs + out), "fwd+bwd": float((inputs + out) + (2 * inputs + out))}
 
 
+def _tagged(impl: str, tag: str) -> str:
+    """An implementation's name in the rows of a run tagged ``tag`` (``run_sweep``)."""
+    return f"{impl} ({tag})" if tag else impl
+
+
 def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: dict[str, tuple[str, Callable]],
               problem_for: Callable[[str, int, int], Problem], counts_for: Callable[..., tuple[dict, dict]],
               peers: Sequence[str], tag: str = "") -> Bench:
@@ -522,7 +527,7 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
         V = problem.full[0][-1].shape[-1]
         for impl in args.impls:
             framework, build = impls[impl]
-            template = Row(name, case, f"{impl} ({tag})" if tag else impl, "", B, T, H, K, V)
+            template = Row(name, case, _tagged(impl, tag), "", B, T, H, K, V)
             if time.time() - start > args.deadline_s:
                 bench.skip(template, "skipped: deadline")
                 continue
@@ -533,7 +538,7 @@ def run_sweep(name: str, args: Any, points: Sequence[tuple[str, int]], impls: di
                 continue
             run_impl(bench, problem, f, framework, template, flops, nbytes, args.directions)
         del problem
-    print(bench.summary([f"{p} ({tag})" if tag else p for p in peers]), flush=True)
+    print(bench.summary([_tagged(p, tag) for p in peers]), flush=True)
     plot(bench, os.path.join(args.out, f"{name}.png"))
     return bench
 

@@ -69,10 +69,11 @@ def select_rows(bench: str, runs: list[str], impls: list[str] | None = None,
     missing = [run for run in runs if run not in env_of]
     if missing:
         raise ValueError(f"no results folder for run(s) {missing} in {results_dir}")
+    picked = [r for r in rows if r["bench"] == bench and r["run"] in runs
+              and (impls is None or r["impl"] in impls)]
     chosen = {}
-    for r in sorted(rows, key=lambda r: runs.index(r["run"]) if r["run"] in runs else -1):
-        if r["bench"] == bench and r["run"] in runs and (impls is None or r["impl"] in impls):
-            chosen[(r["case"], r["direction"], r["impl"], r["T"])] = r
+    for r in sorted(picked, key=lambda r: runs.index(r["run"])):  # a later run's row wins
+        chosen[(r["case"], r["direction"], r["impl"], r["T"])] = r
     return list(chosen.values()), env_of[runs[-1]][0]
 
 

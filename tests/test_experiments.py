@@ -77,13 +77,24 @@ def _problem():
     return bc.Problem.build(("q", "k", "v"), make, ref, rotations=2), ref
 
 
+FLOPS = {"fwd": 1e6, "fwd+bwd": 3e6}  # fixed counts for the harness tests
+
+
 def _run_harness(tmp_path, impl, problem, f, directions=bc.DIRECTIONS):
     """run_impl on ``f`` for ``problem`` with fixed FLOP counts; returns the Bench with its rows."""
     bench = bc.Bench("t", str(tmp_path), bc.ASSUMED_CEILINGS)
     template = bc.Row("t", "c", impl, "", B, T, H, K, K)
-    bc.run_impl(bench, problem, f, "jax", template, {"fwd": 1e6, "fwd+bwd": 3e6},
-                bc.io_bytes(problem), directions)
+    bc.run_impl(bench, problem, f, "jax", template, FLOPS, bc.io_bytes(problem), directions)
     return bench
+
+
+def _common_args(*argv):
+    """The bench scripts' common flags (``bench_common.add_common_args``) parsed from ``argv``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bc.add_common_args(ap)
+    return ap.parse_args(list(argv))
 
 
 @pytest.mark.parametrize("variant, status", [("exact", "ok"), ("scaled", "wrong"), ("nan", "wrong")])
@@ -100,12 +111,8 @@ def test_harness_gate_passes_the_oracle_and_fails_wrong_outputs(tmp_path, varian
 
 
 def test_directions_flag_limits_the_passes_checked_and_timed(tmp_path):
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    bc.add_common_args(ap)
-    assert ap.parse_args([]).directions == list(bc.DIRECTIONS)
-    args = ap.parse_args(["--directions", "fwd+bwd"])
+    assert _common_args().directions == list(bc.DIRECTIONS)
+    args = _common_args("--directions", "fwd+bwd")
     problem, ref = _problem()
     bench = _run_harness(tmp_path, "exact", problem, lambda q, k, v: ref(q, k, v).astype(q.dtype),
                          args.directions)
@@ -113,17 +120,13 @@ def test_directions_flag_limits_the_passes_checked_and_timed(tmp_path):
 
 
 def test_sweep_tag_names_every_row_and_keeps_the_peer_ratios(tmp_path):
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    bc.add_common_args(ap)
-    args = ap.parse_args(["--out", str(tmp_path), "--assume-ceilings", "--directions", "fwd",
-                          "--tokens", str(B * T)])
+    args = _common_args("--out", str(tmp_path), "--assume-ceilings", "--directions", "fwd",
+                        "--tokens", str(B * T))
     args.impls = ["mine", "peer"]
     problem, ref = _problem()
     exact = lambda case: (lambda q, k, v: ref(q, k, v).astype(q.dtype))
     impls = {"mine": ("jax", exact), "peer": ("jax", exact)}
-    counts = lambda case, p, b, t: ({"fwd": 1e6, "fwd+bwd": 3e6}, bc.io_bytes(p))
+    counts = lambda case, p, b, t: (FLOPS, bc.io_bytes(p))
     bench = bc.run_sweep("t", args, [("c", T)], impls, lambda case, b, t: problem, counts,
                          ["peer"], tag="gate shift 0")
     assert [(r.impl, r.status) for r in bench.rows] == [("mine (gate shift 0)", "ok"),
